@@ -1,0 +1,372 @@
+"""Qwen3.5 model configuration: presets for the real sizes and loading of any
+Hugging Face ``config.json`` (the multimodal ``qwen3_5`` wrapper with a
+``text_config``, or a bare ``qwen3_5_text``).
+
+Only the text decoder is compiled so far; the vision config is carried along
+verbatim so that the checkpoint writer and the manifest can describe it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+# Special token ids of the Qwen3.5 tokenizer (architecture doc, "Model family").
+ENDOFTEXT_ID = 248044
+IM_START_ID = 248045
+IM_END_ID = 248046
+THINK_ID = 248068
+END_THINK_ID = 248069
+STOP_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)
+TOKENIZER_SIZE = 248077  # ids 0..248076; the embedding is padded to vocab_size
+
+
+class ConfigError(UserError):
+    """A config.json we cannot compile; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen35Config:
+    """The text decoder's hyper-parameters, named as in Hugging Face's
+    ``Qwen3_5TextConfig``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    layer_types: tuple[str, ...]
+    tie_word_embeddings: bool
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e7
+    partial_rotary_factor: float = 0.25
+    max_position_embeddings: int = 262144
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    attn_output_gate: bool = True
+    mtp_num_hidden_layers: int = 1
+    vision: dict | None = None  # the HF vision_config, verbatim
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------
+    @property
+    def full_attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == FULL]
+
+    @property
+    def linear_attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == LINEAR]
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:  # Hk * Dk
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:  # Hv * Dv
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:  # channels of the causal conv: q, k and v
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """Three sections summing to rotary_dim / 2 ([11, 11, 10] for 64)."""
+        base, rem = divmod(self.rotary_dim // 2, 3)
+        return [base + (i < rem) for i in range(3)]
+
+    def num_params(self) -> int:
+        """Parameters of the text decoder (embedding counted once if tied)."""
+        h, i = self.hidden_size, self.intermediate_size
+        attn = h * self.num_attention_heads * self.head_dim * 2 + 2 * h * self.num_key_value_heads * self.head_dim
+        attn += self.num_attention_heads * self.head_dim * h + 2 * self.head_dim
+        hv = self.linear_num_value_heads
+        gdn = h * (self.conv_dim + self.linear_value_dim + 2 * hv) + self.conv_dim * self.linear_conv_kernel_dim
+        gdn += 2 * hv + self.linear_value_head_dim + self.linear_value_dim * h
+        per_layer_common = 3 * h * i + 2 * h
+        total = len(self.full_attention_layers) * attn + len(self.linear_attention_layers) * gdn
+        total += self.num_hidden_layers * per_layer_common + h + self.vocab_size * h
+        if not self.tie_word_embeddings:
+            total += self.vocab_size * h
+        return total
+
+    # ---- checks --------------------------------------------------------
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim",
+            "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"config field 'layer_types' lists {len(self.layer_types)} layers "
+                f"but 'num_hidden_layers' is {self.num_hidden_layers}"
+            )
+        for i, t in enumerate(self.layer_types):
+            if t not in (LINEAR, FULL):
+                raise ConfigError(f"config field 'layer_types[{i}]' is {t!r}; expected '{LINEAR}' or '{FULL}'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config field 'num_attention_heads' ({self.num_attention_heads}) is not a multiple of "
+                f"'num_key_value_heads' ({self.num_key_value_heads})"
+            )
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(
+                f"config field 'linear_num_value_heads' ({self.linear_num_value_heads}) is not a multiple of "
+                f"'linear_num_key_heads' ({self.linear_num_key_heads})"
+            )
+        rot = self.head_dim * self.partial_rotary_factor
+        if not (0 < self.partial_rotary_factor <= 1) or rot != int(rot) or int(rot) % 2:
+            raise ConfigError(
+                f"config field 'partial_rotary_factor' ({self.partial_rotary_factor}) times 'head_dim' "
+                f"({self.head_dim}) must be an even number of dimensions"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config field 'hidden_act' is {self.hidden_act!r}; Qwen3.5 uses 'silu'")
+        if self.attention_bias:
+            raise ConfigError("config field 'attention_bias' is true; Qwen3.5 has no attention bias")
+        if not self.attn_output_gate:
+            raise ConfigError("config field 'attn_output_gate' is false; only gated attention is supported")
+        if not (self.rms_norm_eps > 0) or not (self.rope_theta > 0):
+            raise ConfigError("config fields 'rms_norm_eps' and 'rope_theta' must be positive")
+
+    # ---- conversion ----------------------------------------------------
+    def text_config_dict(self) -> dict[str, Any]:
+        """The ``text_config`` of a Hugging Face ``config.json``."""
+        return {
+            "model_type": "qwen3_5_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "linear_num_key_heads": self.linear_num_key_heads,
+            "linear_num_value_heads": self.linear_num_value_heads,
+            "linear_key_head_dim": self.linear_key_head_dim,
+            "linear_value_head_dim": self.linear_value_head_dim,
+            "linear_conv_kernel_dim": self.linear_conv_kernel_dim,
+            "layer_types": list(self.layer_types),
+            "full_attention_interval": 4,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": self.hidden_act,
+            "attention_bias": self.attention_bias,
+            "attn_output_gate": self.attn_output_gate,
+            "max_position_embeddings": self.max_position_embeddings,
+            "mamba_ssm_dtype": "float32",
+            "mtp_num_hidden_layers": self.mtp_num_hidden_layers,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.rope_theta,
+                "partial_rotary_factor": self.partial_rotary_factor,
+                "mrope_section": self.mrope_section,
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": None,
+            "eos_token_id": ENDOFTEXT_ID,
+        }
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        """A complete multimodal ``config.json`` (``Qwen3_5ForConditionalGeneration``)."""
+        out = {
+            "architectures": ["Qwen3_5ForConditionalGeneration"],
+            "model_type": "qwen3_5",
+            "text_config": self.text_config_dict(),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "image_token_id": 248056,
+            "video_token_id": 248057,
+            "vision_start_token_id": 248053,
+            "vision_end_token_id": 248054,
+        }
+        if self.vision is not None:
+            out["vision_config"] = dict(self.vision)
+        return out
+
+    def replace(self, **changes) -> "Qwen35Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+
+def default_layer_types(num_hidden_layers: int, full_attention_interval: int = 4) -> tuple[str, ...]:
+    """Layer i is full attention when (i + 1) % interval == 0."""
+    return tuple(FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_hidden_layers))
+
+
+def _vision(depth, hidden, heads, intermediate, out_hidden) -> dict:
+    return {
+        "model_type": "qwen3_5_vision",
+        "depth": depth,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "intermediate_size": intermediate,
+        "out_hidden_size": out_hidden,
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 2304,
+    }
+
+
+def _preset(hidden, inter, layers, heads, kv_heads, lk, lv, tie, vision, **extra) -> Qwen35Config:
+    fields = dict(
+        vocab_size=248320,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=256,
+        linear_num_key_heads=lk,
+        linear_num_value_heads=lv,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        layer_types=default_layer_types(layers),
+        tie_word_embeddings=tie,
+        vision=vision,
+    )
+    fields.update(extra)
+    return Qwen35Config(**fields)
+
+
+# The real sizes (architecture doc, "Model family").  The 2B vision heads and
+# intermediate size are unverified there; 16 / 4096 follow the 4B tower.
+PRESETS: dict[str, Qwen35Config] = {
+    "qwen3.5-0.8b": _preset(1024, 3584, 24, 8, 2, 16, 16, True, _vision(12, 768, 12, 3072, 1024)),
+    "qwen3.5-2b": _preset(2048, 6144, 24, 8, 2, 16, 16, True, _vision(24, 1024, 16, 4096, 2048)),
+    "qwen3.5-4b": _preset(2560, 9216, 32, 16, 4, 16, 32, True, _vision(24, 1024, 16, 4096, 2560)),
+    "qwen3.5-9b": _preset(4096, 12288, 32, 16, 4, 16, 32, False, _vision(27, 1152, 16, 4304, 4096)),
+    # Random-weight test models: the real vocabulary (so the real tokenizer
+    # works) on a tiny body.  head_dim 32 keeps partial RoPE (8 rotary dims).
+    "tiny": _preset(
+        64, 128, 4, 4, 2, 2, 2, True, _vision(1, 32, 2, 64, 64),
+        head_dim=32, linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=4096,
+    ),
+}
+# Variants for the parity tests: the GQA ratio of 4B/9B and the untied head of 9B.
+PRESETS["tiny-gva"] = PRESETS["tiny"].replace(linear_num_value_heads=4)
+PRESETS["tiny-untied"] = PRESETS["tiny"].replace(tie_word_embeddings=False)
+
+
+def preset(name: str) -> Qwen35Config:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}") from None
+
+
+_TEXT_FIELDS = [f.name for f in dataclasses.fields(Qwen35Config) if f.name not in ("layer_types", "vision")]
+
+
+def from_hf_dict(raw: dict[str, Any]) -> Qwen35Config:
+    """Build a config from a parsed Hugging Face ``config.json``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json must hold a JSON object")
+    model_type = raw.get("model_type")
+    if model_type == "qwen3_5":
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError("config field 'text_config' is missing: a 'qwen3_5' config nests the decoder there")
+        vision = raw.get("vision_config")
+        # transformers ties the head by the top-level flag of the wrapper.
+        tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    elif model_type == "qwen3_5_text":
+        text, vision = raw, None
+        tie = text.get("tie_word_embeddings", False)
+    else:
+        raise ConfigError(
+            f"config field 'model_type' is {model_type!r}; expected 'qwen3_5' or 'qwen3_5_text'"
+        )
+
+    fields: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        if name in text:
+            fields[name] = text[name]
+    rope = text.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError("config field 'rope_parameters' must be an object")
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"config field 'rope_parameters.rope_type' is {rope.get('rope_type')!r}; only 'default' is supported")
+    # transformers falls back to theta 1e4 when rope_parameters is missing.
+    fields["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))
+    fields["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
+    fields["tie_word_embeddings"] = bool(tie)
+    if "num_hidden_layers" not in text:
+        raise ConfigError("config field 'num_hidden_layers' is missing")
+    required = ["vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
+    for name in required:
+        if name not in text:
+            raise ConfigError(f"config field '{name}' is missing")
+    defaults = dict(head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                    linear_value_head_dim=128, linear_conv_kernel_dim=4)
+    for name, value in defaults.items():
+        fields.setdefault(name, value)
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        layer_types = default_layer_types(text["num_hidden_layers"], text.get("full_attention_interval", 4))
+    if not isinstance(layer_types, (list, tuple)):
+        raise ConfigError("config field 'layer_types' must be a list")
+    fields["layer_types"] = tuple(layer_types)
+    fields["vision"] = vision
+    try:
+        return Qwen35Config(**fields)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"config.json: {e}") from None
+
+
+def load_config(path: str | Path) -> Qwen35Config:
+    """Load ``config.json`` from a checkpoint directory (or the file itself)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise ConfigError(f"{file}: no such file (expected a Hugging Face checkpoint directory with config.json)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    try:
+        return from_hf_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
+def resolve_model(spec: str) -> tuple[Qwen35Config, Path | None]:
+    """A preset name or a checkpoint directory -> (config, checkpoint dir or None)."""
+    if spec in PRESETS:
+        return PRESETS[spec], None
+    path = Path(spec)
+    if path.exists():
+        return load_config(path), (path if path.is_dir() else path.parent)
+    raise ConfigError(f"'{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
