@@ -1,0 +1,141 @@
+"""The Relax VM behind ``Model``: loads an artifact's library and weights and
+drives its two caches (paged KV cache for full attention, RNN state for the
+DeltaNet layers).  Nothing outside ``bindings`` sees a VM or a TVM tensor.
+
+Every forward call follows the KV-state protocol of the TVM runtime:
+``begin_forward(seq_ids, lengths)`` on both caches, the model function, then
+``end_forward`` on both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+_BUILTINS = (
+    "add_sequence", "remove_sequence", "fork_sequence", "popn", "begin_forward", "end_forward", "clear",
+)
+
+
+class Engine:
+    """One loaded model library with its weights and caches."""
+
+    def __init__(self, artifact: Path, *, context_window: int | None = None, max_batch_size: int | None = None):
+        import tvm
+        from tvm import relax
+
+        from ..compile.weights import load_tensor_cache
+        from .contract import check_contract
+
+        self.artifact = Path(artifact)
+        self.manifest = check_contract(self.artifact)
+        chat = json.loads((self.artifact / "mlc-chat-config.json").read_text())
+        self.vocab_size = int(chat["vocab_size"])
+        self.hidden_size = int(chat["model_config"]["hidden_size"])
+        self.dtype = self.manifest["dtype"]
+        self.context_window = int(context_window or chat["context_window_size"])
+        self.prefill_chunk = min(int(chat["prefill_chunk_size"]), self.context_window)
+        self.max_batch_size = int(max_batch_size or chat.get("max_batch_size", 4))
+
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(str(self.artifact / self.manifest["library"]))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        names = self.manifest["parameters"]
+        if not (self.artifact / "tensor-cache.json").exists():
+            raise UserError(f"{self.artifact}: the artifact holds no weights (it was compiled from a preset without --weights)")
+        arrays = load_tensor_cache(self.artifact, names)
+        self.params = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        del arrays
+
+        self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in _BUILTINS}
+        self._shape = tvm.runtime.ShapeTuple
+        # The create functions take their sizes as shape tuples (symbolic vars).
+        sizes = [self.max_batch_size, self.context_window * self.max_batch_size, self.prefill_chunk, 16, 0]
+        self.kv_cache = self.vm["create_paged_kv_cache"](*[self._shape([n]) for n in sizes])
+        self.state = self.vm["create_rnn_state"](self._shape([self.max_batch_size]), self._shape([1]))
+        self._caches = (self.kv_cache, self.state)
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    # ---- sequences --------------------------------------------------------
+    def add_sequence(self) -> int:
+        if len(self._lengths) >= self.max_batch_size:
+            raise UserError(f"at most {self.max_batch_size} sequences can be live at once (max_batch_size)")
+        seq_id = self._next_id
+        self._next_id += 1
+        for cache in self._caches:
+            self._f["add_sequence"](cache, seq_id)
+        self._lengths[seq_id] = 0
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        for cache in self._caches:
+            self._f["remove_sequence"](cache, seq_id)
+        del self._lengths[seq_id]
+
+    def length(self, seq_id: int) -> int:
+        return self._lengths[seq_id]
+
+    def _check(self, seq_id: int, token_ids: np.ndarray) -> None:
+        if seq_id not in self._lengths:
+            raise UserError(f"sequence {seq_id} does not exist")
+        bad = (token_ids < 0) | (token_ids >= self.vocab_size)
+        if bad.any():
+            raise UserError(f"token id {int(token_ids[bad][0])} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self._lengths[seq_id] + len(token_ids) > self.context_window:
+            raise UserError(
+                f"{self._lengths[seq_id] + len(token_ids)} tokens exceed the context window of "
+                f"{self.context_window} tokens"
+            )
+
+    # ---- forward ----------------------------------------------------------
+    def _forward(self, func: str, seq_ids: list[int], lengths: list[int], embed):
+        for cache in self._caches:
+            self._f["begin_forward"](cache, self._shape(seq_ids), self._shape(lengths))
+        logits, self.kv_cache, self.state = self.vm[func](embed, self.kv_cache, self.state, self.params)
+        self._caches = (self.kv_cache, self.state)
+        for cache in self._caches:
+            self._f["end_forward"](cache)
+        for seq_id, n in zip(seq_ids, lengths):
+            self._lengths[seq_id] += n
+        return logits.numpy()
+
+    def _embed(self, token_ids: np.ndarray):
+        import tvm
+
+        ids = tvm.runtime.tensor(token_ids.astype("int32"), self.device)
+        return self.vm["embed"](ids, self.params)
+
+    def prefill(self, seq_id: int, token_ids, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to one sequence.  Returns the logits of the last token
+        [V], or of every token [n, V] with ``all_logits``."""
+        token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if len(token_ids) == 0:
+            raise UserError("prefill needs at least one token")
+        self._check(seq_id, token_ids)
+        func = "prefill_all_logits" if all_logits else "prefill"
+        outs = []
+        for start in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[start : start + self.prefill_chunk]
+            embed = _reshape(self._embed(chunk), (1, len(chunk), self.hidden_size))
+            outs.append(self._forward(func, [seq_id], [len(chunk)], embed)[0])
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1][-1]
+
+    def decode(self, seq_ids: list[int], token_ids) -> np.ndarray:
+        """One new token for each sequence, in one batch: logits [b, V]."""
+        token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if len(token_ids) != len(seq_ids):
+            raise UserError("decode needs one token per sequence")
+        for seq_id, tok in zip(seq_ids, token_ids):
+            self._check(seq_id, tok.reshape(1))
+        embed = _reshape(self._embed(token_ids), (len(seq_ids), 1, self.hidden_size))
+        return self._forward("decode", list(seq_ids), [1] * len(seq_ids), embed)[:, 0, :]
+
+
+def _reshape(tensor, shape):
+    """A view of a runtime tensor with a new shape (no copy)."""
+    return tensor._create_view(shape)

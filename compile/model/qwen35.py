@@ -1,0 +1,321 @@
+"""Qwen3.5 text decoder in TVM Relax (``tvm.relax.frontend.nn``).
+
+One module per block of the architecture doc; module and parameter names
+mirror Hugging Face's, so checkpoint tensors map by dropping the
+``model.language_model.`` prefix.  Shapes: b = batch (sequences), s = tokens
+per sequence in this call, h = hidden size.
+
+Every layer is pre-norm:  h = x + mixer(norm1(x));  out = h + mlp(norm2(h)),
+where the mixer is Gated DeltaNet (linear attention, recurrent state) or gated
+full attention (paged KV cache), as ``config.layer_types`` says.
+"""
+
+from __future__ import annotations
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.target import Target
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from ..config import FULL, Qwen35Config
+from ..kernels.causal_conv import causal_conv1d
+from ..kernels.gated_delta_rule import gated_delta_rule
+from .rnn_state import RNNState
+
+F32 = "float32"
+
+
+class Linear(nn.Linear):
+    """y = x W^T, accumulated in fp32 and returned in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str):
+        super().__init__(in_features, out_features, bias=False, dtype=dtype, out_dtype=F32)
+        self.model_dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y if self.model_dtype == F32 else y.astype(self.model_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm, in fp32:  x * rsqrt(mean(x^2) + eps) * (1 + w)."""
+
+    def __init__(self, dim: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((dim,), dtype)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight.astype(F32) + 1.0
+        return op.rms_norm(x.astype(F32), scale, axes=[-1], epsilon=self.eps).astype(x.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """DeltaNet output norm (plain weight):  w * normalize(x) * silu(z), in fp32."""
+
+    def __init__(self, dim: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((dim,), dtype)
+        self.eps = eps
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        normed = op.rms_norm(x.astype(F32), self.weight.astype(F32), axes=[-1], epsilon=self.eps)
+        return normed * op.silu(z.astype(F32))
+
+
+class MLP(nn.Module):
+    """SwiGLU:  down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: Qwen35Config, dtype: str):
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, dtype)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, dtype)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedAttention(nn.Module):
+    """Full attention with an output gate.
+
+    q_proj yields, per head, [q_h | gate_h]; q and k are RMS-normed per head,
+    RoPE (partial, NeoX) is applied inside the paged KV cache, then GQA
+    attention, then attn * sigmoid(gate) and o_proj."""
+
+    def __init__(self, c: Qwen35Config, dtype: str):
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = Linear(c.hidden_size, self.num_heads * self.head_dim * 2, dtype)
+        self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, dtype)
+        self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, dtype)
+        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
+        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache, attn_layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q_gate = op.reshape(self.q_proj(x), (b, s, hq, 2 * d))
+        q, gate = op.split(q_gate, 2, axis=-1)  # [b, s, hq, d] each
+        q = self.q_norm(q)
+        k = self.k_norm(op.reshape(self.k_proj(x), (b, s, hk, d)))
+        v = op.reshape(self.v_proj(x), (b, s, hk, d))
+        qkv = op.concat([q, k, v], dim=2)  # [b, s, hq + 2 hk, d]
+        attn = kv_cache.attention_with_fused_qkv(attn_layer_id, qkv, hq, sm_scale=d**-0.5)
+        attn = op.reshape(attn, (b, s, hq * d)) * op.sigmoid(op.reshape(gate, (b, s, hq * d)))
+        return self.o_proj(attn)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv (kernel K, no bias) over the q|k|v channels; the
+    weight keeps Hugging Face's Conv1d shape [C, 1, K]."""
+
+    def __init__(self, channels: int, kernel: int, dtype: str):
+        self.weight = nn.Parameter((channels, 1, kernel), dtype)
+        self.channels, self.kernel = channels, kernel
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """x [b, s, C], state [b, C, K-1] -> (silu(conv(x)) [b, s, C], new state)."""
+        return causal_conv1d(x, state, op.reshape(self.weight, (self.channels, self.kernel)))
+
+
+def _l2norm(x: Tensor, scale: float = 1.0) -> Tensor:
+    """x * rsqrt(sum(x^2) + 1e-6) * scale over the last axis, in fp32."""
+    x = x.astype(F32)
+    norm = op.sqrt(op.sum(op.square(x), axis=-1, keepdims=True) + 1e-6)
+    return op.divide(x, norm) * scale if scale != 1.0 else op.divide(x, norm)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet (linear attention with a delta-rule recurrent state).
+
+    State per sequence: conv state [C, K-1] (model dtype) and S [Hv, Dk, Dv]
+    (fp32), kept in the RNN state object as state ids 0 and 1."""
+
+    def __init__(self, c: Qwen35Config, dtype: str):
+        self.hk, self.hv = c.linear_num_key_heads, c.linear_num_value_heads
+        self.dk, self.dv = c.linear_key_head_dim, c.linear_value_head_dim
+        self.conv_dim, self.kernel = c.conv_dim, c.linear_conv_kernel_dim
+        self.dtype = dtype
+        self.in_proj_qkv = Linear(c.hidden_size, c.conv_dim, dtype)
+        self.in_proj_z = Linear(c.hidden_size, c.linear_value_dim, dtype)
+        self.in_proj_b = Linear(c.hidden_size, self.hv, dtype)
+        self.in_proj_a = Linear(c.hidden_size, self.hv, dtype)
+        self.conv1d = CausalConv1d(c.conv_dim, c.linear_conv_kernel_dim, dtype)
+        self.A_log = nn.Parameter((self.hv,), F32)  # pylint: disable=invalid-name
+        self.dt_bias = nn.Parameter((self.hv,), F32)
+        self.norm = RMSNormGated(self.dv, c.rms_norm_eps, dtype)
+        self.out_proj = Linear(c.linear_value_dim, c.hidden_size, dtype)
+
+    def state_shapes(self) -> list[tuple[int, str]]:
+        """(flat size, dtype) of the two states, for RNNState.create."""
+        return [(self.conv_dim * (self.kernel - 1), self.dtype), (self.hv * self.dk * self.dv, F32)]
+
+    def forward(self, x: Tensor, state: RNNState, lin_layer_id: int) -> tuple[Tensor, RNNState]:
+        b, s, _ = x.shape
+        (conv_size, _), (rec_size, _) = self.state_shapes()
+        conv_state = op.reshape(state.get(lin_layer_id, 0, b, conv_size, self.dtype), (b, self.conv_dim, self.kernel - 1))
+        rec_state = op.reshape(state.get(lin_layer_id, 1, b, rec_size, F32), (b, self.hv, self.dk, self.dv))
+
+        mixed, conv_state = self.conv1d(self.in_proj_qkv(x), conv_state)  # [b, s, C]
+        q, k, v = op.split(mixed, [self.hk * self.dk, 2 * self.hk * self.dk], axis=-1)
+        q = _l2norm(op.reshape(q, (b, s, self.hk, self.dk)), scale=self.dk**-0.5)
+        k = _l2norm(op.reshape(k, (b, s, self.hk, self.dk)))
+        v = op.reshape(v, (b, s, self.hv, self.dv))
+
+        beta = op.sigmoid(self.in_proj_b(x).astype(F32))  # [b, s, Hv]
+        g = op.negative(op.exp(self.A_log)) * op.softplus(self.in_proj_a(x).astype(F32) + self.dt_bias)  # log-decay
+        o, rec_state = gated_delta_rule(q, k, v, g, beta, rec_state)  # o [b, s, Hv, Dv] fp32
+
+        z = op.reshape(self.in_proj_z(x), (b, s, self.hv, self.dv))
+        o = self.norm(o, z).astype(self.dtype)
+        state = state.set(lin_layer_id, 0, op.reshape(conv_state, (b, conv_size)))
+        state = state.set(lin_layer_id, 1, op.reshape(rec_state, (b, rec_size)))
+        return self.out_proj(op.reshape(o, (b, s, self.hv * self.dv))), state
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Qwen35Config, layer_type: str, dtype: str):
+        self.is_full = layer_type == FULL
+        if self.is_full:
+            self.self_attn = GatedAttention(c, dtype)
+        else:
+            self.linear_attn = GatedDeltaNet(c, dtype)
+        self.mlp = MLP(c, dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache, state: RNNState, mixer_id: int):
+        if self.is_full:
+            h = x + self.self_attn(self.input_layernorm(x), kv_cache, mixer_id)
+        else:
+            mixed, state = self.linear_attn(self.input_layernorm(x), state, mixer_id)
+            h = x + mixed
+        return h + self.mlp(self.post_attention_layernorm(h)), state
+
+
+def _last_token(x: Tensor) -> Tensor:
+    """[b, s, h] -> [b, 1, h], the last position."""
+
+    def compute(x: te.Tensor):
+        b, s, h = x.shape
+        return te.compute((b, 1, h), lambda i, _, j: x[i, s - 1, j], name="last_token")
+
+    return op.tensor_expr_op(compute, "last_token", [x])
+
+
+class Qwen35LM(nn.Module):
+    """The text decoder with its language-model head."""
+
+    def __init__(self, c: Qwen35Config, dtype: str, target: Target):
+        self.config, self.dtype = c, dtype
+        self.target = target  # the paged KV cache picks CPU or GPU attention kernels by it
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype)
+        self.layers = nn.ModuleList([DecoderLayer(c, t, dtype) for t in c.layer_types])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype, out_dtype=F32)
+        # mixer_ids[i]: index of layer i among the layers of its kind (KV cache
+        # layer id for attention, RNN state layer id for DeltaNet).
+        full, lin = c.full_attention_layers, c.linear_attention_layers
+        self.mixer_ids = [full.index(i) if i in full else lin.index(i) for i in range(c.num_hidden_layers)]
+
+    # ---- the network ------------------------------------------------------
+    def _logits(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            return op.matmul(x, op.permute_dims(self.embed_tokens.weight), out_dtype=F32)
+        return self.lm_head(x)
+
+    def _decoder(self, x: Tensor, kv_cache: PagedKVCache, state: RNNState):
+        for layer, mixer_id in zip(self.layers, self.mixer_ids):
+            x, state = layer(x, kv_cache, state, mixer_id)
+        return x, state
+
+    # ---- exported functions -------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """[s] int32 -> [s, h]"""
+        return self.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, kv_cache: PagedKVCache, state: RNNState):
+        """One sequence, s new tokens continuing its cache -> logits of the last one [1, 1, V]."""
+        x, state = self._decoder(input_embed, kv_cache, state)
+        return self._logits(_last_token(x)), kv_cache, state
+
+    def prefill_all_logits(self, input_embed: Tensor, kv_cache: PagedKVCache, state: RNNState):
+        """Like prefill, returning the logits of every position [1, s, V] (for parity)."""
+        x, state = self._decoder(input_embed, kv_cache, state)
+        return self._logits(x), kv_cache, state
+
+    def decode(self, input_embed: Tensor, kv_cache: PagedKVCache, state: RNNState):
+        """b sequences, one new token each: [b, 1, h] -> logits [b, 1, V]."""
+        x, state = self._decoder(input_embed, kv_cache, state)
+        return self._logits(x), kv_cache, state
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """The KV cache of the full-attention layers only (layer ids 0..n_full-1)."""
+        c = self.config
+        n_full = len(c.full_attention_layers)
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, n_full]),
+            num_hidden_layers=n_full,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling={},
+            rope_ext_factors=rx.prim_value(0),  # none: not a Tensor
+            rotary_dim=c.rotary_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def create_rnn_state(self, max_batch_size: tirx.Var, max_history: tirx.Var) -> RNNState:
+        """Conv and DeltaNet states of the linear-attention layers."""
+        lin = self.config.linear_attention_layers
+        shapes = self.layers[lin[0]].linear_attn.state_shapes()
+        return RNNState.create(max_batch_size, max_history, len(lin), shapes)
+
+    def get_default_spec(self):
+        h = self.config.hidden_size
+        common = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        caches = {"kv_cache": nn.spec.Object(object_type=PagedKVCache), "state": nn.spec.Object(object_type=RNNState)}
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **common},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), **caches, **common},
+            "prefill_all_logits": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), **caches, **common},
+            "decode": {"input_embed": nn.spec.Tensor(["batch_size", 1, h], self.dtype), **caches, **common},
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+            "create_rnn_state": {
+                "max_batch_size": int,
+                "max_history": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
