@@ -44,7 +44,7 @@ class Engine:
         self.device = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.artifact / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
-        names = self.manifest["parameters"]
+        names = [p["name"] for p in self.manifest["parameters"]]
         if not (self.artifact / "tensor-cache.json").exists():
             raise UserError(f"{self.artifact}: the artifact holds no weights (it was compiled from a preset without --weights)")
         arrays = load_tensor_cache(self.artifact, names)

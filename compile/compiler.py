@@ -132,7 +132,7 @@ def compile_model(
                 "versions": artifact.versions(),
                 "exported_functions": pipeline.EXPORTED_FUNCTIONS,
                 "state_kinds": ["paged_kv_cache", "rnn_state"],
-                "parameters": [name for name, _, _ in exported.params],
+                "parameters": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in exported.params],
                 "config": config.to_json(),
                 "weights": weights_summary,
                 "compile_seconds": round(build_seconds, 2),

@@ -1,0 +1,153 @@
+"""``qwen35-mobile``: the command line.
+
+    qwen35-mobile make-checkpoint --preset tiny ckpt/
+    qwen35-mobile compile --model ckpt/ --target host --quant q0f32 -o out/
+    qwen35-mobile run out/ --prompt "Hello"
+    qwen35-mobile parity out/ --reference ckpt/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def _presets_help() -> str:
+    from ..compile.config import PRESETS
+    from ..compile.pipeline import QUANTIZATIONS
+    from ..targets import PRESETS as TARGETS
+
+    return (
+        f"model presets: {', '.join(PRESETS)}\n"
+        f"targets: {', '.join(TARGETS)}\n"
+        f"quantizations: {', '.join(QUANTIZATIONS)}"
+    )
+
+
+def cmd_make_checkpoint(args) -> None:
+    from ..compile.checkpoint import write_checkpoint
+    from ..compile.config import preset
+
+    config = preset(args.preset)
+    max_shard = int(args.max_shard_mb * (1 << 20)) if args.max_shard_mb else None
+    write_checkpoint(config, Path(args.out), seed=args.seed, dtype=args.dtype, max_shard_bytes=max_shard)
+    print(f"wrote {args.out}: random-weight Qwen3.5 '{args.preset}' ({config.num_params() / 1e6:.1f}M text params, {args.dtype})")
+
+
+def cmd_compile(args) -> None:
+    from ..compile.compiler import compile_model
+
+    compile_model(
+        args.model, args.target, args.quant, Path(args.output), weights=args.weights,
+        context_window=args.context_window, prefill_chunk=args.prefill_chunk, force=args.force,
+    )
+
+
+def cmd_run(args) -> None:
+    from .model import Model
+
+    model = Model.load(args.artifact)
+    for piece in model.stream(
+        args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+        chat=not args.raw, thinking=args.thinking, seed=args.seed,
+    ):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_parity(args) -> None:
+    from .parity import run_parity, write_report
+
+    artifact = Path(args.artifact)
+    report = run_parity(artifact, Path(args.reference), new_tokens=args.new_tokens, tolerance=args.tolerance)
+    out = Path(args.report) if args.report else artifact / "parity.json"
+    write_report(report, out)
+    s = report["summary"]
+    print(
+        f"parity {'PASS' if report['pass'] else 'FAIL'}: max rel error {s['max_rel']:.3g} "
+        f"(tolerance {report['tolerance']['max_rel']:g}), max abs {s['max_abs']:.3g}, "
+        f"top-1 agreement {s['top1_agreement']:.3f}, greedy tokens {'identical' if s['greedy_agreement'] else 'DIFFER'} "
+        f"over {report['new_tokens']} new tokens; report: {out}"
+    )
+    if not report["pass"]:
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen35-mobile",
+        description="Compile Qwen3.5 models with Apache TVM, run them, and prove parity with transformers.",
+        epilog=_presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-checkpoint", help="write a random-weight Qwen3.5 checkpoint (Hugging Face format)",
+                       description="Write a random-weight Qwen3.5 checkpoint in the real Hugging Face layout "
+                                   "(config.json, safetensors with text, vision and MTP tensors, tokenizer files). "
+                                   "Tests and the demo use it; no torch needed.")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-mb", type=float, default=None, help="shard the safetensors (with an index) at this size")
+    p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("compile", help="compile a model for a target into an artifact directory",
+                       description="Compile a Qwen3.5 model (a preset's shapes, or a checkpoint directory) for one "
+                                   "target. Writes OUT atomically: the model library, the weights as an MLC tensor "
+                                   "cache, mlc-chat-config.json, tokenizer files and manifest.json.",
+                       epilog=_presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="preset name or Hugging Face checkpoint directory")
+    p.add_argument("--target", default="host", help="target preset (default: host)")
+    p.add_argument("--quant", default="q0f32", help="quantization (default: q0f32)")
+    p.add_argument("--weights", help="checkpoint directory whose weights to convert (default: --model if a directory)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("--context-window", type=int, default=4096, help="default context window of the runtime (tokens)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="most tokens per prefill call")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="generate text with a compiled artifact",
+                       description="Load an artifact and stream a reply to one prompt (Qwen chat template unless --raw).")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--thinking", action="store_true", help="let the model think first (<think> ... </think>)")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("parity", help="compare an artifact with transformers on the same checkpoint",
+                       description="Run fixed prompts through transformers (PyTorch CPU, fp32) and through the "
+                                   "compiled model; write parity.json with per-step errors; exit 1 on failure.")
+    p.add_argument("artifact")
+    p.add_argument("--reference", required=True, help="the Hugging Face checkpoint directory the artifact came from")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate and compare")
+    p.add_argument("--tolerance", type=float, default=None, help="max relative logit error (default by dtype)")
+    p.add_argument("--report", help="where to write the report (default: ARTIFACT/parity.json)")
+    p.set_defaults(func=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"qwen35-mobile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qwen35-mobile: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The reference: Hugging Face transformers (PyTorch, CPU, fp32) on the same
+checkpoint.  Imported only for parity; needs the ``test`` extra."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class Reference:
+    """``Qwen3_5ForConditionalGeneration`` (or ``Qwen3_5ForCausalLM`` for a bare
+    text checkpoint) in fp32, with optional rounding of its weights to the
+    compiled model's dtype so that parity measures the kernels, not the cast."""
+
+    def __init__(self, checkpoint: str | Path, round_to: dict[str, str] | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise UserError("parity needs the reference: pip install 'qwen35-mobile[test]' (torch, transformers)") from None
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.torch = torch
+        path = Path(checkpoint)
+        if not (path / "config.json").exists():
+            raise UserError(f"{checkpoint}: not a Hugging Face checkpoint directory (no config.json)")
+        config = transformers.AutoConfig.from_pretrained(path)
+        cls = (
+            transformers.Qwen3_5ForConditionalGeneration
+            if config.model_type == "qwen3_5"
+            else transformers.Qwen3_5ForCausalLM
+        )
+        self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        self.version = transformers.__version__
+        if round_to:
+            self._round_weights(round_to)
+
+    def _round_weights(self, dtypes: dict[str, str]) -> None:
+        """Round each parameter to the dtype our build stores it in (by our name)."""
+        torch = self.torch
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                ours = name.removeprefix("model.language_model.").removeprefix("model.")
+                if dtypes.get(ours) == "float16":
+                    param.copy_(param.half().float())
+
+    def logits(self, token_ids, cache=None):
+        """Logits [n, V] of ``token_ids`` appended to ``cache`` (None: a fresh
+        sequence), and the new cache."""
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([list(token_ids)]), cache=cache, use_cache=True)
+        return out.logits[0].float().numpy(), out.past_key_values
+
+    def greedy(self, prompt_ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+        """Greedy continuation: the ``steps`` chosen tokens and the logits [steps, V]
+        each choice was made from (the first from the prompt's last position)."""
+        logits, cache = self.logits(prompt_ids)
+        rows, tokens = [logits[-1]], []
+        for _ in range(steps):
+            tokens.append(int(np.argmax(rows[-1])))
+            if len(tokens) == steps:
+                break
+            logits, cache = self.logits([tokens[-1]], cache)
+            rows.append(logits[-1])
+        return tokens, np.stack(rows)
