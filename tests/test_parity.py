@@ -1,0 +1,50 @@
+"""Parity of compiled host builds against transformers on tiny random models."""
+
+import json
+
+import pytest
+
+from qwen35_mobile.bindings.cli import main
+from qwen35_mobile.bindings.parity import DEFAULT_PROMPTS, run_parity
+
+
+def _check(report, tol):
+    s = report["summary"]
+    assert report["pass"], s
+    assert s["max_rel"] <= tol
+    assert s["greedy_agreement"] and s["top1_agreement"] == 1.0
+    cases = {c["case"] for c in report["cases"]}
+    assert cases == {"prefill", "continued_prefill", "greedy", "batch_decode"}
+    for c in report["cases"]:
+        if c["case"] == "greedy":
+            assert len(c["tokens_ours"]) == report["new_tokens"] == 32
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gva", "tiny-untied"])
+def test_q0f32_parity(name, artifact, checkpoint):
+    report = run_parity(artifact(name), checkpoint(name), new_tokens=32, progress=lambda _: None)
+    _check(report, 1e-4)
+    # The long prompt crosses the reference's 64-token DeltaNet chunk.
+    assert max(len(c["steps"]) for c in report["cases"] if c["case"] == "prefill") > 64
+
+
+def test_q0f16_parity(artifact, checkpoint):
+    report = run_parity(artifact("tiny", "q0f16"), checkpoint("tiny"), new_tokens=32, progress=lambda _: None)
+    _check(report, 2e-2)
+    assert report["summary"]["max_rel"] > 1e-6  # it really ran in fp16
+
+
+def test_parity_fails_against_other_weights(artifact, checkpoint):
+    """The check can fail: a build compared with a checkpoint of other weights."""
+    report = run_parity(artifact("tiny"), checkpoint("tiny", seed=1), new_tokens=4, progress=lambda _: None)
+    assert not report["pass"] and report["summary"]["max_rel"] > 1e-2
+
+
+def test_parity_command_writes_the_report(artifact, checkpoint, tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    code = main(["parity", str(artifact("tiny")), "--reference", str(checkpoint("tiny")), "--new-tokens", "4",
+                 "--report", str(out)])
+    assert code == 0
+    assert "parity PASS" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["tolerance"]["max_rel"] == 1e-4 and len(report["cases"]) == 3 * len(DEFAULT_PROMPTS) + 2
