@@ -77,8 +77,8 @@ class Engine:
             self._f["remove_sequence"](cache, seq_id)
         del self._lengths[seq_id]
 
-    def length(self, seq_id: int) -> int:
-        return self._lengths[seq_id]
+    def live_sequences(self) -> list[int]:
+        return list(self._lengths)
 
     def _check(self, seq_id: int, token_ids: np.ndarray) -> None:
         if seq_id not in self._lengths:

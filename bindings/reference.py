@@ -26,6 +26,7 @@ class Reference:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         self.torch = torch
         path = Path(checkpoint)
         if not (path / "config.json").exists():

@@ -42,4 +42,4 @@ def test_generate_stream_and_logits(artifact):
 def test_stop_ids_end_generation(artifact):
     m = Model.load(artifact("tiny"))
     assert list(m.generate_ids([1, 2, 3], 10, pick=lambda _: IM_END_ID)) == []
-    assert m.engine.length.__self__._lengths == {}  # the sequence was released
+    assert m.engine.live_sequences() == []  # the sequence was released
