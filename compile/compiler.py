@@ -14,7 +14,9 @@ from ..targets import get_target
 from . import artifact, pipeline
 from .config import STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json",
+)
 Progress = Callable[[str], None]
 
 
