@@ -1,0 +1,527 @@
+"""CPU schedules for the model's TIR functions, and the Relax pipeline that applies them.
+
+TVM's default CPU build leaves every TIR function as a serial scalar loop nest.
+This module schedules the functions that legalization and fusion produce:
+
+* matmuls (``C[s, i, j] = sum_k A[s, i, k] * B[s, j, k]``, any layout of B,
+  input casts and elementwise epilogues fused in) get two schedules, picked at
+  run time on the number of rows ``M`` (``seq_len`` in prefill, ``batch`` in
+  decode):
+
+  - GEMM (``M >= GEMV_MAX_ROWS``): parallel over panels of ``NR`` columns of B,
+    each panel packed (in B's dtype) into a ``[K, NR]`` buffer, then
+    ``MR x NR`` register tiles accumulated in fp32 with vector FMAs over K
+    (fp16 converted as it is loaded); rows are padded to a multiple of ``MR``
+    so the inner loop carries no guard.
+  - GEMV (small ``M``): parallel over groups of output columns, each a dot
+    product over K with one vector accumulator per column (B K-contiguous), or
+    a vector of columns accumulated along K (B N-contiguous).
+
+* reductions (RMSNorm sums, L2 norms): parallel over rows, the reduction
+  vectorised through an ``rfactor`` over vector lanes, the fused elementwise
+  blocks computed per row and vectorised.
+* elementwise / injective functions: parallel outer loop, vectorised inner loop.
+
+Functions already scheduled (attr ``tirx.is_scheduled``) and functions that
+match none of the rules (opaque blocks, hand-written kernels) are left as they
+are, which keeps them correct.
+
+Use :func:`cpu_relax_pipeline` as ``relax_pipeline`` of ``tvm.compile`` and
+:func:`cpu_target` for the target (it resolves ``mcpu: native``, which TVM
+0.27's LLVM silently replaces by ``generic``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline as _CPU_PASSES
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.gpu.matmul import get_index_map
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_system_cpu, llvm_get_vector_width
+
+__all__ = [
+    "GEMV_MAX_ROWS",
+    "cpu_relax_pipeline",
+    "cpu_target",
+    "schedule_for_cpu",
+    "schedule_for_cpu_pass",
+]
+
+#: Matmuls with fewer rows than this run the GEMV schedule, others the GEMM one.
+#: The GEMM packs every weight panel on each call (about 1-2 ms for a
+#: 1024 x 3584 weight on 2 cores), which the GEMV does not; measured at the
+#: Qwen3.5-0.8B MLP shapes the GEMV is as fast or faster up to 16 rows.
+GEMV_MAX_ROWS = 16
+
+_SCHEDULED = "tirx.is_scheduled"
+_LOG = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------
+# Target and pipeline
+# --------------------------------------------------------------------------
+def cpu_target(target: Target | dict | str) -> Target:
+    """The target with ``mcpu: native`` replaced by the host's CPU name.
+
+    TVM 0.27's LLVM (triple ``x86_64-conda-linux-gnu``) refuses ``native`` and
+    falls back to ``generic`` (no AVX at all), so code built for "native" runs
+    at SSE2 speed.  Other targets are returned unchanged.
+    """
+    target = target if isinstance(target, Target) else Target(target)
+    if target.kind.name != "llvm" or str(target.attrs.get("mcpu", "")) != "native":
+        return target
+    return Target({**dict(target.export()), "mcpu": llvm_get_system_cpu()})
+
+
+def schedule_for_cpu_pass(target: Target) -> tvm.transform.Pass:
+    """A module pass running :func:`schedule_for_cpu` with ``target``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="ScheduleForCPU")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return schedule_for_cpu(mod, target)
+
+    return _pass
+
+
+def cpu_relax_pipeline(target: Target) -> tvm.transform.Pass:
+    """TVM's CPU Relax pipeline with fusion and :func:`schedule_for_cpu`.
+
+    ``tvm.compile``'s ``"default"`` pipeline for llvm neither fuses nor
+    schedules.  This one runs: library dispatch, ``FuseTransposeMatmul`` (so
+    ``x @ W.T`` reads W in place instead of transposing it on every call),
+    legalization and fusion, the CPU schedules, then the default dataflow
+    lowering and finalization passes of ``relax.backend.cpu_generic``
+    (taken from its ``pipeline`` module: TVM 0.27's package does not export
+    ``dataflow_lower_passes``, so ``relax.pipeline.dataflow_lower_passes``
+    fails for llvm).
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="CPURelaxPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                _CPU_PASSES.library_dispatch_passes(target)
+                + [relax.transform.FuseTransposeMatmul()]
+                + _CPU_PASSES.legalize_passes(target)
+                + [schedule_for_cpu_pass(target)]
+                + _CPU_PASSES.dataflow_lower_passes(target)
+                + _CPU_PASSES.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def schedule_for_cpu(mod: tvm.IRModule, target: Target | dict | str) -> tvm.IRModule:
+    """Schedule every unscheduled TIR function of ``mod`` for the CPU ``target``.
+
+    Run after ``LegalizeOps``/``FuseOps``/``FuseTIR``.  Each function gets the
+    first rule that applies (matmul, reduction, elementwise); one no rule
+    applies to stays as it is.  Scheduled functions are marked
+    ``tirx.is_scheduled``.
+    """
+    target = target if isinstance(target, Target) else Target(target)
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or bool(func.attrs.get(_SCHEDULED, False)):
+            continue
+        if relax.analysis.has_reshape_pattern(func):
+            continue  # RewriteDataflowReshape turns these into free views
+        for rule in (_schedule_matmul, _schedule_reduction, _schedule_elementwise):
+            scheduled = _try(rule, func, target)
+            if scheduled is not None:
+                updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
+                break
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
+
+
+def _try(rule: Callable, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """Apply ``rule``; a rule that does not fit the function answers None.
+
+    TVM reports a refused schedule primitive as a RuntimeError (ScheduleError),
+    ValueError or IndexError; the function is then left to the next rule.
+    """
+    try:
+        return rule(func, target)
+    except (_NoMatch, RuntimeError, ValueError, IndexError) as err:
+        _LOG.debug("%s does not apply: %s", rule.__name__, str(err).splitlines()[-1:] or "no match")
+        return None
+
+
+class _NoMatch(Exception):
+    """Raised inside a rule when the function is not of its kind."""
+
+
+# --------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------
+def _lanes(target: Target, bits: int = 32) -> int:
+    """Vector lanes of ``bits``-wide elements in one register of ``target``."""
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // bits, 4)
+
+
+def _const(expr) -> int | None:
+    return int(expr) if isinstance(expr, tirx.IntImm) else None
+
+
+def _extent(sch: s_tir.Schedule, loop) -> tirx.PrimExpr:
+    return sch.get(loop).extent
+
+
+def _blocks(sch: s_tir.Schedule) -> list:
+    """Block infos of a function in normal form (no opaque blocks), else _NoMatch."""
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        raise _NoMatch
+    return infos
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _inline_producers(sch: s_tir.Schedule, block) -> None:
+    """Inline every spatial producer (casts, reindex copies) of ``block``, transitively."""
+    changed = True
+    while changed:
+        changed = False
+        for producer in sch.get_producers(block):
+            if _is_reduction(sch, producer):
+                continue
+            _inline_producers(sch, producer)
+            try:
+                sch.compute_inline(producer)
+                changed = True
+            except s_tir.ScheduleError:
+                pass
+
+
+def _inline_spatial(sch: s_tir.Schedule, infos: list) -> None:
+    """Inline every spatial block that is not an output into its consumers."""
+    for info in infos:
+        if info.is_injective():
+            try:
+                sch.compute_inline(info.block_rv)
+            except s_tir.ScheduleError:
+                pass
+
+
+def _inline_consumers(sch: s_tir.Schedule, block) -> list:
+    """Inline the consumer chain of ``block`` into it; return the consumers left."""
+    changed = True
+    while changed:
+        changed = False
+        for consumer in sch.get_consumers(block):
+            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    inline(consumer)
+                    changed = True
+                    break
+                except s_tir.ScheduleError:
+                    continue
+    return list(sch.get_consumers(block))
+
+
+def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """Vectorise ``loop`` by ``lanes`` when its extent is a constant multiple (or below)."""
+    extent = _const(_extent(sch, loop))
+    if extent is None or extent < 2:
+        return
+    if extent <= lanes:
+        sch.vectorize(loop)
+    elif extent % lanes == 0:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Spatial block: fuse its outer loops into one parallel loop, vectorise the last."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+        _vectorize_inner(sch, loops[-1], lanes)
+    elif loops:
+        extent = _const(_extent(sch, loops[0]))
+        if extent is not None and extent % lanes == 0 and extent > lanes:
+            outer, inner = sch.split(loops[0], [None, lanes])
+            sch.parallel(outer)
+            sch.vectorize(inner)
+        else:
+            sch.parallel(loops[0])
+
+
+# --------------------------------------------------------------------------
+# Matmul
+# --------------------------------------------------------------------------
+def _schedule_matmul(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """GEMM and GEMV schedules, chosen at run time on the row count."""
+    sch = s_tir.Schedule(func)
+    infos = _blocks(sch)
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1 or get_index_map(sch.get(reductions[0].block_rv)) is None:
+        raise _NoMatch
+    name = sch.get(reductions[0].block_rv).name_hint
+    rows = _normalized_rows(func, name)
+    nrows = _const(rows)
+    if nrows is not None:
+        return _gemv(func, name, target) if nrows < GEMV_MAX_ROWS else _gemm(func, name, target)
+    gemv = _gemv(func, name, target)
+    gemm = _gemm(func, name, target)
+    return _dispatch(func, rows < GEMV_MAX_ROWS, gemv, gemm)
+
+
+def _normalize(sch: s_tir.Schedule, name: str):
+    """Rewrite the matmul block as ``C[S, I, J] += A[S, I, K] * B[S, J, K]``.
+
+    Returns the block and the reindex copy blocks of A, B and C.
+    """
+    main = sch.get_sblock(name)
+    read_a = sch.reindex(main, ("read", 0))
+    read_b = sch.reindex(main, ("read", 1))
+    write_c = sch.reindex(main, ("write", 0))
+    block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+    sch.transform_layout(read_a, ("write", 0), a_map)
+    sch.transform_layout(read_b, ("write", 0), b_map)
+    sch.transform_layout(write_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, block_map)
+    return main, read_a, read_b, write_c
+
+
+def _normalized_rows(func: tirx.PrimFunc, name: str) -> tirx.PrimExpr:
+    """The extent of the fused row axis I of the matmul block ``name``."""
+    sch = s_tir.Schedule(func)
+    main, *_ = _normalize(sch, name)
+    return sch.get(main).iter_vars[1].dom.extent
+
+
+def _b_is_k_contiguous(func: tirx.PrimFunc, name: str) -> bool:
+    """Whether B's innermost index is the reduction axis (``x @ W.T`` layout)."""
+    sch = s_tir.Schedule(func)
+    block = sch.get(sch.get_sblock(name))
+    reduce_vars = {iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+    last = block.reads[1].region[-1].min
+    return isinstance(last, tirx.Var) and any(last.same_as(v) for v in reduce_vars)
+
+
+def _operand_block(sch: s_tir.Schedule, main, index: int):
+    """The producer block writing the ``index``-th buffer read by ``main``."""
+    buffer = sch.get(main).reads[index].source
+    for producer in sch.get_producers(main):
+        if sch.get(producer).writes[0].source.same_as(buffer):
+            return producer
+    raise _NoMatch
+
+
+def _finish_output(sch: s_tir.Schedule, main, at, lanes: int) -> None:
+    """Accumulate ``main`` in a local buffer written back (with the fused epilogue) at ``at``."""
+    local = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(local, at, preserve_unit_loops=True)
+    for consumer in _inline_consumers(sch, local):
+        _parallel_vectorize(sch, consumer, lanes)
+    _vectorize_inner(sch, sch.get_loops(local)[-1], lanes)
+
+
+def _gemm(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
+    """Packed-panel register-tiled GEMM (see the module docstring)."""
+    lanes = _lanes(target)
+    nr = 2 * lanes  # two vector registers of columns
+    mr = 8 if lanes >= 16 or "aarch64" in str(target.attrs.get("mtriple", "")) else 6
+    sch = s_tir.Schedule(func)
+    main, *_ = _normalize(sch, name)
+    _, rows, cols, _ = (iv.dom.extent for iv in sch.get(main).iter_vars)
+    ncols = _const(cols)
+    pad = [1, 1 if _const(rows) is not None and _const(rows) % mr == 0 else mr, 1, 1]
+    if ncols is None or ncols % nr != 0:
+        if ncols is not None and ncols % lanes == 0:
+            nr = lanes
+        else:
+            pad[2] = nr
+    if pad != [1, 1, 1, 1]:
+        sch.pad_einsum(main, pad)
+
+    s, i, j, k = sch.get_loops(main)
+    i_outer, i_inner = sch.split(i, [None, mr])
+    j_outer, j_inner = sch.split(j, [None, nr])
+    j_vec_outer, j_vec = sch.split(j_inner, [None, lanes])
+    sch.reorder(s, j_outer, i_outer, k, i_inner, j_vec_outer, j_vec)
+    panel = sch.fuse(s, j_outer)
+    sch.parallel(panel)
+    sch.unroll(i_inner)
+    sch.unroll(j_vec_outer)
+    sch.vectorize(j_vec)
+
+    # B: one [K, NR] panel per parallel iteration, packed in its own order.
+    pack = _operand_block(sch, main, 1)
+    _inline_producers(sch, pack)
+    sch.compute_at(pack, panel, preserve_unit_loops=True)
+    sch.transform_layout(pack, ("write", 0), lambda s_, j_, k_: (s_, j_ // nr, k_, j_ % nr))
+    pack_loops = sch.get_loops(pack)
+    sch.reorder(pack_loops[-1], pack_loops[-2])
+
+    # A: read in place, or through its zero-padded copy when rows were padded.
+    if pad[1] == 1:
+        _inline_producers(sch, main)
+    else:
+        a_pad = _operand_block(sch, main, 0)
+        _inline_producers(sch, a_pad)
+        _parallel_vectorize(sch, a_pad, lanes)
+    _finish_output(sch, main, i_outer, lanes)
+    sch.decompose_reduction(main, k)
+    return sch.mod["main"]
+
+
+def _gemv(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
+    """Few-row matmul: parallel over output columns, vectorised over K or over N."""
+    lanes = _lanes(target)
+    k_contiguous = _b_is_k_contiguous(func, name)
+    sch = s_tir.Schedule(func)
+    main, *_ = _normalize(sch, name)
+    _inline_producers(sch, main)
+    s, i, j, k = sch.get_loops(main)
+    ncols, nk = _const(_extent(sch, j)), _const(_extent(sch, k))
+    if k_contiguous and nk is not None and nk % lanes == 0:
+        # One vector accumulator per output column, NR columns in flight.
+        nr = 1 if ncols is None else next(n for n in (8, 4, 2, 1) if ncols % n == 0)
+        k_outer, k_lane = sch.split(k, [None, lanes])
+        rf = sch.rfactor(k_lane, 3)
+        s, i, j, k_outer, k_lane = sch.get_loops(rf)
+        j_outer, j_inner = sch.split(j, [None, nr])
+        sch.reorder(s, j_outer, i, k_outer, j_inner, k_lane)
+        group = sch.fuse(s, j_outer)
+        sch.parallel(group)
+        sch.unroll(j_inner)
+        sch.vectorize(k_lane)
+        sch.reverse_compute_at(main, i, preserve_unit_loops=True)
+        sch.set_scope(rf, 0, "local")
+        _finish_output(sch, main, i, lanes)
+        sch.decompose_reduction(rf, k_outer)
+    else:
+        # A vector of output columns accumulated along K (B N-contiguous).
+        width = 4 * lanes
+        if ncols is None or ncols % width != 0:
+            width = lanes if ncols is not None and ncols % lanes == 0 else 1
+        j_outer, j_inner = sch.split(j, [None, width])
+        sch.reorder(s, j_outer, i, k, j_inner)
+        group = sch.fuse(s, j_outer)
+        sch.parallel(group)
+        if width > 1:
+            sch.vectorize(j_inner)
+        _finish_output(sch, main, i, lanes)
+        sch.decompose_reduction(main, k)
+    return sch.mod["main"]
+
+
+def _dispatch(
+    func: tirx.PrimFunc, cond: tirx.PrimExpr, then_func: tirx.PrimFunc, else_func: tirx.PrimFunc
+) -> tirx.PrimFunc:
+    """One function running ``then_func``'s body when ``cond`` holds, else ``else_func``'s.
+
+    Both are schedules of ``func``, so they share its parameters.
+    """
+    for other in (then_func, else_func):
+        if not all(a.same_as(b) for a, b in zip(func.params, other.params)):
+            raise _NoMatch
+    then_root, else_root = then_func.body.block, else_func.body.block
+    body = tirx.IfThenElse(cond, then_root.body, else_root.body)
+    root = s_tir.SBlock(
+        iter_vars=[],
+        reads=[],
+        writes=[],
+        name_hint="root",
+        body=body,
+        alloc_buffers=list(then_root.alloc_buffers) + list(else_root.alloc_buffers),
+    )
+    return func.with_body(s_tir.SBlockRealize([], True, root))
+
+
+# --------------------------------------------------------------------------
+# Reductions
+# --------------------------------------------------------------------------
+def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """One row reduction (innermost axes reduced), with fused elementwise blocks.
+
+    Rows run in parallel; the reduction is split into vector lanes by an
+    ``rfactor`` (one vector accumulator per row, summed across lanes at the
+    end); an elementwise consumer (the normalisation of an RMSNorm) computes
+    each row right after its reduction, vectorised.
+    """
+    sch = s_tir.Schedule(func)
+    infos = _blocks(sch)
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1:
+        raise _NoMatch
+    kinds = reductions[0].dom_kind()
+    n_spatial = len(kinds) - len(kinds.lstrip("S"))
+    if n_spatial == 0 or set(kinds[n_spatial:]) != {"R"}:
+        raise _NoMatch
+    block = reductions[0].block_rv
+    spatial_extents = [it.dom for it in reductions[0].iters[:n_spatial]]
+    lanes = _lanes(target)
+    _inline_spatial(sch, infos)
+    consumers = sch.get_consumers(block)
+    if len(consumers) > 1 or len(sch.get_child_blocks(sch.get_sblock("root"))) != 1 + len(consumers):
+        raise _NoMatch
+
+    n_rows = n_spatial
+    if consumers:
+        # Rows shared with the consumer: leading loops of equal extent.
+        n_rows = 0
+        for loop, extent in zip(sch.get_loops(consumers[0]), spatial_extents):
+            if not tvm_ffi.structural_equal(_extent(sch, loop), extent):
+                break
+            n_rows += 1
+        if n_rows == 0:
+            raise _NoMatch
+
+    loops = sch.get_loops(block)
+    reduce_loop = sch.fuse(*loops[n_spatial:]) if len(loops) - n_spatial > 1 else loops[n_spatial]
+    extent = _const(_extent(sch, reduce_loop))
+    rf = None
+    if extent is not None and extent % lanes == 0 and extent > lanes:
+        _, lane = sch.split(reduce_loop, [None, lanes])
+        rf = sch.rfactor(lane, len(sch.get(block).writes[0].source.shape))
+
+    rows = sch.get_loops(block if rf is None else rf)[:n_rows]
+    row = sch.fuse(*rows) if n_rows > 1 else rows[0]
+    sch.parallel(row)
+    if rf is not None:
+        sch.reverse_compute_at(block, row, preserve_unit_loops=True)
+        *_, reduce_outer, lane = sch.get_loops(rf)
+        sch.set_scope(rf, 0, "local")
+        sch.vectorize(lane)
+        sch.decompose_reduction(rf, reduce_outer)
+    if consumers:
+        sch.reverse_compute_at(consumers[0], row, preserve_unit_loops=True)
+        inner = sch.get_loops(consumers[0])[1:]
+        if inner:
+            _vectorize_inner(sch, sch.fuse(*inner) if len(inner) > 1 else inner[0], lanes)
+    return sch.mod["main"]
+
+
+# --------------------------------------------------------------------------
+# Elementwise
+# --------------------------------------------------------------------------
+def _schedule_elementwise(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """Spatial-only functions: inline what can be, parallel + vectorise the rest."""
+    sch = s_tir.Schedule(func)
+    infos = _blocks(sch)
+    if not all(b.is_injective() for b in infos):
+        raise _NoMatch
+    lanes = _lanes(target)
+    _inline_spatial(sch, infos)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        _parallel_vectorize(sch, block, lanes)
+    return sch.mod["main"]
+

@@ -1,0 +1,215 @@
+"""The CPU schedules: a small decoder-like model compiled with and without them.
+
+The model has what the Qwen3.5 decoder has on the CPU path: an embedding
+(take), an RMSNorm computed in fp32, bias-free Linear layers (fp32 weights, or
+fp16 weights accumulated in fp32), silu(gate) * up, a residual add and a
+head; prefill with a symbolic ``seq_len``, decode with a symbolic ``batch``.
+Both builds are compared with numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.script import tirx as T
+
+from qwen35_mobile.compile.schedule_cpu import (
+    GEMV_MAX_ROWS,
+    cpu_relax_pipeline,
+    cpu_target,
+    schedule_for_cpu,
+)
+
+HIDDEN, INTER, VOCAB = 64, 96, 72  # VOCAB: not a multiple of the 32-column panel
+_PARAM_ORDER = (
+    "embed.weight", "norm.weight", "final_norm.weight", "gate.weight", "up.weight", "down.weight", "head.weight", "mix",
+)
+EPS = 1e-6
+
+
+class _RMSNorm(nn.Module):
+    """RMSNorm in fp32: spelled out (a sum, then an elementwise function), or
+    with ``op.rms_norm`` (one function: the sum and the normalisation fused)."""
+
+    def __init__(self, hidden: int, dtype: str, fused: bool):
+        self.weight = nn.Parameter((hidden,), dtype)
+        self.fused = fused
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        xf, weight = x.astype("float32"), self.weight.astype("float32")
+        if self.fused:
+            return op.rms_norm(xf, weight, axes=-1, epsilon=EPS).astype(x.dtype)
+        mean_sq = op.sum(xf * xf, axis=-1, keepdims=True) * (1.0 / x.shape[-1])
+        return (xf / op.sqrt(mean_sq + EPS) * weight).astype(x.dtype)
+
+
+class _Tiny(nn.Module):
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        acc = "float32" if dtype == "float16" else None
+        self.embed = nn.Embedding(VOCAB, HIDDEN, dtype=dtype)
+        self.norm = _RMSNorm(HIDDEN, dtype, fused=False)
+        self.final_norm = _RMSNorm(HIDDEN, dtype, fused=True)
+        self.gate = nn.Linear(HIDDEN, INTER, bias=False, dtype=dtype, out_dtype=acc)
+        self.up = nn.Linear(HIDDEN, INTER, bias=False, dtype=dtype, out_dtype=acc)
+        self.down = nn.Linear(INTER, HIDDEN, bias=False, dtype=dtype, out_dtype=acc)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False, dtype=dtype, out_dtype=acc)
+        self.mix = nn.Parameter((HIDDEN, HIDDEN), dtype)  # used as x @ mix: B N-contiguous
+        self.acc = acc
+
+    def _linear(self, layer: nn.Linear, x: nn.Tensor) -> nn.Tensor:
+        return layer(x).astype(self.dtype)
+
+    def _body(self, x: nn.Tensor) -> nn.Tensor:
+        h = self.norm(x)
+        mlp = op.silu(self._linear(self.gate, h)) * self._linear(self.up, h)
+        x = x + self._linear(self.down, mlp)
+        x = x + op.matmul(x, self.mix, out_dtype=self.acc).astype(self.dtype)
+        return self.head(self.final_norm(x)).astype("float32")
+
+    def prefill(self, ids: nn.Tensor) -> nn.Tensor:
+        return self._body(self.embed(ids))
+
+    def decode(self, x: nn.Tensor) -> nn.Tensor:
+        return self._body(x)
+
+
+def _reference(params: dict[str, np.ndarray], x: np.ndarray, dtype: str) -> np.ndarray:
+    """numpy forward with the model's roundings (fp16 activations between ops)."""
+    x = x.astype("float32")
+
+    def rnd(a):
+        return a.astype(dtype).astype("float32")
+
+    def norm(a, name="norm.weight"):
+        return rnd(a / np.sqrt((a * a).mean(-1, keepdims=True) + EPS) * params[name])
+
+    def linear(a, name):
+        return a @ params[name].T
+
+    h = norm(x)
+    gate, up = rnd(linear(h, "gate.weight")), rnd(linear(h, "up.weight"))
+    mlp = rnd(rnd(gate / (1.0 + np.exp(-gate))) * up)
+    x = rnd(x + rnd(linear(mlp, "down.weight")))
+    x = rnd(x + rnd(x @ params["mix"]))
+    return rnd(linear(norm(x, "final_norm.weight"), "head.weight"))
+
+
+def _export(dtype: str):
+    spec = {
+        "prefill": {"ids": nn.spec.Tensor([1, "seq_len"], "int32")},
+        "decode": {"x": nn.spec.Tensor(["batch", 1, HIDDEN], dtype)},
+    }
+    return _Tiny(dtype).export_tvm(spec=spec)
+
+
+def _fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The module as the schedule sees it: transposes folded, legalized, fused."""
+    with target:
+        return tvm.transform.Sequential(
+            [relax.transform.FuseTransposeMatmul()] + relax.pipeline.legalize_passes(target)
+        )(mod)
+
+
+def _has_parallel_loop(func: tvm.tirx.PrimFunc) -> bool:
+    kinds = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda loop: kinds.append(loop.kind))], order="post")
+    return tvm.tirx.ForKind.PARALLEL in kinds
+
+
+@pytest.fixture(scope="module")
+def target():
+    return cpu_target({"kind": "llvm", "mcpu": "native"})
+
+
+def test_cpu_target_resolves_native(target):
+    assert str(target.attrs["mcpu"]) not in ("native", "generic")
+    assert cpu_target({"kind": "llvm", "mcpu": "generic"}).attrs["mcpu"] == "generic"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_matmuls_are_parallel(dtype, target):
+    mod, _ = _export(dtype)
+    scheduled = schedule_for_cpu(_fused(mod, target), target)
+    matmuls = {gv.name_hint: f for gv, f in scheduled.functions_items() if "matmul" in gv.name_hint}
+    assert len(matmuls) >= 8  # gate, up, down, mix (with epilogues), head; prefill and decode
+    for name, func in matmuls.items():
+        assert func.attrs["tirx.is_scheduled"], name
+        assert _has_parallel_loop(func), name
+    # The RMSNorm reductions (alone, or fused with the normalisation) too.
+    norms = [f for gv, f in scheduled.functions_items() if "sum" in gv.name_hint or "rms_norm" in gv.name_hint]
+    assert len(norms) >= 3 and all(_has_parallel_loop(f) for f in norms)
+
+
+def test_scheduled_functions_are_left_alone(target):
+    @T.prim_func(s_tir=True)
+    def hand_written(a: T.Buffer((T.int64(64), T.int64(64)), "float32"), b: T.Buffer((T.int64(64),), "float32")):
+        T.func_attr({"tirx.is_scheduled": True})
+        for i, k in T.grid(T.int64(64), T.int64(64)):
+            with T.sblock("sum"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                with T.init():
+                    b[vi] = T.float32(0)
+                b[vi] = b[vi] + a[vi, vk]
+
+    mod = tvm.IRModule({"hand_written": hand_written})
+    assert schedule_for_cpu(mod, target)["hand_written"].same_as(hand_written)
+
+
+def _run(dtype: str, pipeline, target, params, ids, x):
+    mod, _ = _export(dtype)
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    weights = [tvm.runtime.tensor(params[name]) for name in _PARAM_ORDER]
+    prefill = [vm["prefill"](tvm.runtime.tensor(i), *weights).numpy() for i in ids]
+    decode = [vm["decode"](tvm.runtime.tensor(a), *weights).numpy() for a in x]
+    return prefill, decode
+
+
+def _unscheduled_pipeline(target):
+    """The same pipeline without the CPU schedules."""
+    passes = cpu_generic_pipeline
+    return tvm.transform.Sequential(
+        passes.library_dispatch_passes(target)
+        + [relax.transform.FuseTransposeMatmul()]
+        + passes.legalize_passes(target)
+        + passes.dataflow_lower_passes(target)
+        + passes.finalize_passes(target)
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_scheduled_model_matches_numpy(dtype, target):
+    rng = np.random.default_rng(0)
+    shapes = {
+        "embed.weight": (VOCAB, HIDDEN),
+        "norm.weight": (HIDDEN,),
+        "final_norm.weight": (HIDDEN,),
+        "gate.weight": (INTER, HIDDEN),
+        "up.weight": (INTER, HIDDEN),
+        "down.weight": (HIDDEN, INTER),
+        "head.weight": (VOCAB, HIDDEN),
+        "mix": (HIDDEN, HIDDEN),
+    }
+    params = {k: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(dtype) for k, s in shapes.items()}
+    for name in ("norm.weight", "final_norm.weight"):
+        params[name] = (1.0 + 0.1 * rng.standard_normal(HIDDEN)).astype(dtype)
+    # Row counts on both sides of the GEMV/GEMM switch, padded and unpadded.
+    seq_lens = [1, 5, GEMV_MAX_ROWS - 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 5, 40]
+    ids = [rng.integers(0, VOCAB, (1, n)).astype("int32") for n in seq_lens]
+    x = [rng.standard_normal((b, 1, HIDDEN)).astype(dtype) for b in (1, 3, GEMV_MAX_ROWS + 1)]
+
+    fp32 = {k: v.astype("float32") for k, v in params.items()}
+    want = [_reference(fp32, fp32["embed.weight"][i], dtype) for i in ids] + [_reference(fp32, a, dtype) for a in x]
+    rtol = 1e-5 if dtype == "float32" else 2e-2
+
+    for pipeline in (cpu_relax_pipeline(target), _unscheduled_pipeline(target)):
+        prefill, decode = _run(dtype, pipeline, target, params, ids, x)
+        for got, ref in zip(prefill + decode, want):
+            np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
