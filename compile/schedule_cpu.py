@@ -28,7 +28,9 @@ are, which keeps them correct.
 
 Use :func:`cpu_relax_pipeline` as ``relax_pipeline`` of ``tvm.compile`` and
 :func:`cpu_target` for the target (it resolves ``mcpu: native``, which TVM
-0.27's LLVM silently replaces by ``generic``).
+0.27's LLVM silently replaces by ``generic``).  At run time TVM's thread pool
+uses half the hardware threads on x86 (1 on a 2-vCPU machine) unless
+``TVM_NUM_THREADS`` is set before the first parallel call.
 """
 
 from __future__ import annotations
@@ -339,7 +341,9 @@ def _gemm(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
     nr = 2 * lanes  # two vector registers of columns
     mr = 8 if lanes >= 16 or "aarch64" in str(target.attrs.get("mtriple", "")) else 6
     sch = s_tir.Schedule(func)
-    main, *_ = _normalize(sch, name)
+    _normalize(sch, name)
+    sch = s_tir.Schedule(_widen_operands(sch.mod["main"], name))
+    main = sch.get_sblock(name)
     _, rows, cols, _ = (iv.dom.extent for iv in sch.get(main).iter_vars)
     ncols = _const(cols)
     pad = [1, 1 if _const(rows) is not None and _const(rows) % mr == 0 else mr, 1, 1]
@@ -380,6 +384,64 @@ def _gemm(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
     _finish_output(sch, main, i_outer, lanes)
     sch.decompose_reduction(main, k)
     return sch.mod["main"]
+
+
+def _widen_operands(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    """Re-type the reindex copies of A and B to the fp32 accumulator's dtype.
+
+    The matmul block reads them only as ``Cast("float32", X[...])``, so the
+    cast moves into the copy: the GEMM packs B (and pads A) straight to fp32,
+    its inner loop loads fp32, and LLVM does not copy fp16 scalars through a
+    chain of ``vpinsrw`` (slow) when packing.
+    """
+    sch = s_tir.Schedule(func)
+    block = sch.get(sch.get_sblock(name))
+    acc = block.writes[0].source.dtype
+    if acc != "float32":
+        return func
+    for region in block.reads[:2]:
+        buffer = region.source
+        if buffer.dtype != acc and _read_only_as(block.body, buffer, acc):
+            func = _retype(func, buffer, acc)
+    return func
+
+
+def _read_only_as(body: tirx.Stmt, buffer, dtype: str) -> bool:
+    """Whether every load of ``buffer`` in ``body`` is wrapped in ``Cast(dtype, ...)``."""
+    loads, casts = [], []
+
+    def on_load(load):
+        if load.source.same_as(buffer):
+            loads.append(load)
+
+    def on_cast(cast):
+        if cast.ty.dtype == dtype and isinstance(cast.value, tvm.ir.TensorLoad) and cast.value.source.same_as(buffer):
+            casts.append(cast)
+
+    tvm_ffi.structural_walk(body, [(tvm.ir.TensorLoad, on_load), (tirx.Cast, on_cast)], order="post")
+    return bool(loads) and len(loads) == len(casts)
+
+
+def _retype(func: tirx.PrimFunc, buffer, dtype: str) -> tirx.PrimFunc:
+    """``func`` with the intermediate ``buffer`` stored as ``dtype`` (values cast on store)."""
+    new = tirx.decl_buffer(buffer.shape, dtype, buffer.name)
+
+    def on_store(store, mutator):
+        if not store.buffer.same_as(buffer):
+            return mutator.default_mutate(store)
+        value = tirx.Cast(dtype, mutator.mutate(store.value))
+        return tirx.BufferStore(new, value, [mutator.mutate(i) for i in store.indices])
+
+    def on_load(load, mutator):
+        if not load.source.same_as(buffer):
+            return mutator.default_mutate(load)
+        return tirx.BufferLoad(new, [mutator.mutate(i) for i in load.indices])
+
+    def on_buffer(buf, _mutator):
+        return new if buf.same_as(buffer) else buf
+
+    callbacks = [(tirx.BufferStore, on_store), (tvm.ir.TensorLoad, on_load), (tirx.Buffer, on_buffer)]
+    return tvm_ffi.structural_mutate(func, callbacks)
 
 
 def _gemv(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:

@@ -12,6 +12,10 @@ timed under the environment as given and, in a child process, with
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset (this machine's environment pins
 an old OpenBLAS core type; see the project's environment notes).
 
+TVM runs with TVM_NUM_THREADS threads, set here to the number of CPUs unless
+given (TVM's own default on x86 is half the hardware threads: 1 on 2 vCPUs).
+Other processes on the machine skew every column: the load average is printed.
+
 Usage: python scripts/bench_cpu_schedule.py [--quick]   (--quick skips the lm_head)
 """
 
@@ -170,6 +174,8 @@ def main() -> None:
         print(json.dumps({"times": times, "core": _openblas_core()}))
         return
 
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
+    load_before = os.getloadavg()[0]
     bandwidth = memory_bandwidth()
     np_pinned = numpy_times(args.quick)
     pinned_core = _openblas_core()
@@ -177,7 +183,11 @@ def main() -> None:
     torch_t = torch_times(args.quick)
     tvm_t = tvm_times(args.quick)
 
-    print(f"threads: {os.cpu_count()} cores; memory copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+    print(
+        f"{os.cpu_count()} CPUs, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, "
+        f"load average before the run {load_before:.2f}, after {os.getloadavg()[0]:.2f}; "
+        f"memory copy bandwidth {bandwidth:.1f} GB/s (read + write)"
+    )
     print(
         f"numpy OpenBLAS core: '{pinned_core}' with OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '<unset>')}, "
         f"'{free_core}' with it unset (numpy columns: pinned / unset)"

@@ -117,10 +117,16 @@ def _fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         )(mod)
 
 
-def _has_parallel_loop(func: tvm.tirx.PrimFunc) -> bool:
+def _has_parallel_loop(stmt) -> bool:
     kinds = []
-    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda loop: kinds.append(loop.kind))], order="post")
+    tvm_ffi.structural_walk(stmt, [(tvm.tirx.For, lambda loop: kinds.append(loop.kind))], order="post")
     return tvm.tirx.ForKind.PARALLEL in kinds
+
+
+def _gemv_gemm_branches(func: tvm.tirx.PrimFunc) -> list:
+    """The two bodies of the run-time GEMV/GEMM switch of a matmul function."""
+    switch = func.body.block.body
+    return [switch.then_case, switch.else_case] if isinstance(switch, tvm.tirx.IfThenElse) else []
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +147,11 @@ def test_matmuls_are_parallel(dtype, target):
     assert len(matmuls) >= 8  # gate, up, down, mix (with epilogues), head; prefill and decode
     for name, func in matmuls.items():
         assert func.attrs["tirx.is_scheduled"], name
-        assert _has_parallel_loop(func), name
+        branches = _gemv_gemm_branches(func)
+        assert len(branches) == 2 and all(_has_parallel_loop(b) for b in branches), name
     # The RMSNorm reductions (alone, or fused with the normalisation) too.
     norms = [f for gv, f in scheduled.functions_items() if "sum" in gv.name_hint or "rms_norm" in gv.name_hint]
-    assert len(norms) >= 3 and all(_has_parallel_loop(f) for f in norms)
+    assert len(norms) >= 3 and all(_has_parallel_loop(f.body) for f in norms)
 
 
 def test_scheduled_functions_are_left_alone(target):
