@@ -32,6 +32,12 @@ def check_contract(artifact: Path) -> dict:
             f"{artifact}: built for target '{target}', which this machine cannot run "
             f"(the Python bindings run 'host' builds)"
         )
+    built_cpu = manifest.get("tvm_target", {}).get("mcpu")
+    if built_cpu and built_cpu != preset.resolved().get("mcpu"):
+        raise UserError(
+            f"{artifact}: the library was compiled for CPU '{built_cpu}', this machine is "
+            f"'{preset.resolved().get('mcpu')}'; recompile it here"
+        )
     library = Path(artifact) / manifest["library"]
     expected = manifest["files"].get(manifest["library"], {}).get("sha256")
     if not library.exists() or sha256_file(library) != expected:

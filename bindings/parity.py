@@ -109,14 +109,15 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         ref_logits, _ = ref.logits(ids)
         cases.append({"prompt": i, **_rows("prefill", model.logits(ids), ref_logits)})
 
-        split = len(ids) // 2 + 1
-        seq = model.engine.add_sequence()
-        try:
-            model.engine.prefill(seq, ids[:split])
-            cont = model.engine.prefill(seq, ids[split:], all_logits=True)
-        finally:
-            model.engine.remove_sequence(seq)
-        cases.append({"prompt": i, "split_at": split, **_rows("continued_prefill", cont, ref_logits[split:])})
+        if len(ids) >= 2:
+            split = len(ids) // 2
+            seq = model.engine.add_sequence()
+            try:
+                model.engine.prefill(seq, ids[:split])
+                cont = model.engine.prefill(seq, ids[split:], all_logits=True)
+            finally:
+                model.engine.remove_sequence(seq)
+            cases.append({"prompt": i, "split_at": split, **_rows("continued_prefill", cont, ref_logits[split:])})
 
         ref_tokens, ref_rows = ref.greedy(ids, new_tokens)
         (our_tokens,), (our_rows,) = _greedy_ours(model, [ids], new_tokens)

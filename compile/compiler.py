@@ -126,7 +126,7 @@ def compile_model(
             {
                 "model": model if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
                 "target": preset.name,
-                "tvm_target": preset.target,
+                "tvm_target": preset.resolved(),
                 "host_triple": preset.host_triple,
                 "quantization": quant,
                 "dtype": dtype,

@@ -29,10 +29,19 @@ class TargetPreset:
     def is_gpu(self) -> bool:
         return self.target["kind"] != "llvm"
 
+    def resolved(self) -> dict[str, Any]:
+        """The target dict with ``"mcpu": "native"`` replaced by this machine's
+        CPU name (LLVM refuses ``native`` with the wheel's default triple)."""
+        if self.target.get("mcpu") != "native":
+            return dict(self.target)
+        from tvm.target import codegen
+
+        return {**self.target, "mcpu": codegen.llvm_get_system_cpu()}
+
     def tvm_target(self):
         import tvm
 
-        return tvm.target.Target(self.target)
+        return tvm.target.Target(self.resolved())
 
 
 def _host_triple() -> str:
@@ -42,8 +51,8 @@ def _host_triple() -> str:
 PRESETS: dict[str, TargetPreset] = {
     "host": TargetPreset(
         name="host",
-        # num-cores is read by TVM's CPU runtime at load time; the library is
-        # compiled for the build machine's own CPU features.
+        # Compiled for the build machine's own CPU ("native" is resolved to
+        # its LLVM name, e.g. znver5, and recorded in the manifest).
         target={"kind": "llvm", "mcpu": "native"},
         host_triple=_host_triple(),
         output="model.so",

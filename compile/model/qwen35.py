@@ -28,27 +28,30 @@ F32 = "float32"
 
 
 class Linear(nn.Linear):
-    """y = x W^T, accumulated in fp32 and returned in the model dtype."""
+    """y = x W^T, accumulated in fp32; returned in the model dtype, or in fp32
+    for the projections that write into the (fp32) residual stream."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: str):
+    def __init__(self, in_features: int, out_features: int, dtype: str, *, residual: bool = False):
         super().__init__(in_features, out_features, bias=False, dtype=dtype, out_dtype=F32)
-        self.model_dtype = dtype
+        self.out = F32 if residual else dtype
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
-        return y if self.model_dtype == F32 else y.astype(self.model_dtype)
+        return y if self.out == F32 else y.astype(self.out)
 
 
 class RMSNorm(nn.Module):
-    """Zero-centred RMSNorm, in fp32:  x * rsqrt(mean(x^2) + eps) * (1 + w)."""
+    """Zero-centred RMSNorm, in fp32:  x * rsqrt(mean(x^2) + eps) * (1 + w).
+    Returns the model dtype (the input may be the fp32 residual stream)."""
 
     def __init__(self, dim: int, eps: float, dtype: str):
         self.weight = nn.Parameter((dim,), dtype)
-        self.eps = eps
+        self.eps, self.dtype = eps, dtype
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight.astype(F32) + 1.0
-        return op.rms_norm(x.astype(F32), scale, axes=[-1], epsilon=self.eps).astype(x.dtype)
+        y = op.rms_norm(x if x.dtype == F32 else x.astype(F32), scale, axes=[-1], epsilon=self.eps)
+        return y if self.dtype == F32 else y.astype(self.dtype)
 
 
 class RMSNormGated(nn.Module):
@@ -69,7 +72,7 @@ class MLP(nn.Module):
     def __init__(self, c: Qwen35Config, dtype: str):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, dtype)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, dtype)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, residual=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -87,7 +90,7 @@ class GatedAttention(nn.Module):
         self.q_proj = Linear(c.hidden_size, self.num_heads * self.head_dim * 2, dtype)
         self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, dtype)
         self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, dtype)
-        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, dtype, residual=True)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
 
@@ -144,7 +147,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter((self.hv,), F32)  # pylint: disable=invalid-name
         self.dt_bias = nn.Parameter((self.hv,), F32)
         self.norm = RMSNormGated(self.dv, c.rms_norm_eps, dtype)
-        self.out_proj = Linear(c.linear_value_dim, c.hidden_size, dtype)
+        self.out_proj = Linear(c.linear_value_dim, c.hidden_size, dtype, residual=True)
 
     def state_shapes(self) -> list[tuple[int, str]]:
         """(flat size, dtype) of the two states, for RNNState.create."""
@@ -160,7 +163,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = op.split(mixed, [self.hk * self.dk, 2 * self.hk * self.dk], axis=-1)
         q = _l2norm(op.reshape(q, (b, s, self.hk, self.dk)), scale=self.dk**-0.5)
         k = _l2norm(op.reshape(k, (b, s, self.hk, self.dk)))
-        v = op.reshape(v, (b, s, self.hv, self.dv))
+        v = op.reshape(v, (b, s, self.hv, self.dv)).astype(F32)  # q, k, v meet the state in fp32
 
         beta = op.sigmoid(self.in_proj_b(x).astype(F32))  # [b, s, Hv]
         g = op.negative(op.exp(self.A_log)) * op.softplus(self.in_proj_a(x).astype(F32) + self.dt_bias)  # log-decay
@@ -227,6 +230,8 @@ class Qwen35LM(nn.Module):
         return self.lm_head(x)
 
     def _decoder(self, x: Tensor, kv_cache: PagedKVCache, state: RNNState):
+        if x.dtype != F32:  # the residual stream is kept in fp32 whatever the model dtype
+            x = x.astype(F32)
         for layer, mixer_id in zip(self.layers, self.mixer_ids):
             x, state = layer(x, kv_cache, state, mixer_id)
         return x, state
