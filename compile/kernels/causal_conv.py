@@ -34,13 +34,17 @@ def _exp_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """
     f32 = "float32"
     x = tirx.max(tirx.min(x, tirx.const(88.3762626647950, f32)), tirx.const(-88.3762626647949, f32))
-    n = tirx.floor(x * tirx.const(1.44269504088896341, f32) + tirx.const(0.5, f32))
-    f = x - n * tirx.const(0.6931471805599453, f32)
+    # n = floor(y) as trunc(y) - (trunc(y) > y): ``floor`` itself is a libm call
+    # per lane on x86-64 without SSE4.1.
+    y = x * tirx.const(1.44269504088896341, f32) + tirx.const(0.5, f32)
+    trunc = tirx.Cast("int32", y)
+    n = trunc - tirx.Cast("int32", tirx.Cast(f32, trunc) > y)
+    f = x - tirx.Cast(f32, n) * tirx.const(0.6931471805599453, f32)
     poly = tirx.const(_EXP_POLY[0], f32)
     for coef in _EXP_POLY[1:]:
         poly = poly * f + tirx.const(coef, f32)
     exp_f = poly * f * f + f + tirx.const(1.0, f32)
-    two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    two_n = tirx.reinterpret(f32, tirx.shift_left(n + 127, 23))
     return two_n * exp_f
 
 
@@ -98,7 +102,8 @@ def causal_conv1d_func(channels: int, kernel_size: int, dtype: str, weight_dtype
             for j in range(K):
                 for c in T.vectorized(vc):
                     w[j, c] = T.Cast(f32, W[c0 + c, j])
-            for t in range(L):
+            # the first K - 1 tokens read the state for some taps
+            for t in range(T.min(L, ctx)):
                 for c in T.vectorized(vc):
                     acc[c] = T.float32(0)
                 for j in T.unroll(K):
@@ -109,6 +114,15 @@ def causal_conv1d_func(channels: int, kernel_size: int, dtype: str, weight_dtype
                             T.Cast(f32, S_in[b, c0 + c, T.min(t + j, ctx - 1)]),
                             T.Cast(f32, X[b, T.max(t + j - ctx, 0), c0 + c]),
                         )
+                for c in T.vectorized(vc):
+                    Y[b, t, c0 + c] = T.Cast(dtype, _silu_f32(acc[c]))
+            # the rest read x only
+            for t in range(ctx, T.max(L, ctx)):
+                for c in T.vectorized(vc):
+                    acc[c] = T.float32(0)
+                for j in T.unroll(K):
+                    for c in T.vectorized(vc):
+                        acc[c] = acc[c] + w[j, c] * T.Cast(f32, X[b, t + j - ctx, c0 + c])
                 for c in T.vectorized(vc):
                     Y[b, t, c0 + c] = T.Cast(dtype, _silu_f32(acc[c]))
             # new_state[:, :, j] = xx[:, L + j, :]
