@@ -26,7 +26,7 @@ Functions already scheduled (attr ``tirx.is_scheduled``) and functions that
 match none of the rules (opaque blocks, hand-written kernels) are left as they
 are, which keeps them correct.
 
-Use :func:`cpu_relax_pipeline` as ``relax_pipeline`` of ``tvm.compile`` and
+Use :func:`cpu_pipeline` as ``relax_pipeline`` of ``tvm.compile`` and
 :func:`cpu_target` for the target (it resolves ``mcpu: native``, which TVM
 0.27's LLVM silently replaces by ``generic``).  At run time TVM's thread pool
 uses half the hardware threads on x86 (1 on a 2-vCPU machine) unless
@@ -49,7 +49,7 @@ from tvm.target.codegen import llvm_get_system_cpu, llvm_get_vector_width
 
 __all__ = [
     "GEMV_MAX_ROWS",
-    "cpu_relax_pipeline",
+    "cpu_pipeline",
     "cpu_target",
     "schedule_for_cpu",
     "schedule_for_cpu_pass",
@@ -91,7 +91,7 @@ def schedule_for_cpu_pass(target: Target) -> tvm.transform.Pass:
     return _pass
 
 
-def cpu_relax_pipeline(target: Target) -> tvm.transform.Pass:
+def cpu_pipeline(target: Target) -> tvm.transform.Pass:
     """TVM's CPU Relax pipeline with fusion and :func:`schedule_for_cpu`.
 
     ``tvm.compile``'s ``"default"`` pipeline for llvm neither fuses nor
@@ -497,14 +497,10 @@ def _dispatch(
             raise _NoMatch
     then_root, else_root = then_func.body.block, else_func.body.block
     body = tirx.IfThenElse(cond, then_root.body, else_root.body)
-    root = s_tir.SBlock(
-        iter_vars=[],
-        reads=[],
-        writes=[],
-        name_hint="root",
-        body=body,
-        alloc_buffers=list(then_root.alloc_buffers) + list(else_root.alloc_buffers),
-    )
+    # Intermediates both schedules kept (an epilogue not inlined) are declared once.
+    buffers = list(then_root.alloc_buffers)
+    buffers += [b for b in else_root.alloc_buffers if not any(b.same_as(x) for x in buffers)]
+    root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=body, alloc_buffers=buffers)
     return func.with_body(s_tir.SBlockRealize([], True, root))
 
 

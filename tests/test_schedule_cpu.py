@@ -21,7 +21,7 @@ from tvm.script import tirx as T
 
 from qwen35_mobile.compile.schedule_cpu import (
     GEMV_MAX_ROWS,
-    cpu_relax_pipeline,
+    cpu_pipeline,
     cpu_target,
     schedule_for_cpu,
 )
@@ -216,7 +216,7 @@ def test_scheduled_model_matches_numpy(dtype, target):
     want = [_reference(fp32, fp32["embed.weight"][i], dtype) for i in ids] + [_reference(fp32, a, dtype) for a in x]
     rtol = 1e-5 if dtype == "float32" else 2e-2
 
-    for pipeline in (cpu_relax_pipeline(target), _unscheduled_pipeline(target)):
+    for pipeline in (cpu_pipeline(target), _unscheduled_pipeline(target)):
         prefill, decode = _run(dtype, pipeline, target, params, ids, x)
         for got, ref in zip(prefill + decode, want):
             np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
