@@ -22,12 +22,19 @@ import numpy as np
 
 from .model import Model, chat_prompt
 
-# fp32: the two sides differ only in summation order: ~1e-6 in practice.
-# fp16: activations are stored in fp16 (unit roundoff 4.9e-4) at every
-# projection, norm and residual; with weights rounded identically on both
-# sides, the remaining error grows over the layers to a few 1e-3 of the logit
-# range.  2e-2 leaves headroom over what we measure (docs/parity.md).
-TOLERANCES = {"float32": 1e-4, "float16": 2e-2}
+# Pass criteria per model dtype (docs/parity.md has the measurements).
+# fp32: the two sides differ only in summation order and exp/rsqrt rounding:
+#   ~1e-6 typical, 1e-5 worst on the tiny models; the reference's own fp32
+#   differs from its fp64 by up to 1e-5 there.  Greedy tokens must be identical.
+# fp16: activations are rounded to fp16 (unit roundoff 4.9e-4) at every
+#   projection; on the tiny models transformers' own fp16 run differs from its
+#   fp32 run by up to 2.6e-2 (median 4e-3) with 91-99% top-1 agreement, and
+#   ours measures the same.  Near-ties then flip greedy choices, so fp16
+#   requires the logit error bound and top-1 agreement, not identical sequences.
+CRITERIA = {
+    "float32": {"max_rel": 1e-4, "min_top1": 1.0, "greedy_identical": True},
+    "float16": {"max_rel": 5e-2, "min_top1": 0.9, "greedy_identical": False},
+}
 
 DEFAULT_PROMPTS = [
     chat_prompt("What is the capital of France?"),
@@ -100,7 +107,9 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
     dtypes = {p["name"]: p["dtype"] for p in model.manifest["parameters"]}
     ref = Reference(reference, round_to=dtypes)
     dtype = model.manifest["dtype"]
-    tol = TOLERANCES[dtype] if tolerance is None else tolerance
+    criteria = dict(CRITERIA[dtype])
+    if tolerance is not None:
+        criteria["max_rel"] = tolerance
     prompts = prompts or DEFAULT_PROMPTS
     encoded = [model.encode(p) for p in prompts]
     cases = []
@@ -142,6 +151,7 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
 
     worst = max(c["max_rel"] for c in cases)
     greedy_ok = all(c.get("greedy_agree", True) for c in cases)
+    top1 = float(np.mean([s["top1_agree"] for c in cases for s in c["steps"]]))
     report = {
         "artifact": str(artifact),
         "reference": str(reference),
@@ -150,20 +160,23 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         "dtype": dtype,
         "new_tokens": new_tokens,
         "tolerance": {
-            "max_rel": tol,
-            "greedy": "identical greedy tokens",
+            **criteria,
             "reference_weights": "rounded to the artifact's parameter dtypes" if dtype != "float32" else "as stored",
         },
         "summary": {
             "max_rel": worst,
             "max_abs": max(c["max_abs"] for c in cases),
-            "top1_agreement": float(np.mean([c["top1_agreement"] for c in cases])),
+            "top1_agreement": top1,
             "greedy_agreement": greedy_ok,
             "seconds": round(time.time() - t0, 1),
         },
         "cases": cases,
     }
-    report["pass"] = bool(worst <= tol and greedy_ok)
+    report["pass"] = bool(
+        worst <= criteria["max_rel"]
+        and top1 >= criteria["min_top1"]
+        and (greedy_ok or not criteria["greedy_identical"])
+    )
     return report
 
 

@@ -38,8 +38,10 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     """The Relax module of the text decoder, with its parameter list."""
     from .model.qwen35 import Qwen35LM
 
-    model = Qwen35LM(config, model_dtype(quant), preset.tvm_target())
-    mod, named = model.export_tvm(spec=model.get_default_spec())
+    target = preset.tvm_target()
+    model = Qwen35LM(config, model_dtype(quant), target)
+    with target:  # hand-scheduled kernels size their vector blocks for it
+        mod, named = model.export_tvm(spec=model.get_default_spec())
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
     return Exported(mod, params)
 
