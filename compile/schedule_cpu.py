@@ -43,7 +43,8 @@ import tvm_ffi
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as _CPU_PASSES
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.gpu.matmul import get_index_map
+from tvm.s_tir.dlight.gpu.matmul import IterKind, make_iter_fusion_index_map
+from tvm.tirx.analysis import undefined_vars
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_system_cpu, llvm_get_vector_width
 
@@ -175,7 +176,16 @@ def _lanes(target: Target, bits: int = 32) -> int:
 
 
 def _const(expr) -> int | None:
+    """The value of a constant extent (an IntImm, or a plain int as dlight gives it)."""
+    if isinstance(expr, int):
+        return expr
     return int(expr) if isinstance(expr, tirx.IntImm) else None
+
+
+def _same_extent(a, b) -> bool:
+    if _const(a) is not None or _const(b) is not None:
+        return _const(a) == _const(b)
+    return tvm_ffi.structural_equal(a, b)
 
 
 def _extent(sch: s_tir.Schedule, loop) -> tirx.PrimExpr:
@@ -272,7 +282,7 @@ def _schedule_matmul(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     infos = _blocks(sch)
     reductions = [b for b in infos if not b.is_injective()]
-    if len(reductions) != 1 or get_index_map(sch.get(reductions[0].block_rv)) is None:
+    if len(reductions) != 1 or _index_maps(sch.get(reductions[0].block_rv)) is None:
         raise _NoMatch
     name = sch.get(reductions[0].block_rv).name_hint
     rows = _normalized_rows(func, name)
@@ -284,6 +294,53 @@ def _schedule_matmul(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     return _dispatch(func, rows < GEMV_MAX_ROWS, gemv, gemm)
 
 
+def _index_maps(block) -> tuple | None:
+    """Index maps rewriting a matmul block as ``C[S, I, J] += A[S, I, K] * B[S, J, K]``.
+
+    Like dlight's ``get_index_map`` (block, A, B and C maps), except that the
+    row axis I may be absent (a one-row GEMV with static shapes): it is then
+    the constant 0.  None when the block is not a matmul.
+    """
+    if len(block.reads) != 2 or len(block.writes) != 1:
+        return None
+    axes = []
+    for region in (block.reads[0], block.reads[1], block.writes[0]):
+        if any(not (isinstance(r.extent, tirx.IntImm) and r.extent.value == 1) for r in region.region):
+            return None
+        axes.append({v for r in region.region for v in undefined_vars(r.min)})
+    a_axes, b_axes, c_axes = axes
+    kinds = {}
+    for iv in block.iter_vars:
+        var, extent = iv.var, iv.dom.extent
+        if isinstance(extent, tirx.IntImm) and extent.value == 1:
+            kinds[var] = IterKind.kIter_T
+        elif iv.iter_type == tirx.IterVar.DataPar and var in b_axes and var in c_axes:
+            kinds[var] = IterKind.kIter_S if var in a_axes else IterKind.kIter_J
+        elif iv.iter_type == tirx.IterVar.DataPar and var in a_axes and var in c_axes:
+            kinds[var] = IterKind.kIter_I
+        elif iv.iter_type == tirx.IterVar.CommReduce and var in a_axes and var in b_axes and var not in c_axes:
+            kinds[var] = IterKind.kIter_K
+        else:
+            return None
+    if not {IterKind.kIter_J, IterKind.kIter_K} <= set(kinds.values()):
+        return None
+
+    def fusion(used: set, order: list):
+        traits = [_Trait(kinds[iv.var], iv.dom.extent) for iv in block.iter_vars if iv.var in used]
+        return make_iter_fusion_index_map(traits, order)
+
+    s_, i_, j_, k_ = IterKind.kIter_S, IterKind.kIter_I, IterKind.kIter_J, IterKind.kIter_K
+    every = {iv.var for iv in block.iter_vars}
+    return fusion(every, [s_, i_, j_, k_]), fusion(a_axes, [s_, i_, k_]), fusion(b_axes, [s_, j_, k_]), fusion(c_axes, [s_, i_, j_])
+
+
+class _Trait:  # pylint: disable=too-few-public-methods
+    """An iterator's kind and extent, as ``make_iter_fusion_index_map`` reads them."""
+
+    def __init__(self, kind: IterKind, extent: tirx.PrimExpr):
+        self.kind, self.extent = kind, extent
+
+
 def _normalize(sch: s_tir.Schedule, name: str):
     """Rewrite the matmul block as ``C[S, I, J] += A[S, I, K] * B[S, J, K]``.
 
@@ -293,7 +350,7 @@ def _normalize(sch: s_tir.Schedule, name: str):
     read_a = sch.reindex(main, ("read", 0))
     read_b = sch.reindex(main, ("read", 1))
     write_c = sch.reindex(main, ("write", 0))
-    block_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+    block_map, a_map, b_map, c_map = _index_maps(sch.get(main))
     sch.transform_layout(read_a, ("write", 0), a_map)
     sch.transform_layout(read_b, ("write", 0), b_map)
     sch.transform_layout(write_c, ("read", 0), c_map)
@@ -534,13 +591,14 @@ def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
 
     n_rows = n_spatial
     if consumers:
-        # Rows shared with the consumer: leading loops of equal extent.
+        # Rows shared with the consumer: leading loops of equal extent (none for
+        # a single row with static shape, which runs serially).
         n_rows = 0
         for loop, extent in zip(sch.get_loops(consumers[0]), spatial_extents):
-            if not tvm_ffi.structural_equal(_extent(sch, loop), extent):
+            if not _same_extent(_extent(sch, loop), extent):
                 break
             n_rows += 1
-        if n_rows == 0:
+        if n_rows == 0 and any(_const(e) != 1 for e in spatial_extents):
             raise _NoMatch
 
     loops = sch.get_loops(block)
@@ -552,17 +610,20 @@ def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
         rf = sch.rfactor(lane, len(sch.get(block).writes[0].source.shape))
 
     rows = sch.get_loops(block if rf is None else rf)[:n_rows]
-    row = sch.fuse(*rows) if n_rows > 1 else rows[0]
-    sch.parallel(row)
+    row = (sch.fuse(*rows) if n_rows > 1 else rows[0]) if rows else None
+    if row is not None:
+        sch.parallel(row)
     if rf is not None:
-        sch.reverse_compute_at(block, row, preserve_unit_loops=True)
+        if row is not None:
+            sch.reverse_compute_at(block, row, preserve_unit_loops=True)
         *_, reduce_outer, lane = sch.get_loops(rf)
         sch.set_scope(rf, 0, "local")
         sch.vectorize(lane)
         sch.decompose_reduction(rf, reduce_outer)
     if consumers:
-        sch.reverse_compute_at(consumers[0], row, preserve_unit_loops=True)
-        inner = sch.get_loops(consumers[0])[1:]
+        if row is not None:
+            sch.reverse_compute_at(consumers[0], row, preserve_unit_loops=True)
+        inner = sch.get_loops(consumers[0])[0 if row is None else 1 :]
         if inner:
             _vectorize_inner(sch, sch.fuse(*inner) if len(inner) > 1 else inner[0], lanes)
     return sch.mod["main"]
