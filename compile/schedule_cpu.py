@@ -62,6 +62,9 @@ __all__ = [
 #: Qwen3.5-0.8B MLP shapes the GEMV is as fast or faster up to 16 rows.
 GEMV_MAX_ROWS = 16
 
+#: Output columns one GEMV task accumulates together (one vector register each).
+_GEMV_COLUMNS = 8
+
 _SCHEDULED = "tirx.is_scheduled"
 _LOG = logging.getLogger(__name__)
 
@@ -512,7 +515,7 @@ def _gemv(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
     ncols, nk = _const(_extent(sch, j)), _const(_extent(sch, k))
     if k_contiguous and nk is not None and nk % lanes == 0:
         # One vector accumulator per output column, NR columns in flight.
-        nr = 1 if ncols is None else next(n for n in (8, 4, 2, 1) if ncols % n == 0)
+        nr = 1 if ncols is None else next(n for n in (_GEMV_COLUMNS, 4, 2, 1) if ncols % n == 0)
         k_outer, k_lane = sch.split(k, [None, lanes])
         rf = sch.rfactor(k_lane, 3)
         s, i, j, k_outer, k_lane = sch.get_loops(rf)
