@@ -13,15 +13,12 @@ from .config import Qwen35Config
 # stay float32 whatever the dtype (docs/design.md).
 QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16"}
 
-EXPORTED_FUNCTIONS = [
-    "embed", "prefill", "prefill_all_logits", "decode", "create_paged_kv_cache", "create_rnn_state",
-]
-
 
 @dataclass
 class Exported:
     mod: object  # tvm.IRModule
     params: list[tuple[str, tuple[int, ...], str]]  # name, shape, dtype, in the library's order
+    functions: list[str]  # the exported entry points
 
     def expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {name: (shape, dtype) for name, shape, dtype in self.params}
@@ -40,10 +37,11 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
 
     target = preset.tvm_target()
     model = Qwen35LM(config, model_dtype(quant), target)
+    spec = model.get_default_spec()
     with target:  # hand-scheduled kernels size their vector blocks for it
-        mod, named = model.export_tvm(spec=model.get_default_spec())
+        mod, named = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
-    return Exported(mod, params)
+    return Exported(mod, params, list(spec.method_names))
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
