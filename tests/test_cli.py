@@ -123,3 +123,20 @@ def test_altered_library_is_refused(capsys, artifact, tmp_path):
     (art / "manifest.json").write_text(json.dumps(manifest))
     code, err = run_cli(capsys, "run", art, "--prompt", "hi")
     assert code == 2 and "tvm 0.1.0" in err
+
+
+def test_make_checkpoint_command(capsys, tmp_path):
+    out = tmp_path / "ck"
+    assert main(["make-checkpoint", "--preset", "tiny-gva", "--max-shard-mb", "20", str(out)]) == 0
+    assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+    assert "tiny-gva" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    assert_clean_failure(*run_cli(capsys, "make-checkpoint", "--preset", "qwen9", bad), bad, "qwen9")
+
+
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--model", "--target", "--quant", "--weights", "atomically", "qwen3.5-0.8b", "q0f16", "host"):
+        assert word in text
