@@ -341,3 +341,105 @@ def test_gpu_causal_conv1d_fp16():
     ref_y, ref_state = _conv_update_reference(x, state, weight)
     _assert_close(y, ref_y, FP16_TOL)
     np.testing.assert_array_equal(new_state, ref_state.astype(np.float16))
+
+
+# ---------------------------------------------------------------- real OpenCL execution (PoCL), where present
+
+
+def _opencl_context():
+    """A PoCL (or any) OpenCL context, or skip: pyopencl and an ICD are optional test tools."""
+    cl = pytest.importorskip("pyopencl")
+    try:
+        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+    except cl.Error as err:  # no ICD installed
+        pytest.skip(f"no OpenCL platform: {err}")
+    if not devices:
+        pytest.skip("no OpenCL device")
+    ctx = cl.Context(devices[:1])
+    return cl, ctx, cl.CommandQueue(ctx)
+
+
+def _cl_launch(cl, ctx, queue, source: str, launches, arrays: dict[str, np.ndarray], scalars: dict[str, int]):
+    """Build ``source`` and run ``launches`` = [(kernel, (grid_x, grid_y), threads)] in order.
+
+    Kernel arguments are bound by name as TVM emits them (``<Buffer>_ptr`` then the
+    shape variables); ``arrays`` holds inputs and zero-initialised outputs and
+    intermediates, and is updated with the results."""
+    program = cl.Program(ctx, source).build()
+    mf = cl.mem_flags
+    buffers = {name: cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=a) for name, a in arrays.items()}
+    for kernel, (gx, gy), threads in launches:
+        params = re.search(rf"__kernel void {kernel}\(([^)]*)\)", source).group(1)
+        args = []
+        for param in params.split(","):
+            name = param.split()[-1]
+            if name.endswith("_ptr"):
+                args.append(buffers[name[: -len("_ptr")]])
+            else:
+                args.append(np.int64(scalars[name]))
+        getattr(program, kernel)(queue, (gx * threads, gy), (threads, 1), *args)
+    queue.finish()
+    for name, a in arrays.items():
+        cl.enqueue_copy(queue, a, buffers[name])
+    return arrays
+
+
+def _opencl_source(module: nn.Module, spec: dict) -> str:
+    return _device_sources(module, spec, GPU_TARGETS["opencl"]())
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
+def test_gpu_gated_delta_rule_on_opencl(chunked):
+    """The generated OpenCL C, run with real concurrent work-items, matches transformers."""
+    cl, ctx, queue = _opencl_context()
+    from qwen35_mobile.compile.kernels.gpu_gated_delta_rule import CHUNK, _pow2_at_most
+
+    b, t, hk, hv, dk, dv = 2, 130, 2, 4, 128, 128
+    x = _gdn_inputs(b, t, hk, hv, dk, dv, seed=5)
+    source = _opencl_source(_GatedDeltaRule(chunked, None, False), _gdn_spec(hk, hv, dk, dv, "float32"))
+    nc = (t + CHUNK - 1) // CHUNK
+    f32 = np.float32
+    arrays = {
+        "Q": (x["q"] * f32(dk**-0.5)).astype(f32),
+        "K": x["k"],
+        "V": x["v"],
+        "G": x["g"],
+        "Beta": x["beta"],
+        "S_in": x["state"],
+        "O": np.zeros((b, t, hv, dv), f32),
+        "S_out": np.zeros((b, hv, dk, dv), f32),
+    }
+    if chunked:
+        arrays |= {
+            "Gc": np.zeros((b, hv, nc, CHUNK), f32),
+            "Lm": np.zeros((b, hv, nc, CHUNK, CHUNK), f32),
+            "QK": np.zeros((b, hv, nc, CHUNK, CHUNK), f32),
+            "U": np.zeros((b, hv, nc, CHUNK, dv), f32),
+            "W": np.zeros((b, hv, nc, CHUNK, dk), f32),
+        }
+        solve_threads = _pow2_at_most(dk + dv, 256)
+        launches = [
+            ("gated_delta_rule_chunk_prep_kernel", (nc, b * hv), CHUNK),
+            ("gated_delta_rule_chunk_solve_kernel", (nc * -(-(dk + dv) // solve_threads), b * hv), solve_threads),
+            ("gated_delta_rule_chunk_scan_kernel", (b * hv, 1), dv),
+        ]
+    else:
+        launches = [("gated_delta_rule_kernel", (b * hv, 1), dv)]
+    out = _cl_launch(cl, ctx, queue, source, launches, arrays, {"B": b, "L": t, "NC": nc})
+    ref_o, ref_state = _gdn_reference(x, "float32", chunked)
+    _assert_close(out["O"], ref_o, FP32_TOL)
+    _assert_close(out["S_out"], ref_state, FP32_TOL)
+
+
+def test_gpu_causal_conv1d_on_opencl():
+    cl, ctx, queue = _opencl_context()
+    b, t, channels = 3, 9, 40
+    x, state, weight = _conv_inputs(b, t, channels, 4, seed=9)
+    source = _opencl_source(_CausalConv(16, False), _conv_spec(channels, 4, "float32", (channels, 4)))
+    arrays = {"X": x, "S_in": state, "W": weight, "Y": np.zeros_like(x), "S_out": np.zeros_like(state)}
+    out = _cl_launch(
+        cl, ctx, queue, source, [("causal_conv1d_kernel", (b * 3, 1), 16)], arrays, {"B": b, "L": t}
+    )
+    ref_y, ref_state = _conv_update_reference(x, state, weight)
+    _assert_close(out["Y"], ref_y, FP32_TOL)
+    np.testing.assert_array_equal(out["S_out"], ref_state)
