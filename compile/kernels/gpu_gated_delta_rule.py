@@ -219,40 +219,46 @@ def gdn_chunk_prep_func(
         Lm = T.match_buffer(lmat_handle, (B, hv, NC, C, C), f32)
         QK = T.match_buffer(qk_handle, (B, hv, NC, C, C), f32)
         for by in loop(B * hv, "blockIdx.y"):
-          for n in loop(NC, "blockIdx.x"):
-            for tid in loop(tx, "threadIdx.x"):
-              for r in range(C // tx):
-                # acc: [0] gc_t, [1] running gc_s, [2] k_t . k_s, [3] q_t . k_s
-                acc = T.alloc_buffer((4,), f32, scope=scope)
-                b: T.let = by // hv
-                h: T.let = by % hv
-                kh: T.let = h // group
-                t: T.let = r * tx + tid
-                tok: T.let = n * C + t
-                if L >= min_chunked_len:
-                    acc[0] = T.float32(0)
-                    for s in range(C):
-                        if s <= t:
-                            acc[0] = acc[0] + T.if_then_else(
-                                n * C + s < L, G[b, T.min(n * C + s, L - 1), h], T.float32(0)
-                            )
-                    Gc[b, h, n, t] = acc[0]
-                    acc[1] = T.float32(0)
-                    for s in range(C):
-                        acc[1] = acc[1] + T.if_then_else(n * C + s < L, G[b, T.min(n * C + s, L - 1), h], T.float32(0))
-                        if s <= t and tok < L:
-                            acc[2] = T.float32(0)
-                            acc[3] = T.float32(0)
-                            for i in range(dk):
-                                acc[2] = acc[2] + T.Cast(f32, K[b, tok, kh, i]) * T.Cast(f32, K[b, n * C + s, kh, i])
-                                acc[3] = acc[3] + T.Cast(f32, Q[b, tok, kh, i]) * T.Cast(f32, K[b, n * C + s, kh, i])
-                            QK[b, h, n, t, s] = acc[3] * T.exp(acc[0] - acc[1])
-                            Lm[b, h, n, t, s] = T.if_then_else(
-                                s < t, Beta[b, tok, h] * acc[2] * T.exp(acc[0] - acc[1]), T.float32(0)
-                            )
-                        else:
-                            QK[b, h, n, t, s] = T.float32(0)
-                            Lm[b, h, n, t, s] = T.float32(0)
+            for n in loop(NC, "blockIdx.x"):
+                for tid in loop(tx, "threadIdx.x"):
+                    for r in range(C // tx):
+                        # acc: [0] gc_t, [1] running gc_s, [2] k_t . k_s, [3] q_t . k_s
+                        acc = T.alloc_buffer((4,), f32, scope=scope)
+                        b: T.let = by // hv
+                        h: T.let = by % hv
+                        kh: T.let = h // group
+                        t: T.let = r * tx + tid
+                        tok: T.let = n * C + t
+                        if L >= min_chunked_len:
+                            acc[0] = T.float32(0)
+                            for s in range(C):
+                                if s <= t:
+                                    acc[0] = acc[0] + T.if_then_else(
+                                        n * C + s < L, G[b, T.min(n * C + s, L - 1), h], T.float32(0)
+                                    )
+                            Gc[b, h, n, t] = acc[0]
+                            acc[1] = T.float32(0)
+                            for s in range(C):
+                                acc[1] = acc[1] + T.if_then_else(
+                                    n * C + s < L, G[b, T.min(n * C + s, L - 1), h], T.float32(0)
+                                )
+                                if s <= t and tok < L:
+                                    acc[2] = T.float32(0)
+                                    acc[3] = T.float32(0)
+                                    for i in range(dk):
+                                        acc[2] = acc[2] + T.Cast(f32, K[b, tok, kh, i]) * T.Cast(
+                                            f32, K[b, n * C + s, kh, i]
+                                        )
+                                        acc[3] = acc[3] + T.Cast(f32, Q[b, tok, kh, i]) * T.Cast(
+                                            f32, K[b, n * C + s, kh, i]
+                                        )
+                                    QK[b, h, n, t, s] = acc[3] * T.exp(acc[0] - acc[1])
+                                    Lm[b, h, n, t, s] = T.if_then_else(
+                                        s < t, Beta[b, tok, h] * acc[2] * T.exp(acc[0] - acc[1]), T.float32(0)
+                                    )
+                                else:
+                                    QK[b, h, n, t, s] = T.float32(0)
+                                    Lm[b, h, n, t, s] = T.float32(0)
 
     return gdn_chunk_prep
 
@@ -303,36 +309,36 @@ def gdn_chunk_solve_func(
         U = T.match_buffer(u_handle, (B, hv, NC, C, dv), f32)
         W = T.match_buffer(w_handle, (B, hv, NC, C, dk), f32)
         for by in loop(B * hv, "blockIdx.y"):
-          for bx in loop(NC * nb, "blockIdx.x"):
-            for tid in loop(tx, "threadIdx.x"):
-                X = T.alloc_buffer((C,), f32, scope=scope)  # this thread's column of the solution
-                acc = T.alloc_buffer((1,), f32, scope=scope)
-                b: T.let = by // hv
-                h: T.let = by % hv
-                n: T.let = bx // nb
-                j: T.let = bx % nb * tx + tid
-                kh: T.let = h // group
-                if L >= min_chunked_len and j < cols:
-                    for t in range(C):
-                        tok: T.let = T.min(n * C + t, L - 1)
-                        if n * C + t < L:
-                            if j < dv:
-                                acc[0] = T.Cast(f32, V[b, tok, h, T.min(j, dv - 1)]) * Beta[b, tok, h]
+            for bx in loop(NC * nb, "blockIdx.x"):
+                for tid in loop(tx, "threadIdx.x"):
+                    X = T.alloc_buffer((C,), f32, scope=scope)  # this thread's column of the solution
+                    acc = T.alloc_buffer((1,), f32, scope=scope)
+                    b: T.let = by // hv
+                    h: T.let = by % hv
+                    n: T.let = bx // nb
+                    j: T.let = bx % nb * tx + tid
+                    kh: T.let = h // group
+                    if L >= min_chunked_len and j < cols:
+                        for t in range(C):
+                            tok: T.let = T.min(n * C + t, L - 1)
+                            if n * C + t < L:
+                                if j < dv:
+                                    acc[0] = T.Cast(f32, V[b, tok, h, T.min(j, dv - 1)]) * Beta[b, tok, h]
+                                else:
+                                    acc[0] = (
+                                        T.Cast(f32, K[b, tok, kh, T.max(j - dv, 0)])
+                                        * Beta[b, tok, h]
+                                        * T.exp(Gc[b, h, n, t])
+                                    )
                             else:
-                                acc[0] = (
-                                    T.Cast(f32, K[b, tok, kh, T.max(j - dv, 0)])
-                                    * Beta[b, tok, h]
-                                    * T.exp(Gc[b, h, n, t])
-                                )
-                        else:
-                            acc[0] = T.float32(0)
-                        for s in range(t):
-                            acc[0] = acc[0] - Lm[b, h, n, t, s] * X[s]
-                        X[t] = acc[0]
-                        if j < dv:
-                            U[b, h, n, t, T.min(j, dv - 1)] = acc[0]
-                        else:
-                            W[b, h, n, t, T.max(j - dv, 0)] = acc[0]
+                                acc[0] = T.float32(0)
+                            for s in range(t):
+                                acc[0] = acc[0] - Lm[b, h, n, t, s] * X[s]
+                            X[t] = acc[0]
+                            if j < dv:
+                                U[b, h, n, t, T.min(j, dv - 1)] = acc[0]
+                            else:
+                                W[b, h, n, t, T.max(j - dv, 0)] = acc[0]
 
     return gdn_chunk_solve
 
