@@ -15,8 +15,11 @@ Layout (that of MLC-LLM's ``GroupQuantize`` with ``linear_weight_layout="NK"``,
 * Eight 4-bit values per ``uint32``, the lowest nibble first:
   ``packed[n, j] = sum_{i<8} q[n, 8j + i] << 4i``.  ``packed`` is
   ``[N, 4 G]`` (``= [N, K / 8]`` when 32 divides ``K``).
-* Dequantization, in the model dtype as in MLC:
-  ``W'[n, k] = (float(q[n, k]) - 7) * scale[n, k // 32]``.
+* Dequantization, with MLC's values:
+  ``W'[n, k] = (float(q[n, k]) - 7) * scale[n, k // 32]`` rounded to the model
+  dtype.  The kernels compute it in fp32 and round once to fp16 (for q4f16_1),
+  which gives MLC's fp16 arithmetic bit for bit (``q - 7`` times an fp16 scale
+  is exact in fp32); the matmul then accumulates ``x * W'`` in fp32.
 
 **K not divisible by 32**: the last group is padded.  Its scale is the max over
 the real elements only; the padding nibbles are stored as 0 (what MLC's
@@ -191,18 +194,26 @@ def dequantize_weight(
 # ---------------------------------------------------------------------------
 # TVM nn modules
 # ---------------------------------------------------------------------------
-def _unpack(word, k, dtype: str):
-    """The dequantization arithmetic of column ``k`` from its word and scale (TIR)."""
+def _dequant_value(word, scale, k, dtype: str):
+    """``(q - 7) * scale`` for column ``k``, given its packed word and its scale (TIR).
+
+    The value is MLC's (``float(q) - 7`` times the scale, rounded to ``dtype``),
+    computed in fp32 and rounded once: ``q - 7`` and its product with an fp16
+    scale are exact in fp32, so one rounding to fp16 equals MLC's fp16
+    arithmetic bit for bit, without fp16 arithmetic (which CPUs without native
+    fp16 emulate by a convert per operation; measured 2x faster on x86).
+    """
     shift = ((k % ELEMS_PER_WORD) * BITS).astype(STORAGE_DTYPE)
     nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << BITS) - 1, STORAGE_DTYPE))
-    return nibble.astype(dtype) - tirx.const(MAX_INT, dtype)
+    value = (nibble.astype("float32") - tirx.const(MAX_INT, "float32")) * scale.astype("float32")
+    return value if dtype == "float32" else value.astype(dtype)
 
 
 def dequantize_te(weight, scale, n, k: int, dtype: str):
     """TE compute ``[n, k]``: the dequantized weight (the fused kernel's producer)."""
     return te.compute(
         (n, k),
-        lambda i, j: _unpack(weight[i, j // ELEMS_PER_WORD], j, dtype) * scale[i, j // GROUP_SIZE],
+        lambda i, j: _dequant_value(weight[i, j // ELEMS_PER_WORD], scale[i, j // GROUP_SIZE], j, dtype),
         name="dequantize",
     )
 
@@ -285,7 +296,7 @@ class QuantizedEmbedding(_Quantized):
         def gather(idx, w, s):
             return te.compute(
                 (idx.shape[0], dim),
-                lambda i, j: _unpack(w[idx[i], j // ELEMS_PER_WORD], j, dtype) * s[idx[i], j // GROUP_SIZE],
+                lambda i, j: _dequant_value(w[idx[i], j // ELEMS_PER_WORD], s[idx[i], j // GROUP_SIZE], j, dtype),
                 name="dequantize_take",
             )
 

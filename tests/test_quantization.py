@@ -232,6 +232,16 @@ def test_compiled_against_numpy(fmt, pipeline, target):
         ref = x.astype(np.float32) @ p["embed"][2].T
         np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
+    # Bit exactness: one-hot rows return the dequantized weight itself, through
+    # the GEMV (one row) and the GEMM (IN rows) branches alike.
+    eye = np.eye(IN, dtype=dtype)[None]
+    zeros = np.zeros((1, IN, ODD_IN), dtype)
+    got, _ = vm["linear"](tvm.runtime.tensor(eye), tvm.runtime.tensor(zeros), args)
+    np.testing.assert_array_equal(got.numpy()[0], p["res"][2].T)
+    for k in (0, 13, IN - 1):
+        got, _ = vm["linear"](tvm.runtime.tensor(eye[:, k : k + 1]), tvm.runtime.tensor(zeros[:, :1]), args)
+        np.testing.assert_array_equal(got.numpy()[0, 0], p["res"][2][:, k])
+
 
 def test_dequantize_fused_into_matmul_after_pipeline(target):
     mod, _ = _export("q4f16_1")
@@ -315,6 +325,31 @@ def test_quantize_tiny_qwen(name, fmt):
     norm = np.ones(before["norm.weight"][0], np.float32)
     assert model.quantize_map.convert("norm.weight", norm)[0][0] == "norm.weight"
     assert "decode" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
+def test_quantized_tiny_qwen_builds_fused():
+    """The whole tiny model builds with cpu_pipeline: no standalone dequantize
+    kernel, every linear's weight unpacked inside its matmul; ``embed`` runs on
+    converted weights and returns the dequantized rows."""
+    _, before, model, mod, after = _quantized_qwen("tiny", "q4f16_1")
+    target = cpu_target({"kind": "llvm", "mcpu": "native"})
+    lowered = cpu_pipeline(target)(mod)
+    names = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert not [n for n in names if n.startswith("dequantize") and "matmul" not in n and "take" not in n]
+    assert len([n for n in names if "dequantize" in n and "matmul" in n]) >= 6  # q/k/v/o, in_proj_*, out, mlp, head
+
+    rng = np.random.default_rng(0)
+    converted = {}
+    for name, (shape, dtype) in before.items():
+        array = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        converted.update(model.quantize_map.convert(name, array.astype(dtype) if dtype == "float32" else array))
+    params = [tvm.runtime.tensor(np.ascontiguousarray(converted[n]).astype(after[n][1])) for n in after]
+    ex = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    ids = np.array([0, 5, 248319], np.int32)
+    rows = vm["embed"](tvm.runtime.tensor(ids), params).numpy()
+    table = dequantize_weight(converted["embed_tokens.weight"], converted["embed_tokens.scale"], "q4f16_1")
+    np.testing.assert_array_equal(rows.astype(np.float32), table[ids])
 
 
 def _modules(module, prefix=""):
