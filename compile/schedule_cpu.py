@@ -334,7 +334,12 @@ def _index_maps(block) -> tuple | None:
 
     s_, i_, j_, k_ = IterKind.kIter_S, IterKind.kIter_I, IterKind.kIter_J, IterKind.kIter_K
     every = {iv.var for iv in block.iter_vars}
-    return fusion(every, [s_, i_, j_, k_]), fusion(a_axes, [s_, i_, k_]), fusion(b_axes, [s_, j_, k_]), fusion(c_axes, [s_, i_, j_])
+    return (
+        fusion(every, [s_, i_, j_, k_]),
+        fusion(a_axes, [s_, i_, k_]),
+        fusion(b_axes, [s_, j_, k_]),
+        fusion(c_axes, [s_, i_, j_]),
+    )
 
 
 class _Trait:  # pylint: disable=too-few-public-methods
@@ -553,7 +558,9 @@ def _dispatch(
     Both are schedules of ``func``, so they share its parameters.
     """
     for other in (then_func, else_func):
-        if not all(a.same_as(b) for a, b in zip(func.params, other.params)):
+        if len(func.params) != len(other.params) or not all(
+            a.same_as(b) for a, b in zip(func.params, other.params, strict=True)
+        ):
             raise _NoMatch
     then_root, else_root = then_func.body.block, else_func.body.block
     body = tirx.IfThenElse(cond, then_root.body, else_root.body)
@@ -597,7 +604,7 @@ def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
         # Rows shared with the consumer: leading loops of equal extent (none for
         # a single row with static shape, which runs serially).
         n_rows = 0
-        for loop, extent in zip(sch.get_loops(consumers[0]), spatial_extents):
+        for loop, extent in zip(sch.get_loops(consumers[0]), spatial_extents, strict=False):
             if not _same_extent(_extent(sch, loop), extent):
                 break
             n_rows += 1

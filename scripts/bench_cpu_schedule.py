@@ -205,7 +205,8 @@ def main() -> None:
         f"memory copy bandwidth {bandwidth:.1f} GB/s (read + write); best of {args.rounds} rounds"
     )
     print(
-        f"numpy OpenBLAS core: '{pinned_core}' with OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '<unset>')}, "
+        f"numpy OpenBLAS core: '{pinned_core}' with "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '<unset>')}, "
         f"'{free_core}' with it unset (numpy columns: pinned / unset; numpy is fp32 in both rows)"
     )
     header = (

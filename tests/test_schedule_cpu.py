@@ -237,5 +237,5 @@ def test_scheduled_model_matches_numpy(dtype, target):
 
     for pipeline in (cpu_pipeline(target), _unscheduled_pipeline(target)):
         prefill, decode = _run(dtype, pipeline, target, params, ids, x)
-        for got, ref in zip(prefill + decode, want):
+        for got, ref in zip(prefill + decode, want, strict=True):
             np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
