@@ -62,10 +62,12 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "dequantize_weight",
+    "fake_quantize",
     "get_format",
     "packed_shape",
     "quantize_model",
     "quantize_weight",
+    "quantized_nbytes",
     "scale_shape",
 ]
 
@@ -128,7 +130,14 @@ _SHIFTS = (np.arange(ELEMS_PER_WORD, dtype=np.uint32) * BITS).astype(np.uint32)
 
 def _quantize_rows(w: np.ndarray, dtype: np.dtype, k_pad: int) -> tuple[np.ndarray, np.ndarray]:
     rows, k = w.shape
-    w = w.astype(dtype, copy=False)
+    src = w
+    with np.errstate(over="ignore"):
+        w = w.astype(dtype, copy=False)
+    if w is not src and np.count_nonzero(np.isinf(w)) > np.count_nonzero(np.isinf(src)):
+        peak = float(np.max(np.abs(src.astype(np.float32))))
+        raise OverflowError(f"values beyond the {dtype} range (max |w| = {peak:g})")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight holds inf or nan")
     if k_pad != k:
         w = np.concatenate([w, np.zeros((rows, k_pad - k), dtype)], axis=1)
     groups = w.reshape(rows, k_pad // GROUP_SIZE, GROUP_SIZE)
@@ -149,7 +158,10 @@ def quantize_weight(w: np.ndarray, fmt: str | QuantFormat) -> tuple[np.ndarray, 
     """Group-quantize ``w [N, K]`` (any float dtype, bf16 included).
 
     Returns ``(packed uint32 [N, 4 ceil(K/32)], scale [N, ceil(K/32)])``; the
-    scale has the format's model dtype.  Works ``ROW_CHUNK`` rows at a time.
+    scale has the format's model dtype.  Works ``ROW_CHUNK`` rows at a time,
+    casting each chunk to the model dtype (pass the checkpoint's bf16/fp16/fp32
+    array as it is: no full-size cast copy is made).  Raises OverflowError when
+    a value does not fit the model dtype (fp16), ValueError on inf/nan.
     """
     f = get_format(fmt)
     if w.ndim != 2:
@@ -189,6 +201,14 @@ def dequantize_weight(
         s = np.repeat(scale[start:stop].astype(dtype), GROUP_SIZE, axis=1)[:, :k]
         out[start:stop] = (q * s).astype(dtype)
     return out
+
+
+def fake_quantize(w: np.ndarray, fmt: str | QuantFormat) -> np.ndarray:
+    """``dequantize(quantize(w))`` as float32 ``[N, K]``: the weights a reference
+    (transformers) must run with to match the quantized kernels.  For q4f16_1
+    the values are exactly representable in fp16."""
+    packed, scale = quantize_weight(w, fmt)
+    return dequantize_weight(packed, scale, fmt, k=w.shape[1])
 
 
 # ---------------------------------------------------------------------------

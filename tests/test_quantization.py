@@ -99,6 +99,27 @@ def test_zero_group_and_chunked_rows(monkeypatch):
     assert np.all(dequantize_weight(packed, scale, "q4f16_1")[3, :32] == 0)
 
 
+def test_bf16_input_overflow_and_fake_quantize():
+    import ml_dtypes
+
+    from qwen35_mobile.compile.quantization import fake_quantize, quantized_nbytes
+
+    w = _weights(8, 64)
+    bf = w.astype(ml_dtypes.bfloat16)
+    for fmt in FMTS:  # a bf16 checkpoint tensor is quantized as is, chunk by chunk
+        ref = quantize_weight(bf.astype(np.float32), fmt)
+        for a, b in zip(quantize_weight(bf, fmt), ref):
+            np.testing.assert_array_equal(a, b)
+    fq = fake_quantize(w, "q4f16_1")
+    np.testing.assert_array_equal(fq.astype(np.float16).astype(np.float32), fq)  # fp16-exact
+    big = w.copy()
+    big[2, 5] = 1e6
+    with pytest.raises(OverflowError):
+        quantize_weight(big, "q4f16_1")
+    quantize_weight(big, "q4f32_1")
+    assert quantized_nbytes((1024, 3584), "q4f16_1") == 1024 * 3584 // 2 + 1024 * 112 * 2
+
+
 def _mlc_quantize_te(n, k, dtype):
     """MLC's ``GroupQuantize._quantize`` arithmetic (int4, uint32, group 32,
     NK layout), re-expressed in TE: max-abs and scale in the model dtype,
