@@ -431,7 +431,7 @@ def _gemm(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
     sch.unroll(j_vec_outer)
     sch.vectorize(j_vec)
 
-    # B: one [K, NR] panel per parallel iteration, packed in its own order.
+    # B: one [K, NR] panel per parallel iteration, written row by row.
     pack = _operand_block(sch, main, 1)
     _inline_producers(sch, pack)
     sch.compute_at(pack, panel, preserve_unit_loops=True)
@@ -440,12 +440,12 @@ def _gemm(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
     sch.reorder(pack_loops[-1], pack_loops[-2])
 
     # A: read in place, or through its zero-padded copy when rows were padded.
+    a_block = _operand_block(sch, main, 0)
+    _inline_producers(sch, a_block)
     if pad[1] == 1:
-        _inline_producers(sch, main)
+        sch.compute_inline(a_block)
     else:
-        a_pad = _operand_block(sch, main, 0)
-        _inline_producers(sch, a_pad)
-        _parallel_vectorize(sch, a_pad, lanes)
+        _parallel_vectorize(sch, a_block, lanes)
     _finish_output(sch, main, i_outer, lanes)
     sch.decompose_reduction(main, k)
     return sch.mod["main"]

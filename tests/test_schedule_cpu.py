@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
@@ -169,6 +169,39 @@ def test_matmuls_are_parallel(dtype, target):
         kinds = _loop_kinds(func.body)
         assert tvm.tirx.ForKind.VECTORIZED in kinds
         assert tvm.tirx.ForKind.PARALLEL in kinds or "batch" not in func.script() and "seq_len" not in func.script()
+
+
+def _static_matmul(rows: int, cols: int, depth: int, dtype: str) -> tvm.tirx.PrimFunc:
+    """``C[0, i, j] = sum_k f32(A[0, i, k]) * f32(W[j, k])`` with static shapes."""
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
+    a = te.placeholder((i64(1), i64(rows), i64(depth)), dtype, name="A")
+    w = te.placeholder((i64(cols), i64(depth)), dtype, name="W")
+    k = te.reduce_axis((i64(0), i64(depth)), "k")
+    c = te.compute(
+        (i64(1), i64(rows), i64(cols)),
+        lambda b, i, j: te.sum(a[b, i, k].astype("float32") * w[j, k].astype("float32"), axis=k),
+        name="NT_matmul",
+    )
+    return te.create_prim_func([a, w, c])
+
+
+@pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS + 16, GEMV_MAX_ROWS + 5])
+def test_static_shape_matmul(rows, target):
+    """Static row counts: GEMV, GEMM on unpadded rows, GEMM on padded rows."""
+    func = schedule_for_cpu(tvm.IRModule({"main": _static_matmul(rows, 96, 64, "float16")}), target)["main"]
+    updates = []
+    tvm_ffi.structural_walk(
+        func.body, [(tvm.s_tir.SBlock, lambda b: updates.append(b) if b.name_hint.endswith("_update") else None)]
+    )
+    if rows >= GEMV_MAX_ROWS:  # the GEMM's inner loop reads the packed panel, not W
+        assert updates and all(r.source.name != "W" for b in updates for r in b.reads)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((1, rows, 64)).astype("float16")
+    w = rng.standard_normal((96, 64)).astype("float16")
+    out = tvm.runtime.tensor(np.zeros((1, rows, 96), "float32"))
+    tvm.tirx.build(tvm.IRModule({"main": func}), target=target)["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
+    want = a[0].astype("float32") @ w.astype("float32").T
+    np.testing.assert_allclose(out.numpy()[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_scheduled_functions_are_left_alone(target):
