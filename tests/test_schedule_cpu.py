@@ -199,7 +199,8 @@ def test_static_shape_matmul(rows, target):
     a = rng.standard_normal((1, rows, 64)).astype("float16")
     w = rng.standard_normal((96, 64)).astype("float16")
     out = tvm.runtime.tensor(np.zeros((1, rows, 96), "float32"))
-    tvm.tirx.build(tvm.IRModule({"main": func}), target=target)["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
+    kernel = tvm.tirx.build(tvm.IRModule({"main": func}), target=target)["main"]
+    kernel(tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
     want = a[0].astype("float32") @ w.astype("float32").T
     np.testing.assert_allclose(out.numpy()[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
