@@ -45,13 +45,33 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
-    """Optimise, schedule for the target, compile and export the library."""
+    """Optimise, schedule for the target, compile and export the library.
+
+    The preset decides everything: the pipeline (CPU schedules for ``llvm``,
+    :func:`.schedule_gpu.gpu_pipeline` otherwise) and the export by the output's
+    kind: ``.so`` a shared library, ``.tar`` a static system library (object
+    files ``lib0.o`` host code + ``<prefix>devc.o`` device code, functions
+    registered under the preset's ``system_lib_prefix``) that an app links.
+    """
     import tvm
 
-    from .schedule_cpu import cpu_pipeline
-
     target = preset.tvm_target()
+    mod = exported.mod
+    static = str(path).endswith(".tar")
+    if static:
+        mod = mod.with_attr("system_lib_prefix", preset.system_lib_prefix or "")
     if preset.is_gpu:
-        raise UserError(f"target '{preset.name}' has no GPU schedules yet")
-    executable = tvm.compile(exported.mod, target, relax_pipeline=cpu_pipeline(target))
-    executable.export_library(str(path))
+        from .schedule_gpu import gpu_pipeline
+
+        relax_pipeline = gpu_pipeline(target)
+    else:
+        from .schedule_cpu import cpu_pipeline
+
+        relax_pipeline = cpu_pipeline(target)
+    executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline)
+    if static:
+        from tvm.support import tar
+
+        executable.export_library(str(path), fcompile=tar.tar)
+    else:
+        executable.export_library(str(path))

@@ -21,9 +21,10 @@ class TargetPreset:
     host_triple: str
     output: str  # library file name inside the artifact
     system_lib_prefix: str | None = None  # static system-lib builds only
-    max_threads_per_block: int | None = None
+    max_threads_per_block: int | None = None  # device limits, also written into ``target``
     max_shared_memory_per_block: int | None = None
     description: str = ""
+    notes: tuple[str, ...] = ()  # what an app needs to consume the output (README, manifest)
 
     @property
     def is_gpu(self) -> bool:
@@ -59,6 +60,114 @@ PRESETS: dict[str, TargetPreset] = {
         description="the machine that compiles (x86_64 or aarch64 Linux), shared library",
     ),
 }
+
+
+def _device(
+    name: str,
+    kind: str,
+    host: dict[str, Any],
+    *,
+    threads: int,
+    shared_memory: int,
+    output: str,
+    system_lib_prefix: str | None,
+    description: str,
+    notes: tuple[str, ...] = (),
+    per_block_attr: bool = True,
+    **attrs: Any,
+) -> TargetPreset:
+    """A GPU preset: the device limits go both into the preset's fields and into
+    the TVM target dict (``max_num_threads``, which dlight and the hand-written
+    kernels read, ``max_threads_per_block`` where the target kind knows it, and
+    ``max_shared_memory_per_block``)."""
+    target: dict[str, Any] = {"kind": kind, **attrs, "max_num_threads": threads}
+    if per_block_attr:  # webgpu's target kind has no such option
+        target["max_threads_per_block"] = threads
+    target["max_shared_memory_per_block"] = shared_memory
+    target["host"] = host
+    return TargetPreset(
+        name=name,
+        target=target,
+        host_triple=host["mtriple"],
+        output=output,
+        system_lib_prefix=system_lib_prefix,
+        max_threads_per_block=threads,
+        max_shared_memory_per_block=shared_memory,
+        description=description,
+        notes=notes,
+    )
+
+
+# System-lib prefix of the static (app-linked) libraries: the app registers the
+# library with ``tvm.runtime.system_lib("qwen35_")`` (C++: ``SystemLib("qwen35_")``).
+SYSTEM_LIB_PREFIX = "qwen35_"
+
+PRESETS.update(
+    {
+        "android": _device(
+            "android",
+            "opencl",
+            {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
+            # Adreno 6xx/7xx and Mali-G7x allow 256+ work items and 32 KB of local
+            # memory; 256 / 16 KB keeps every phone driver of the last years happy.
+            threads=256,
+            shared_memory=16384,
+            output="model.tar",
+            system_lib_prefix=SYSTEM_LIB_PREFIX,
+            description="Android phones: OpenCL GPU kernels, aarch64 host code, static system-lib .tar",
+            notes=(
+                "model.tar holds aarch64 ELF objects (lib0.o: host code, qwen35_devc.o: OpenCL C source) "
+                "built with system-lib prefix 'qwen35_'; link them with the NDK (aarch64-linux-android) "
+                "into the app's JNI library together with the TVM runtime built with OpenCL",
+            ),
+        ),
+        "ios": _device(
+            "ios",
+            "metal",
+            {"kind": "llvm", "mtriple": "arm64-apple-darwin", "mattr": ["+neon"]},
+            threads=256,
+            shared_memory=32768,
+            output="model.tar",
+            system_lib_prefix=SYSTEM_LIB_PREFIX,
+            description="iPhone/iPad: Metal GPU kernels, arm64 Apple host code, static system-lib .tar",
+            notes=(
+                "model.tar holds arm64 Mach-O objects (lib0.o: host code, qwen35_devc.o: Metal source) "
+                "built with system-lib prefix 'qwen35_'; add them (e.g. as a static library made with "
+                "`libtool -static`) to the Xcode target next to the TVM runtime built with Metal",
+            ),
+        ),
+        "webgpu": _device(
+            "webgpu",
+            "webgpu",
+            {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"},
+            # The WebGPU defaults every browser guarantees: 256 invocations per
+            # workgroup and 16 KB of workgroup storage.
+            threads=256,
+            shared_memory=16384,
+            per_block_attr=False,
+            output="model.tar",
+            system_lib_prefix=SYSTEM_LIB_PREFIX,
+            description="browsers: WGSL kernels, wasm32 host code, .tar of wasm objects",
+            notes=(
+                "model.tar holds wasm32 objects (lib0.o: host code, qwen35_devc.o: WGSL source); "
+                "a page needs them linked into a .wasm with TVM's web runtime (wasm_runtime.bc, "
+                "tvmjs_support.bc, webgpu_runtime.bc from a TVM source build's web/dist) and "
+                "tvmjs: `qwen35-mobile link-wasm` explains what is missing",
+            ),
+        ),
+        "cuda": _device(
+            "cuda",
+            "cuda",
+            {"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+            threads=1024,
+            shared_memory=49152,
+            output="model.so",
+            system_lib_prefix=None,
+            description="NVIDIA GPUs (Hopper, sm_90) on x86_64 Linux: CUDA kernels, shared library",
+            arch="sm_90",
+        ),
+    }
+)
 
 
 def get_target(name: str) -> TargetPreset:

@@ -20,11 +20,25 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from ..config import FULL, Qwen35Config
-from ..kernels.causal_conv import causal_conv1d
-from ..kernels.gated_delta_rule import gated_delta_rule
+from ..kernels import causal_conv, gated_delta_rule as gdn_cpu, gpu_causal_conv, gpu_gated_delta_rule as gdn_gpu
 from .rnn_state import RNNState
 
 F32 = "float32"
+
+
+def _on_gpu() -> bool:
+    """Whether the model is exported for a GPU target (pipeline.export runs
+    under ``with target:``); the DeltaNet kernels are picked by it."""
+    target = Target.current(allow_none=True)
+    return target is not None and target.kind.name != "llvm"
+
+
+def causal_conv1d(x, state, weight):
+    return (gpu_causal_conv if _on_gpu() else causal_conv).causal_conv1d(x, state, weight)
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    return (gdn_gpu if _on_gpu() else gdn_cpu).gated_delta_rule(q, k, v, g, beta, state)
 
 
 class Linear(nn.Linear):
