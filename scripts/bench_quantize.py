@@ -21,7 +21,12 @@ GB/s counts the weight bytes (packed + scales for q4) read once per call; the
 is a large numpy copy (read + write bytes).  TVM uses TVM_NUM_THREADS threads,
 set to the CPU count unless given.  Results are checked against numpy first.
 
-Usage: python scripts/bench_quantize.py [--quick] [--rounds N]   (--quick skips the lm_head)
+With --prefill M, the MLP shapes are also timed with M rows (the GEMM branch
+of the schedule, where the dequantization happens once per call while the
+weight panels are packed).
+
+Usage: python scripts/bench_quantize.py [--quick] [--rounds N] [--cold-mb MB] [--prefill M]
+(--quick skips the lm_head)
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the lm_head (248320 x 1024)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
     parser.add_argument("--cold-mb", type=int, default=512, help="weight copies cycled over in the cold runs")
+    parser.add_argument("--prefill", type=int, default=0, metavar="M", help="also time M-row matmuls (MLP shapes)")
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
 
@@ -149,6 +155,19 @@ def main() -> None:
                   f"{th / times['hot', 'q0f16']:>8.2f} | {tc * 1e3:>8.3f} {nbytes / tc / 1e9:>6.1f} "
                   f"{tc / times['cold', 'q0f16']:>8.2f} {tc / times['cold', 'q0f32']:>8.2f}")
         del hot, cold
+    if args.prefill:
+        import tvm
+
+        print(f"\nprefill, {args.prefill} rows (hot)")
+        for name, k, n in _cases(True):
+            times = {}
+            for fmt in FORMATS:
+                fn, fargs, _, _, _ = build(fmt, k, n, target, 0)
+                x = np.random.default_rng(0).standard_normal((args.prefill, 1, k)).astype(fargs[0].numpy().dtype)
+                call = [tvm.runtime.tensor(x), fargs[1]]
+                times[fmt] = min(_best(lambda fn=fn, call=call: fn(*call)) for _ in range(args.rounds))
+            cols = "  ".join(f"{fmt} {t * 1e3:.2f} ms ({t / times['q0f16']:.2f})" for fmt, t in times.items())
+            print(f"{name:<8} {cols}")
 
 
 if __name__ == "__main__":
