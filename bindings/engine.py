@@ -10,11 +10,16 @@ Every forward call follows the KV-state protocol of the TVM runtime:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+
+# TVM's CPU thread pool starts with half the hardware threads on x86 (one on
+# a 2-vCPU machine) unless told otherwise before its first parallel call.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 _BUILTINS = (
     "add_sequence", "remove_sequence", "fork_sequence", "popn", "begin_forward", "end_forward", "clear",
