@@ -68,7 +68,11 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
         from .schedule_cpu import cpu_pipeline
 
         relax_pipeline = cpu_pipeline(target)
-    executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline)
+    # system_lib=False: the module attribute set above already makes a system
+    # library; TVM 0.27's auto-detection (on for wasm hosts) reads that attribute
+    # back through IRModule.get_attr, which fails for strings of up to 7 bytes
+    # ("Cannot convert from type `ffi.SmallStr`"), e.g. "qwen35_".
+    executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline, system_lib=False)
     if static:
         from tvm.support import tar
 

@@ -27,8 +27,9 @@ generic GPU backend (``relax.backend.gpu_generic``):
 Known TVM 0.27 defect worked around here: ``dl.gpu.Matmul`` segfaults inside
 tensorize for target ``metal`` (seen on f16 and f32 matmuls), so the Metal
 pipeline leaves it out; GEMV, LowBatchGEMV and Fallback then schedule the
-matmuls (slower prefill, same results).  The other targets keep it
-(tests/test_device_build.py pins both halves).
+matmuls (slower prefill, same results).  The other targets keep it.  ``dl.gpu.RMSNorm``
+emits 8-lane fp32 vectors, which Metal and WGSL do not have: it runs on OpenCL
+and CUDA only (tests/test_device_build.py pins both workarounds).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from tvm.target import Target
 from ..errors import UserError
 
 __all__ = [
+    "MATMUL_BROKEN_KINDS",
     "MAX_UNROLL",
+    "RMSNORM_BROKEN_KINDS",
     "UnscheduledKernelError",
     "cap_unroll",
     "check_scheduled",
@@ -61,6 +64,12 @@ MAX_UNROLL = 16
 #: Target kinds on which ``dl.gpu.Matmul`` must not run (segfault in tensorize).
 MATMUL_BROKEN_KINDS = frozenset({"metal"})
 
+#: Target kinds whose vector types have at most 4 lanes: ``dl.gpu.RMSNorm``
+#: vectorizes fp32 loads by 8 (``float32x8``), which Metal ("Cannot convert type
+#: float32x8 to Metal type") and WGSL cannot express, so it runs on OpenCL and
+#: CUDA only; ``dl.gpu.GeneralReduction`` schedules the norms elsewhere.
+RMSNORM_BROKEN_KINDS = frozenset({"metal", "webgpu"})
+
 _LOG = logging.getLogger(__name__)
 _SCHEDULED = "tirx.is_scheduled"
 _UNROLL_STEP = "pragma_auto_unroll_max_step"
@@ -74,17 +83,18 @@ class UnscheduledKernelError(UserError):
 def dlight_rules(target: Target) -> list:
     """The dlight rules for ``target``, most specific first.
 
-    ``dl.gpu.Matmul`` is left out for the kinds in :data:`MATMUL_BROKEN_KINDS`.
+    ``dl.gpu.Matmul`` is left out for the kinds in :data:`MATMUL_BROKEN_KINDS`,
+    ``dl.gpu.RMSNorm`` for those in :data:`RMSNORM_BROKEN_KINDS`.
     """
     from tvm.s_tir import dlight as dl
 
     rules = []
     if target.kind.name not in MATMUL_BROKEN_KINDS:
         rules.append(dl.gpu.Matmul())
+    rules += [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV()]
+    if target.kind.name not in RMSNORM_BROKEN_KINDS:
+        rules.append(dl.gpu.RMSNorm())
     rules += [
-        dl.gpu.GEMV(),
-        dl.gpu.LowBatchGEMV(),
-        dl.gpu.RMSNorm(),
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),
         dl.gpu.Transpose(),
