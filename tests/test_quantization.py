@@ -288,6 +288,25 @@ def test_dequantize_fused_into_matmul_after_pipeline(target):
     assert len(kernels) == 4, sorted(kernels)
 
 
+def test_gpu_codegen_with_dlight():
+    """dlight's GPU rules schedule the fused kernels (they have MLC's
+    dequantize + NT_matmul form) and OpenCL code is generated (not run)."""
+    from tvm.s_tir import dlight as dl
+
+    mod, _ = _export("q4f16_1")
+    target = tvm.target.Target({"kind": "opencl"}, host={"kind": "llvm"})
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Fallback()),
+        ])(mod)
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    assert len([n for n in kernels if "dequantize" in n and "matmul" in n]) == 3
+    assert all("threadIdx" in f.script() for f in kernels.values())
+    tvm.compile(mod, target)
+
+
 # ---------------------------------------------------------------- the model
 def _quantized_qwen(name, fmt):
     from qwen35_mobile.compile.config import preset
