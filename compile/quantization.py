@@ -140,12 +140,18 @@ def _quantize_rows(w: np.ndarray, dtype: np.dtype, k_pad: int) -> tuple[np.ndarr
         raise ValueError("weight holds inf or nan")
     if k_pad != k:
         w = np.concatenate([w, np.zeros((rows, k_pad - k), dtype)], axis=1)
-    groups = w.reshape(rows, k_pad // GROUP_SIZE, GROUP_SIZE)
+    # MLC's arithmetic is in the model dtype.  For fp16 it is done here in fp32,
+    # rounding to fp16 after each operation: with 24 >= 2 * 11 + 2 bits, that
+    # double rounding equals fp16 arithmetic exactly (and is ~3x faster than
+    # numpy's fp16 loops).
+    f32 = np.float32
+    rnd = (lambda a: a) if dtype == f32 else (lambda a: a.astype(dtype).astype(f32))
+    groups = w.astype(f32, copy=False).reshape(rows, k_pad // GROUP_SIZE, GROUP_SIZE)
     max_abs = np.abs(groups).max(axis=-1)
-    scale = (max_abs / dtype.type(MAX_INT)).astype(dtype)  # in the model dtype, as MLC
-    safe = np.where(scale == 0, dtype.type(1), scale)  # a zero group: q = 7
-    with np.errstate(over="ignore", invalid="ignore"):
-        q = np.round(groups / safe[..., None] + dtype.type(MAX_INT))
+    scale = rnd(max_abs / f32(MAX_INT))
+    safe = np.where(scale == 0, f32(1), scale)  # a zero group: q = 7
+    q = np.round(rnd(rnd(groups / safe[..., None]) + f32(MAX_INT)))
+    scale = scale.astype(dtype)
     q = np.clip(q, 0, MAX_Q).astype(np.uint32).reshape(rows, k_pad)
     if k_pad != k:
         q[:, k:] = 0  # MLC's pack_weight writes 0 past K

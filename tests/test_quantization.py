@@ -158,16 +158,23 @@ def _mlc_quantize_te(n, k, dtype):
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_bit_exact_with_mlc_arithmetic(fmt):
-    n, k = 24, 96 + 13
+    n, k = 64, 96 + 13
     dtype = _model_dtype(fmt)
-    w = _weights(n, k, seed=3)
+    # magnitudes from 1e-6 (fp16-subnormal scales) to 1e2, with outliers
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((n, k)) * np.logspace(-6, 2, n)[:, None]).astype(np.float32)
+    w[::5, ::7] *= 20
     func = _mlc_quantize_te(n, k, dtype)
     packed = tvm.runtime.tensor(np.zeros(packed_shape(n, k), np.uint32))
     scale = tvm.runtime.tensor(np.zeros(scale_shape(n, k), dtype))
     func(tvm.runtime.tensor(w.astype(dtype)), packed, scale)
     ours = quantize_weight(w, fmt)
     np.testing.assert_array_equal(ours[1], scale.numpy())
-    np.testing.assert_array_equal(ours[0], packed.numpy())
+    # An all-zero group (scale 0) is 0/0 in MLC (NaN cast to uint: undefined);
+    # we store q = 7.  Both dequantize to 0.  Every other word matches.
+    nonzero = np.repeat(ours[1] != 0, 4, axis=1)
+    assert nonzero.mean() > 0.9
+    np.testing.assert_array_equal(ours[0][nonzero], packed.numpy()[nonzero])
 
 
 # ---------------------------------------------------------------- nn modules
