@@ -349,6 +349,40 @@ class QuantizeMap:
 
     fmt: QuantFormat
     param_map: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # original [N, K]
+
+    def sources(
+        self, expected: list[tuple[str, tuple[int, ...], str]] | dict[str, tuple[tuple[int, ...], str]]
+    ) -> list[tuple[str, tuple[int, ...], str, list[str]]]:
+        """A converter's plan from the exported parameter list (``Exported.params``
+        or ``Exported.expected()``), in its order: ``(original name, original
+        shape, dtype to cast to, names written)``.  A quantized tensor appears
+        once, where its packed weight is, cast to the model dtype, writing
+        ``[X.weight, X.scale]`` (the export lists them consecutively); the others
+        map to themselves.  Raises ValueError if the list does not fit the map.
+        """
+        if isinstance(expected, dict):
+            items = [(n, tuple(int(d) for d in v[0]), str(v[1])) for n, v in expected.items()]
+        else:
+            items = [(n, tuple(int(d) for d in s), str(d)) for n, s, d in expected]
+        by_name = {n: (s, d) for n, s, d in items}
+        source = self.source_of()
+        plan = []
+        for name, shape, dtype in items:
+            orig = source.get(name)
+            if orig is None:
+                plan.append((name, tuple(shape), dtype, [name]))
+                continue
+            packed_name, scale_name = self.param_map[orig]
+            if name == scale_name:
+                continue
+            n, k = self.shapes[orig]
+            want = {packed_name: (packed_shape(n, k), STORAGE_DTYPE), scale_name: (scale_shape(n, k), self.fmt.scale_dtype)}
+            got = {q: by_name.get(q) for q in want}
+            if got != want:
+                raise ValueError(f"parameters of quantized '{orig}' are {got}, expected {want}")
+            plan.append((orig, (n, k), self.fmt.model_dtype, [packed_name, scale_name]))
+        return plan
 
     def source_of(self) -> dict[str, str]:
         """Quantized parameter name -> original parameter name."""
@@ -396,11 +430,13 @@ def quantize_model(model, fmt: str | QuantFormat, name_prefix: str = ""):
                 check_dtype(name, node.weight)
                 out = getattr(node, "out", None) or node.out_dtype or node.weight.dtype
                 qmap.param_map[f"{name}.weight"] = [f"{name}.weight", f"{name}.scale"]
+                qmap.shapes[f"{name}.weight"] = (int(node.out_features), int(node.in_features))
                 return QuantizedLinear(node.in_features, node.out_features, f, out)
             if isinstance(node, nn.Embedding):
                 check_dtype(name, node.weight)
                 num, dim = (int(d) for d in node.weight.shape)
                 qmap.param_map[f"{name}.weight"] = [f"{name}.weight", f"{name}.scale"]
+                qmap.shapes[f"{name}.weight"] = (num, dim)
                 return QuantizedEmbedding(num, dim, f)
             return self.visit(name, node)
 

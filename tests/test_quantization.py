@@ -369,6 +369,13 @@ def test_quantize_tiny_qwen(name, fmt):
     assert {n: (a.shape, str(a.dtype)) for n, a in out} == {
         n: after[n] for n in ("layers.0.mlp.down_proj.weight", "layers.0.mlp.down_proj.scale")
     }
+    # The converter's plan: original tensors in export order, each quantized
+    # one once (cast to the model dtype) writing its packed weight and scale.
+    plan = model.quantize_map.sources(after)
+    assert [w for *_, written in plan for w in written] == list(after)
+    assert {src: (shape, dt) for src, shape, dt, _ in plan} == {
+        n: (s, dtype if n in qmap else d) for n, (s, d) in before.items()
+    }
     norm = np.ones(before["norm.weight"][0], np.float32)
     assert model.quantize_map.convert("norm.weight", norm)[0][0] == "norm.weight"
     assert "decode" in [gv.name_hint for gv in mod.get_global_vars()]
