@@ -20,7 +20,10 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from ..config import FULL, Qwen35Config
-from ..kernels import causal_conv, gated_delta_rule as gdn_cpu, gpu_causal_conv, gpu_gated_delta_rule as gdn_gpu
+from ..kernels.causal_conv import causal_conv1d as conv_cpu
+from ..kernels.gated_delta_rule import gated_delta_rule as gdn_cpu
+from ..kernels.gpu_causal_conv import causal_conv1d as conv_gpu
+from ..kernels.gpu_gated_delta_rule import gated_delta_rule as gdn_gpu
 from .rnn_state import RNNState
 
 F32 = "float32"
@@ -34,11 +37,11 @@ def _on_gpu() -> bool:
 
 
 def causal_conv1d(x, state, weight):
-    return (gpu_causal_conv if _on_gpu() else causal_conv).causal_conv1d(x, state, weight)
+    return (conv_gpu if _on_gpu() else conv_cpu)(x, state, weight)
 
 
 def gated_delta_rule(q, k, v, g, beta, state):
-    return (gdn_gpu if _on_gpu() else gdn_cpu).gated_delta_rule(q, k, v, g, beta, state)
+    return (gdn_gpu if _on_gpu() else gdn_cpu)(q, k, v, g, beta, state)
 
 
 class Linear(nn.Linear):
