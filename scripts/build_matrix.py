@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Build the device model libraries of the real Qwen3.5 sizes from presets alone.
+
+    .venv/bin/python scripts/build_matrix.py                        # the whole matrix
+    .venv/bin/python scripts/build_matrix.py --models qwen3.5-0.8b --quants q0f16
+    .venv/bin/python scripts/build_matrix.py --targets android ios --out build/matrix
+
+Each build is ``qwen35-mobile compile --model PRESET --target T --quant Q`` without
+weights (the library only); its artifact directory is OUT/<model>-<target>-<quant>.
+The compile time and the library size are printed and recorded in the build's
+manifest (``compile_seconds``, ``library_bytes``); a summary goes to
+OUT/matrix.json (merged with earlier runs).  Builds that already exist are
+skipped unless --force.  Exit status 1 if any build failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+MODELS = ["qwen3.5-0.8b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b"]
+TARGETS = ["android", "ios", "webgpu"]
+QUANTS = ["q0f16", "q0f32"]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--quants", nargs="+", default=QUANTS)
+    parser.add_argument("--out", type=Path, default=Path("build/matrix"))
+    parser.add_argument("--force", action="store_true", help="rebuild existing artifacts")
+    args = parser.parse_args(argv)
+
+    from qwen35_mobile.compile.artifact import read_manifest
+    from qwen35_mobile.compile.compiler import compile_model
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary_path = args.out / "matrix.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    failed = []
+    for model in args.models:
+        for target in args.targets:
+            for quant in args.quants:
+                name = f"{model}-{target}-{quant}"
+                out = args.out / name
+                started = time.time()
+                try:
+                    if out.exists() and not args.force:
+                        manifest = read_manifest(out)
+                        note = "(existing)"
+                    else:
+                        manifest = compile_model(model, target, quant, out, force=args.force, progress=lambda _: None)
+                        note = ""
+                except Exception as err:  # keep going: report every failing cell
+                    failed.append(name)
+                    summary[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+                    print(f"{name:36s} FAILED after {time.time() - started:.0f} s: {str(err).splitlines()[0][:200]}",
+                          flush=True)
+                    traceback.print_exc(limit=3)
+                    continue
+                summary[name] = {
+                    "ok": True,
+                    "model": model,
+                    "target": target,
+                    "quantization": quant,
+                    "compile_seconds": manifest["compile_seconds"],
+                    "library_bytes": manifest["library_bytes"],
+                    "library": str(out / manifest["library"]),
+                }
+                print(
+                    f"{name:36s} compile {manifest['compile_seconds']:7.1f} s  library "
+                    f"{_size(manifest['library_bytes']):>10s}  {note}",
+                    flush=True,
+                )
+                summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {summary_path}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

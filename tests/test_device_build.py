@@ -1,0 +1,316 @@
+"""Device builds of the tiny model: Android (OpenCL), iOS (Metal), WebGPU (WGSL), CUDA.
+
+Library only (no weights), built once per module and shared by the tests.  No
+GPU is needed: the libraries are cross-compiled and inspected (object files,
+embedded device source, manifest).  The TVM defects worked around in
+compile/schedule_gpu.py are pinned here too.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qwen35_mobile.targets import PRESETS, get_target
+
+STATIC_TARGETS = ["android", "ios", "webgpu"]
+
+# Kernel names that must appear in the device source of every build: the GPU
+# Gated DeltaNet (recurrent + the three chunked kernels), the causal conv, and
+# paged-KV-cache attention.
+DELTANET_KERNELS = [
+    "gated_delta_rule_kernel",
+    "gated_delta_rule_chunk_prep_kernel",
+    "gated_delta_rule_chunk_solve_kernel",
+    "gated_delta_rule_chunk_scan_kernel",
+    "causal_conv1d_kernel",
+]
+ATTENTION_KERNELS = ["batch_prefill_paged_kv_kernel", "batch_decode_paged_kv_kernel"]
+
+# How each device language declares a kernel, and a line its source always has.
+LANGUAGE = {
+    "android": (b"__kernel void ", b"__global"),
+    "ios": (b"kernel void ", b"#include <metal_stdlib>"),
+    "webgpu": (b"@compute", b"@workgroup_size"),
+}
+
+
+@pytest.fixture(scope="module")
+def device_build(tmp_path_factory):
+    """device_build(target, quant) -> artifact directory of the tiny model."""
+    from qwen35_mobile.compile.compiler import compile_model
+
+    root = tmp_path_factory.mktemp("device")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(target: str, quant: str) -> Path:
+        if (target, quant) not in made:
+            out = root / f"tiny-{target}-{quant}"
+            compile_model("tiny", target, quant, out, progress=lambda _: None)
+            made[target, quant] = out
+        return made[target, quant]
+
+    return make
+
+
+def _members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _object_kind(data: bytes) -> str:
+    if data[:4] == b"\x7fELF":
+        machine = struct.unpack_from("<H", data, 18)[0]
+        return {183: "elf-aarch64", 62: "elf-x86_64"}.get(machine, f"elf-{machine}")
+    if data[:4] == b"\xcf\xfa\xed\xfe":
+        cputype = struct.unpack_from("<I", data, 4)[0]
+        return "macho-arm64" if cputype == 0x0100000C else f"macho-{cputype:#x}"
+    if data[:4] == b"\0asm":
+        return "wasm"
+    return "unknown"
+
+
+OBJECT_KIND = {"android": "elf-aarch64", "ios": "macho-arm64", "webgpu": "wasm"}
+
+
+# --------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["android", "ios", "webgpu", "cuda"])
+def test_gpu_presets_are_data(name):
+    preset = get_target(name)
+    assert preset.is_gpu
+    target = preset.tvm_target()
+    # The device limits of the preset are those of the TVM target.
+    assert int(target.attrs["max_num_threads"]) == preset.max_threads_per_block
+    assert int(target.attrs["max_shared_memory_per_block"]) == preset.max_shared_memory_per_block
+    assert str(target.host.attrs["mtriple"]) == preset.host_triple
+    if preset.output.endswith(".tar"):
+        assert preset.system_lib_prefix
+    assert set(PRESETS) >= {"host", "android", "ios", "webgpu", "cuda"}
+
+
+def test_preset_triples():
+    assert get_target("android").host_triple == "aarch64-linux-android"
+    assert get_target("android").target["kind"] == "opencl"
+    assert get_target("ios").host_triple == "arm64-apple-darwin"
+    assert get_target("ios").target["kind"] == "metal"
+    assert get_target("webgpu").host_triple.startswith("wasm32")
+    assert get_target("cuda").output == "model.so"
+
+
+# --------------------------------------------------------------------------
+# Builds
+# --------------------------------------------------------------------------
+BUILDS = [(t, q) for t in STATIC_TARGETS for q in ("q0f32", "q0f16")]
+
+
+@pytest.mark.parametrize("target,quant", BUILDS)
+def test_static_library(device_build, target, quant):
+    out = device_build(target, quant)
+    preset = get_target(target)
+    manifest = (out / "manifest.json").read_text()
+    import json
+
+    manifest = json.loads(manifest)
+    assert manifest["target"] == target
+    assert manifest["tvm_target"]["kind"] == preset.target["kind"]
+    assert manifest["quantization"] == quant
+    assert manifest["library"] == "model.tar"
+    assert manifest["library_bytes"] == (out / "model.tar").stat().st_size
+    assert manifest["compile_seconds"] > 0
+    assert not (out / "tensor-cache.json").exists()  # library only
+
+    members = _members(out / "model.tar")
+    devc = f"{preset.system_lib_prefix}devc.o"
+    assert set(members) == {"lib0.o", devc}, sorted(members)
+    for name, data in members.items():
+        assert _object_kind(data) == OBJECT_KIND[target], name
+
+    source = members[devc]
+    declare, marker = LANGUAGE[target]
+    assert marker in source
+    for kernel in DELTANET_KERNELS + ATTENTION_KERNELS:
+        assert declare in source
+        assert f"{preset.system_lib_prefix}{kernel}".encode() in source, f"{kernel} missing from the {target} source"
+    if quant == "q0f16" and target == "webgpu":
+        assert b"enable f16;" in source
+    # Functions are registered under the system-lib prefix.
+    assert f"__tvm_ffi_{preset.system_lib_prefix}".encode() in members["lib0.o"] or preset.system_lib_prefix.encode() in members["lib0.o"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="the cuda build needs nvcc (CUDA toolkit)")
+def test_cuda_library(device_build):
+    out = device_build("cuda", "q0f32")
+    lib = out / "model.so"
+    assert lib.read_bytes()[:4] == b"\x7fELF"
+    data = lib.read_bytes()
+    for kernel in DELTANET_KERNELS + ATTENTION_KERNELS:
+        assert kernel.encode() in data, kernel
+
+
+def test_bindings_refuse_device_libraries(device_build):
+    from qwen35_mobile.bindings.contract import check_contract
+    from qwen35_mobile.errors import UserError
+
+    with pytest.raises(UserError, match="built for target 'android'"):
+        check_contract(device_build("android", "q0f32"))
+
+
+# --------------------------------------------------------------------------
+# Schedules: every kernel bound to threads, no big unrolls
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported_android():
+    from qwen35_mobile.compile import pipeline
+    from qwen35_mobile.compile.config import preset
+
+    return pipeline.export(preset("tiny"), "q0f16", get_target("android"))
+
+
+def test_unroll_is_capped(exported_android):
+    from qwen35_mobile.compile.schedule_gpu import MAX_UNROLL, gpu_pipeline, unroll_steps, unscheduled_kernels
+
+    target = get_target("android").tvm_target()
+    with target:
+        uncapped = gpu_pipeline(target, max_unroll=1 << 20)(exported_android.mod)
+        capped = gpu_pipeline(target)(exported_android.mod)
+    # dlight asks for unrolls of 64-256 steps; none survives the cap.
+    assert max(steps for _, steps in unroll_steps(uncapped)) > MAX_UNROLL
+    steps = list(unroll_steps(capped))
+    assert steps and max(s for _, s in steps) <= MAX_UNROLL
+    assert unscheduled_kernels(capped) == []
+
+
+def test_cap_unroll_rewrites_loops():
+    import tvm
+    from tvm.script import tirx as T
+
+    from qwen35_mobile.compile.schedule_gpu import cap_unroll, unroll_steps
+
+    @T.prim_func(s_tir=True)
+    def func(A: T.Buffer((64, 64), "float32")):
+        for i in T.thread_binding(64, thread="threadIdx.x"):
+            for j in T.unroll(64):
+                A[i, j] = A[i, j] + T.float32(1)
+            for j in T.serial(64, annotations={"pragma_auto_unroll_max_step": 256, "pragma_unroll_explicit": 1}):
+                A[i, j] = A[i, j] * T.float32(2)
+
+    mod = tvm.IRModule({"main": func})
+    assert sorted(s for _, s in unroll_steps(mod)) == [64, 256]
+    capped = cap_unroll(mod, 16)
+    assert sorted(s for _, s in unroll_steps(capped)) == [16]
+
+
+def test_unscheduled_kernel_is_named():
+    import tvm
+    from tvm.script import tirx as T
+
+    from qwen35_mobile.compile.schedule_gpu import UnscheduledKernelError, check_scheduled
+
+    @T.prim_func(s_tir=True)
+    def bound(A: T.Buffer((64,), "float32")):
+        for i in T.thread_binding(64, thread="threadIdx.x"):
+            A[i] = A[i] + T.float32(1)
+
+    @T.prim_func(s_tir=True)
+    def serial_kernel(A: T.Buffer((64,), "float32")):
+        for i in range(64):
+            A[i] = A[i] + T.float32(1)
+
+    check_scheduled(tvm.IRModule({"bound": bound}))
+    with pytest.raises(UnscheduledKernelError, match="serial_kernel"):
+        check_scheduled(tvm.IRModule({"bound": bound, "serial_kernel": serial_kernel}))
+
+
+# --------------------------------------------------------------------------
+# Known TVM 0.27 defects and their workarounds
+# --------------------------------------------------------------------------
+def _rule_names(kind: str) -> list[str]:
+    from tvm.target import Target
+
+    from qwen35_mobile.compile.schedule_gpu import dlight_rules
+
+    return [rule.name for rule in dlight_rules(Target({"kind": kind}))]
+
+
+def test_metal_skips_dlight_matmul_only_there():
+    assert "Matmul" not in _rule_names("metal")
+    for kind in ("opencl", "webgpu", "cuda"):
+        assert _rule_names(kind)[0] == "Matmul", kind  # the other targets keep the fast prefill matmul
+    assert "Fallback" in _rule_names("metal") and "GEMV" in _rule_names("metal")
+
+
+def test_rmsnorm_rule_only_where_8_lane_vectors_exist():
+    assert "RMSNorm" not in _rule_names("metal")
+    assert "RMSNorm" not in _rule_names("webgpu")
+    assert "RMSNorm" in _rule_names("opencl") and "RMSNorm" in _rule_names("cuda")
+
+
+_MATMUL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+    from tvm.target import Target
+
+    a = te.placeholder((128, 64), "float32", name="a")
+    b = te.placeholder((256, 64), "float32", name="b")
+    k = te.reduce_axis((0, 64), name="k")
+    c = te.compute((128, 256), lambda i, j: te.sum(a[i, k] * b[j, k], axis=k), name="c")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+    with Target({"kind": sys.argv[1]}):
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
+    print("scheduled")
+    """
+)
+
+
+def test_dlight_matmul_still_crashes_on_metal(tmp_path):
+    """The defect the Metal workaround exists for.  When a TVM upgrade fixes it,
+    this test fails: then drop "metal" from MATMUL_BROKEN_KINDS."""
+    script = tmp_path / "matmul.py"
+    script.write_text(_MATMUL_SCRIPT)
+    ok = subprocess.run([sys.executable, str(script), "opencl"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "scheduled" in ok.stdout, ok.stderr[-2000:]
+    metal = subprocess.run([sys.executable, str(script), "metal"], capture_output=True, text=True, timeout=300)
+    assert metal.returncode != 0, "dl.gpu.Matmul no longer crashes for metal: drop the workaround"
+
+
+def test_dlight_rmsnorm_still_breaks_metal():
+    """dl.gpu.RMSNorm's 8-lane fp32 vectors do not exist in Metal.  When this
+    test fails, TVM handles it: drop "metal" from RMSNORM_BROKEN_KINDS."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend import nn
+    from tvm.s_tir import dlight as dl
+    from tvm.target import Target
+
+    class Norm(nn.Module):
+        def forward(self, x: nn.Tensor, w: nn.Tensor):
+            return nn.op.rms_norm(x, w, axes=[-1]).astype("float16")  # as the model's norms
+
+    mod, _ = Norm().export_tvm(
+        spec={"forward": {"x": nn.spec.Tensor([1, "n", 1024], "float32"), "w": nn.spec.Tensor([1024], "float32")}}
+    )
+    target = Target({"kind": "metal", "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin"}})
+    with target:
+        mod = tvm.transform.Sequential(
+            [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+             relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(dl.gpu.RMSNorm())]
+        )(mod)
+    tir = tvm.IRModule(
+        {gv: f.with_attr("global_symbol", gv.name_hint) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    )
+    assert all(f.attrs.get("tirx.is_scheduled") for f in tir.functions.values())
+    with pytest.raises(Exception, match="float32x8"):
+        tvm.tirx.build(tir, target=target)
