@@ -112,7 +112,9 @@ def compile_model(
 
             from .weights import convert_checkpoint
 
-            weights_summary = convert_checkpoint(checkpoint, exported.expected(), tmp, progress=tensor_progress)
+            weights_summary = convert_checkpoint(
+                checkpoint, exported.expected(), tmp, progress=tensor_progress, quantize_map=exported.quantize_map
+            )
         else:
             progress("[3/4] no weights (preset without --weights): library only")
 
@@ -128,6 +130,8 @@ def compile_model(
                 "target": preset.name,
                 "tvm_target": preset.resolved(),
                 "host_triple": preset.host_triple,
+                "system_lib_prefix": preset.system_lib_prefix,  # static (app-linked) libraries only
+                "usage": list(preset.notes),  # how an app consumes the library
                 "quantization": quant,
                 "dtype": dtype,
                 "library": library,

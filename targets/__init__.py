@@ -154,7 +154,7 @@ PRESETS.update(
                 "model.tar holds wasm32 objects (lib0.o: host code, qwen35_devc.o: WGSL source); "
                 "a page needs them linked into a .wasm with TVM's web runtime (wasm_runtime.bc, "
                 "tvmjs_support.bc, webgpu_runtime.bc from a TVM source build's web/dist) and "
-                "tvmjs: `qwen35-mobile link-wasm` explains what is missing",
+                "tvmjs: scripts/link_wasm.py links it and says what is missing",
             ),
         ),
         "cuda": _device(

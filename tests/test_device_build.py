@@ -314,3 +314,18 @@ def test_dlight_rmsnorm_still_breaks_metal():
     assert all(f.attrs.get("tirx.is_scheduled") for f in tir.functions.values())
     with pytest.raises(Exception, match="float32x8"):
         tvm.tirx.build(tir, target=target)
+
+
+# --------------------------------------------------------------------------
+# WebGPU: linking a .wasm needs TVM's web runtime, which no registry carries
+# --------------------------------------------------------------------------
+def test_link_wasm_explains_missing_web_runtime(device_build, tmp_path, monkeypatch):
+    from qwen35_mobile.compile.wasm import WEB_RUNTIME_FILES, link_wasm
+    from qwen35_mobile.errors import UserError
+
+    monkeypatch.delenv("TVM_HOME", raising=False)
+    with pytest.raises(UserError, match="web runtime") as err:
+        link_wasm(device_build("webgpu", "q0f32") / "model.tar", tmp_path / "m.wasm", tmp_path)
+    message = str(err.value)
+    assert all(name in message for name in WEB_RUNTIME_FILES) and "apache/tvm" in message
+    assert not (tmp_path / "m.wasm").exists()
