@@ -329,3 +329,33 @@ def test_link_wasm_explains_missing_web_runtime(device_build, tmp_path, monkeypa
     message = str(err.value)
     assert all(name in message for name in WEB_RUNTIME_FILES) and "apache/tvm" in message
     assert not (tmp_path / "m.wasm").exists()
+
+
+# TVM's web runtime asks the adapter for maxStorageBuffersPerShaderStage = 10
+# (tvm/web/src/webgpu.ts, WebGPU's default is 8); a kernel binding more storage
+# buffers fails pipeline creation in the browser.
+WEBGPU_MAX_STORAGE_BUFFERS = 10
+# Known offender (issue 3, left for the kernel's owner): the chunked-scan kernel
+# binds q, k, v, g, beta, state, gc, qk, u, w, o, new_state = 12 buffers.
+WEBGPU_TOO_MANY_BUFFERS = {"gated_delta_rule_chunk_scan_kernel"}
+
+
+def _wgsl_storage_buffers(source: bytes) -> dict[str, int]:
+    import re
+
+    counts = {}
+    for chunk in source.decode("latin1").split("// Function: ")[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        counts[name] = len(re.findall(r"var<storage", chunk))
+    return counts
+
+
+def test_webgpu_storage_buffers_per_kernel(device_build):
+    preset = get_target("webgpu")
+    source = _members(device_build("webgpu", "q0f16") / "model.tar")[f"{preset.system_lib_prefix}devc.o"]
+    counts = _wgsl_storage_buffers(source)
+    assert len(counts) > 20
+    over = {name.removeprefix(preset.system_lib_prefix) for name, n in counts.items() if n > WEBGPU_MAX_STORAGE_BUFFERS}
+    assert over <= WEBGPU_TOO_MANY_BUFFERS, f"new kernels over the WebGPU storage-buffer limit: {over}"
+    if over:
+        pytest.xfail(f"known: {sorted(over)} bind more than {WEBGPU_MAX_STORAGE_BUFFERS} storage buffers")
