@@ -105,7 +105,8 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
     t0 = time.time()
     model = Model.load(artifact)
     dtypes = {p["name"]: p["dtype"] for p in model.manifest["parameters"]}
-    ref = Reference(reference, round_to=dtypes)
+    quant = model.manifest["quantization"]
+    ref = Reference(reference, round_to=dtypes, quant=quant)
     dtype = model.manifest["dtype"]
     criteria = dict(CRITERIA[dtype])
     if tolerance is not None:
@@ -149,6 +150,8 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
             "greedy_agree": our_tokens[i] == ref_tokens,
         })
 
+    cost = _quantization_cost(model, reference, encoded) if "uint32" in dtypes.values() else None
+
     worst = max(c["max_rel"] for c in cases)
     greedy_ok = all(c.get("greedy_agree", True) for c in cases)
     top1 = float(np.mean([s["top1_agree"] for c in cases for s in c["steps"]]))
@@ -172,12 +175,39 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         },
         "cases": cases,
     }
+    if cost is not None:
+        report["quantization_cost"] = cost
     report["pass"] = bool(
         worst <= criteria["max_rel"]
         and top1 >= criteria["min_top1"]
         and (greedy_ok or not criteria["greedy_identical"])
     )
     return report
+
+
+def _quantization_cost(model: Model, reference: Path, prompts: list[list[int]]) -> dict:
+    """What quantization costs: the quantized build against transformers on the
+    ORIGINAL weights, over every prompt position: top-1 agreement and the KL
+    divergence KL(p_ref || p_ours) of the next-token distributions (nats)."""
+    from .reference import Reference
+
+    ref = Reference(reference)
+    kls, agree = [], []
+    for ids in prompts:
+        ours, theirs = model.logits(ids).astype(np.float64), ref.logits(ids)[0].astype(np.float64)
+        log_p = theirs - theirs.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        log_q = ours - ours.max(-1, keepdims=True)
+        log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+        kls.extend((np.exp(log_p) * (log_p - log_q)).sum(-1))
+        agree.extend(ours.argmax(-1) == theirs.argmax(-1))
+    return {
+        "against": "transformers on the original (unquantized) weights, float32",
+        "positions": len(kls),
+        "top1_agreement": float(np.mean(agree)),
+        "kl_mean": float(np.mean(kls)),
+        "kl_max": float(np.max(kls)),
+    }
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -16,7 +16,7 @@ class Reference:
     text checkpoint) in fp32, with optional rounding of its weights to the
     compiled model's dtype so that parity measures the kernels, not the cast."""
 
-    def __init__(self, checkpoint: str | Path, round_to: dict[str, str] | None = None):
+    def __init__(self, checkpoint: str | Path, round_to: dict[str, str] | None = None, quant: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
@@ -40,15 +40,20 @@ class Reference:
         self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
         self.version = transformers.__version__
         if round_to:
-            self._round_weights(round_to)
+            self._round_weights(round_to, quant)
 
-    def _round_weights(self, dtypes: dict[str, str]) -> None:
-        """Round each parameter to the dtype our build stores it in (by our name)."""
+    def _round_weights(self, dtypes: dict[str, str], quant: str | None) -> None:
+        """Give each parameter the values our build stores (by our name): rounded
+        to fp16, or group-quantized and dequantized (stored as packed uint32)."""
+        from ..compile.quantization import fake_quantize
+
         torch = self.torch
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 ours = name.removeprefix("model.language_model.").removeprefix("model.")
-                if dtypes.get(ours) == "float16":
+                if dtypes.get(ours) == "uint32":
+                    param.copy_(torch.from_numpy(fake_quantize(param.numpy(), quant)))
+                elif dtypes.get(ours) == "float16":
                     param.copy_(param.half().float())
 
     def logits(self, token_ids, cache=None):

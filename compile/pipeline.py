@@ -9,9 +9,11 @@ from ..errors import UserError
 from ..targets import TargetPreset
 from .config import Qwen35Config
 
-# Quantization name -> model dtype.  q0: no quantization.  A_log and dt_bias
-# stay float32 whatever the dtype (docs/design.md).
-QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16"}
+# Quantization name -> model dtype.  q0: no quantization; q4f16_1/q4f32_1:
+# MLC's 4-bit group quantization of every linear weight and the embedding
+# (compile/quantization.py).  A_log and dt_bias stay float32 whatever the
+# dtype, and norms compute in fp32 (docs/design.md).
+QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16", "q4f32_1": "float32"}
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Exported:
     mod: object  # tvm.IRModule
     params: list[tuple[str, tuple[int, ...], str]]  # name, shape, dtype, in the library's order
     functions: list[str]  # the exported entry points
+    quantize_map: object | None = None  # compile.quantization.QuantizeMap for q4 formats
 
     def expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {name: (shape, dtype) for name, shape, dtype in self.params}
@@ -35,13 +38,19 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     """The Relax module of the text decoder, with its parameter list."""
     from .model.qwen35 import Qwen35LM
 
+    from . import quantization
+
     target = preset.tvm_target()
     model = Qwen35LM(config, model_dtype(quant), target)
+    qmap = None
+    if quant in quantization.FORMATS:
+        model = quantization.quantize_model(model, quant)
+        qmap = model.quantize_map
     spec = model.get_default_spec()
     with target:  # hand-scheduled kernels size their vector blocks for it
         mod, named = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
-    return Exported(mod, params, list(spec.method_names))
+    return Exported(mod, params, list(spec.method_names), qmap)
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:

@@ -382,6 +382,7 @@ def convert_checkpoint(
     *,
     progress: Progress | None = None,
     shard_bytes: int = SHARD_BYTES,
+    quantize_map=None,
 ) -> dict:
     """Convert the checkpoint into a tensor cache in ``out_dir``.
 
@@ -393,11 +394,18 @@ def convert_checkpoint(
     a :class:`UserError`.  Tensors are then streamed one at a time;
     ``progress(done, total, name)`` is called after each.
 
+    With ``quantize_map`` (a :class:`compile.quantization.QuantizeMap`), the
+    tensors it lists are checked against their original shapes and stored
+    group-quantized (packed weight + scales), one tensor at a time.
+
     Returns a JSON-able summary for the manifest: ``num_tensors``,
     ``num_params`` (elements), ``nbytes``, ``num_shards``, ``skipped``
     (prefix -> count) and ``ignored`` (checkpoint names not converted).
     """
-    plan = _plan(ckpt, expected)
+    originals = expected
+    if quantize_map is not None:
+        originals = {name: (shape, dtype) for name, shape, dtype, _ in quantize_map.sources(expected)}
+    plan = _plan(ckpt, originals)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_file = out / CACHE_FILE
@@ -406,11 +414,19 @@ def convert_checkpoint(
     writer = _ShardWriter(out, shard_bytes)
     num_params = nbytes = 0
     for done, (param, hf, target) in enumerate(plan, start=1):
-        array = _cast(ckpt.get(hf), target, hf)
-        writer.add(param, array)
+        array = ckpt.get(hf)
+        if quantize_map is not None and param in quantize_map.param_map:
+            try:
+                stored = quantize_map.convert(param, array)
+            except (OverflowError, ValueError) as e:
+                raise UserError(f"tensor '{hf}': cannot quantize ({e})") from None
+        else:
+            stored = [(param, _cast(array, target, hf))]
+        for name, data in stored:
+            writer.add(name, data)
+            nbytes += data.nbytes
         num_params += array.size
-        nbytes += array.nbytes
-        del array  # free it before the next tensor is loaded
+        del array, stored  # free them before the next tensor is loaded
         if progress is not None:
             progress(done, len(plan), param)
     shards = writer.finish()
@@ -430,7 +446,7 @@ def convert_checkpoint(
 
     ignored = [LM_HEAD] if LM_HEAD in ckpt.params and LM_HEAD not in expected else []
     return {
-        "num_tensors": len(plan),
+        "num_tensors": len(plan),  # checkpoint tensors converted
         "num_params": num_params,
         "nbytes": nbytes,
         "num_shards": len(shards),

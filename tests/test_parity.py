@@ -51,3 +51,19 @@ def test_parity_command_writes_the_report(artifact, checkpoint, tmp_path, capsys
     assert "parity PASS" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["tolerance"]["max_rel"] == 1e-4 and len(report["cases"]) == 3 * len(DEFAULT_PROMPTS) + 2
+
+
+@pytest.mark.parametrize("quant, tol, exact", [("q4f32_1", 1e-4, True), ("q4f16_1", 5e-2, False)])
+def test_q4_parity_against_dequantized_weights(quant, tol, exact, artifact, checkpoint):
+    """(a) the kernels: transformers on the dequantized weights; (b) the cost:
+    transformers on the original weights, reported."""
+    art = artifact("tiny", quant)
+    report = run_parity(art, checkpoint("tiny"), new_tokens=32, progress=lambda _: None)
+    _check(report, tol, exact)
+    cost = report["quantization_cost"]
+    assert cost["positions"] > 64 and 0 <= cost["top1_agreement"] <= 1 and cost["kl_mean"] > 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    dtypes = {p["dtype"] for p in manifest["parameters"]}
+    assert "uint32" in dtypes  # really quantized: packed weights in the library's parameters
+    bits = json.loads((art / "tensor-cache.json").read_text())["metadata"]["BitsPerParam"]
+    assert bits < 8

@@ -243,6 +243,8 @@ class Qwen35LM(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         if self.config.tie_word_embeddings:
+            if hasattr(self.embed_tokens, "lm_head_forward"):  # quantized table
+                return self.embed_tokens.lm_head_forward(x)
             return op.matmul(x, op.permute_dims(self.embed_tokens.weight), out_dtype=F32)
         return self.lm_head(x)
 
