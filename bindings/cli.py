@@ -78,6 +78,12 @@ def cmd_parity(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_sizes(args) -> None:
+    from ..compile.sizes import size_table
+
+    print(size_table(args.preset or None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen35-mobile",
@@ -135,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None, help="max relative logit error (default by dtype)")
     p.add_argument("--report", help="where to write the report (default: ARTIFACT/parity.json)")
     p.set_defaults(func=cmd_parity)
+    p = sub.add_parser("sizes", help="weight size per preset and quantization (Markdown table)",
+                       description="Print the tensor-cache size of each real preset for every quantization, "
+                                   "from the exported parameter list (no weights needed).")
+    p.add_argument("preset", nargs="*", help="presets (default: the four real sizes)")
+    p.set_defaults(func=cmd_sizes)
     return parser
 
 
