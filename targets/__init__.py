@@ -148,10 +148,13 @@ PRESETS.update(
             shared_memory=32768,
             per_block_attr=False,
             output="model.tar",
-            system_lib_prefix=SYSTEM_LIB_PREFIX,
+            # tvmjs's ``instance.systemLib()`` opens the system library without a
+            # prefix (``ffi.SystemLib()``), so the web build registers its
+            # functions unprefixed: one model per .wasm.
+            system_lib_prefix="",
             description="browsers: WGSL kernels, wasm32 host code, .tar of wasm objects",
             notes=(
-                "model.tar holds wasm32 objects (lib0.o: host code, qwen35_devc.o: WGSL source); "
+                "model.tar holds wasm32 objects (lib0.o: host code, devc.o: WGSL source), no system-lib prefix; "
                 "a page needs them linked into a .wasm with TVM's web runtime (wasm_runtime.bc, "
                 "tvmjs_support.bc, webgpu_runtime.bc from a TVM source build's web/dist) and "
                 "tvmjs: scripts/link_wasm.py links it and says what is missing",
