@@ -1,0 +1,102 @@
+"""Static checks of device builds, without the device.
+
+* :func:`device_source` -- the device code (OpenCL C, Metal, WGSL) embedded in a
+  static build's ``<prefix>devc.o`` (TVM stores it length-prefixed, starting
+  with ``// Function: ``).
+* :func:`check_opencl` -- build the OpenCL C with an OpenCL implementation on
+  this machine (PoCL on a CPU: ``apt-get install pocl-opencl-icd
+  ocl-icd-libopencl1`` and ``pip install pyopencl``).  PoCL has no
+  ``cl_khr_fp16``, so only fp32 builds can be checked this way.
+* :func:`wgsl_storage_buffers` -- storage buffers per WGSL kernel; TVM's web
+  runtime asks the adapter for :data:`WEBGPU_MAX_STORAGE_BUFFERS` per stage.
+
+A check whose tool is missing raises :class:`CheckUnavailable` (callers skip);
+a failing check raises :class:`UserError` with the compiler's log.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import tarfile
+from pathlib import Path
+
+from ..errors import UserError
+
+#: maxStorageBuffersPerShaderStage that tvmjs requests (tvm/web/src/webgpu.ts; WebGPU's default is 8).
+WEBGPU_MAX_STORAGE_BUFFERS = 10
+
+# How TVM's device sources start: OpenCL ("// Function: ..."), WebGPU ("//----"
+# then "// Function: ..."), Metal ("#include <metal_stdlib>").
+_STARTS = (b"// Function: ", b"//----", b"#include <metal_stdlib>")
+
+
+class CheckUnavailable(Exception):
+    """The tool a check needs is not installed here."""
+
+
+def device_source(model_tar: Path | str) -> str:
+    """The device source embedded in a static (``.tar``) device build."""
+    with tarfile.open(model_tar) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith("devc.o"):
+                data = tar.extractfile(member).read()
+                break
+        else:
+            raise UserError(f"{model_tar}: no devc.o (not a device build)")
+    # Length-prefixed strings: one for OpenCL, one per kernel for Metal and WebGPU.
+    found = {}
+    for start_token in _STARTS:
+        pos = data.find(start_token)
+        while pos >= 8:
+            (length,) = struct.unpack_from("<Q", data, pos - 8)
+            if 0 < length <= len(data) - pos:
+                found[pos] = length
+            pos = data.find(start_token, pos + 1)
+    parts, end = [], 0
+    for pos in sorted(found):
+        if pos >= end:  # not inside an earlier string
+            parts.append(data[pos : pos + found[pos]].decode())
+            end = pos + found[pos]
+    if not parts:
+        raise UserError(f"{model_tar}: no device source in devc.o")
+    return "\n".join(parts)
+
+
+def kernel_sources(source: str) -> dict[str, str]:
+    """``{kernel: its part of source}``: split on TVM's ``// Function:`` lines
+    (OpenCL, WGSL), or per ``#include <metal_stdlib>`` unit (Metal)."""
+    if "// Function: " in source:
+        return {chunk.split("\n", 1)[0].strip(): chunk for chunk in source.split("// Function: ")[1:]}
+    units = {}
+    for chunk in source.split("#include <metal_stdlib>")[1:]:
+        for name in re.findall(r"kernel void (\w+)\(", chunk):
+            units[name] = "#include <metal_stdlib>" + chunk
+    return units
+
+
+def check_opencl(source: str) -> str:
+    """Build ``source`` (OpenCL C) on the first OpenCL device; returns a one-line report."""
+    try:
+        import pyopencl as cl
+    except ImportError as err:
+        raise CheckUnavailable("pyopencl is not installed") from err
+    try:
+        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+    except cl.Error as err:
+        raise CheckUnavailable(f"no OpenCL platform: {err}") from err
+    if not devices:
+        raise CheckUnavailable("no OpenCL device")
+    if "cl_khr_fp16" in source and "cl_khr_fp16" not in devices[0].extensions:
+        raise CheckUnavailable(f"{devices[0].name} has no cl_khr_fp16 (fp16 kernels)")
+    ctx = cl.Context(devices[:1])
+    try:
+        program = cl.Program(ctx, source).build()
+    except cl.Error as err:
+        raise UserError(f"the OpenCL C does not build on {devices[0].platform.name}: {err}") from err
+    return f"{len(program.all_kernels())} kernels built on {devices[0].platform.name} ({devices[0].name})"
+
+
+def wgsl_storage_buffers(source: str) -> dict[str, int]:
+    """Storage buffers each WGSL kernel binds."""
+    return {name: len(re.findall(r"var<storage", part)) for name, part in kernel_sources(source).items()}
