@@ -34,6 +34,22 @@ def model_dtype(quant: str) -> str:
         raise UserError(f"unknown quantization '{quant}'; known: {', '.join(QUANTIZATIONS)}") from None
 
 
+def parameters(config: Qwen35Config, quant: str) -> Exported:
+    """The parameter list (and quantization map) without exporting the Relax
+    module: cheap, for sizes and weight conversion alone."""
+    from . import quantization
+    from .model.qwen35 import Qwen35LM
+    from ..targets import get_target
+
+    model = Qwen35LM(config, model_dtype(quant), get_target("host").tvm_target())
+    qmap = None
+    if quant in quantization.FORMATS:
+        model = quantization.quantize_model(model, quant)
+        qmap = model.quantize_map
+    params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in model.named_parameters()]
+    return Exported(None, params, [], qmap)
+
+
 def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     """The Relax module of the text decoder, with its parameter list."""
     from .model.qwen35 import Qwen35LM
