@@ -31,6 +31,26 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _static_checks(library: Path, target: str, quant: str) -> str:
+    from qwen35_mobile.compile import static_checks as sc
+    from qwen35_mobile.errors import UserError
+
+    if not library.name.endswith(".tar"):
+        return ""
+    source = sc.device_source(library)
+    try:
+        if target == "android" and quant == "q0f32":
+            return "opencl: " + sc.check_opencl(source)
+        if target == "webgpu":
+            over = {k: n for k, n in sc.wgsl_storage_buffers(source).items() if n > sc.WEBGPU_MAX_STORAGE_BUFFERS}
+            return f"wgsl: storage buffers over {sc.WEBGPU_MAX_STORAGE_BUFFERS}: {over or 'none'}"
+    except sc.CheckUnavailable as err:
+        return f"check skipped: {err}"
+    except UserError as err:
+        return f"CHECK FAILED: {err}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -38,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quants", nargs="+", default=QUANTS)
     parser.add_argument("--out", type=Path, default=Path("build/matrix"))
     parser.add_argument("--force", action="store_true", help="rebuild existing artifacts")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="static checks: OpenCL C of fp32 android builds on PoCL (needs pyopencl), WGSL storage buffers per kernel",
+    )
     args = parser.parse_args(argv)
 
     from qwen35_mobile.compile.artifact import read_manifest
@@ -76,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                     "library_bytes": manifest["library_bytes"],
                     "library": str(out / manifest["library"]),
                 }
+                if args.check:
+                    summary[name]["checks"] = check = _static_checks(out / manifest["library"], target, quant)
+                    note = f"{note} {check}".strip()
                 print(
                     f"{name:36s} compile {manifest['compile_seconds']:7.1f} s  library "
                     f"{_size(manifest['library_bytes']):>10s}  {note}",
