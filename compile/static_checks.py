@@ -100,3 +100,90 @@ def check_opencl(source: str) -> str:
 def wgsl_storage_buffers(source: str) -> dict[str, int]:
     """Storage buffers each WGSL kernel binds."""
     return {name: len(re.findall(r"var<storage", part)) for name, part in kernel_sources(source).items()}
+
+
+# --------------------------------------------------------------------------
+# Metal: clang syntax check against a stub <metal_stdlib>
+# --------------------------------------------------------------------------
+_VECTOR_ELEMENTS = ("float", "half", "int", "uint", "short", "ushort", "char", "uchar", "long", "ulong")
+
+
+def metal_stdlib_stub() -> str:
+    """A stand-in for Apple's ``<metal_stdlib>``: enough of Metal's language
+    (address spaces, vector types and their constructors, the math and SIMD
+    functions TVM emits) for clang to check the syntax and the types of TVM's
+    Metal kernels as C++.  ``half`` is ``float`` here: with ``_Float16``,
+    Metal's ``(float4)half4`` conversions would be size-changing vector casts,
+    which clang refuses and Metal allows."""
+    vectors = "\n".join(
+        f"typedef {t} {t}{n} __attribute__((ext_vector_type({n})));\n#define {t}{n}(...) (({t}{n}){{__VA_ARGS__}})"
+        for t in _VECTOR_ELEMENTS
+        for n in (2, 3, 4)
+    )
+    unary = "exp exp2 log log2 sqrt rsqrt abs fabs floor ceil round trunc sin cos tan tanh sigmoid erf log1p expm1 isnan isinf sign"
+    binary = "pow fmod min max fmin fmax atan2 copysign"
+    return "\n".join(
+        [
+            "#pragma once",
+            "#define kernel",
+            "#define device",
+            "#define threadgroup",
+            "#define constant",
+            "#define thread",
+            "typedef float half;",
+            'constexpr half operator""h(long double x) { return (half)x; }',
+            'constexpr half operator""h(unsigned long long x) { return (half)x; }',
+            "typedef unsigned int uint; typedef unsigned short ushort; typedef unsigned char uchar; typedef unsigned long ulong;",
+            vectors,
+            "namespace metal {",
+            "enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };",
+            "inline void threadgroup_barrier(mem_flags) {}",
+            "inline void simdgroup_barrier(mem_flags) {}",
+            *(f"template <class T> T {f}(T x, ushort) {{ return x; }}" for f in
+              ("simd_shuffle_down", "simd_shuffle_up", "simd_shuffle", "simd_shuffle_xor")),
+            "template <class T> T simd_sum(T x) { return x; }",
+            *(f"template <class T> T {f}(T x) {{ return x; }}" for f in unary.split()),
+            *(f"template <class T, class U> T {f}(T x, U) {{ return x; }}" for f in binary.split()),
+            *(f"template <class T, class U, class V> T {f}(T x, U, V) {{ return x; }}" for f in ("fma", "clamp", "select")),
+            "template <class T, class U> T as_type(U x) { return (T)x; }",
+            "}  // namespace metal",
+            "",
+        ]
+    )
+
+
+def _clang() -> str:
+    import shutil
+
+    for name in ("clang", *(f"clang-{v}" for v in range(22, 13, -1))):
+        if shutil.which(name):
+            return name
+    raise CheckUnavailable("no clang on PATH (Debian: apt-get install clang)")
+
+
+def check_metal(source: str) -> str:
+    """clang syntax check of every Metal kernel (each is its own compilation unit)."""
+    import subprocess
+    import tempfile
+
+    clang = _clang()
+    units = ["#include <metal_stdlib>" + u for u in source.split("#include <metal_stdlib>")[1:]]
+    if not units:
+        raise UserError("no Metal kernels in the source")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "metal_stdlib").write_text(metal_stdlib_stub())
+        files = []
+        for i, unit in enumerate(units):
+            path = Path(tmp) / f"k{i}.metal"
+            path.write_text(unit)
+            files.append(str(path))
+        flags = ["--target=aarch64-linux-gnu", "-x", "c++", "-std=c++17", "-fsyntax-only", "-I", tmp,
+                 "-Wno-unknown-attributes", "-Wno-user-defined-literals", "-Wno-c99-extensions"]
+        errors = []
+        for path in files:  # one unit per call: each kernel redefines TVM's helper types
+            proc = subprocess.run([clang, *flags, path], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                errors.append(proc.stderr)
+    if errors:
+        raise UserError(f"{len(errors)} of {len(units)} Metal kernels fail the clang syntax check:\n" + errors[0][:4000])
+    return f"{len(units)} Metal kernels pass the clang syntax check ({clang}, stub metal_stdlib)"

@@ -41,6 +41,8 @@ def _static_checks(library: Path, target: str, quant: str) -> str:
     try:
         if target == "android" and quant == "q0f32":
             return "opencl: " + sc.check_opencl(source)
+        if target == "ios":
+            return "metal: " + sc.check_metal(source)
         if target == "webgpu":
             over = {k: n for k, n in sc.wgsl_storage_buffers(source).items() if n > sc.WEBGPU_MAX_STORAGE_BUFFERS}
             return f"wgsl: storage buffers over {sc.WEBGPU_MAX_STORAGE_BUFFERS}: {over or 'none'}"
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild existing artifacts")
     parser.add_argument(
         "--check", action="store_true",
-        help="static checks: OpenCL C of fp32 android builds on PoCL (needs pyopencl), WGSL storage buffers per kernel",
+        help="static checks: OpenCL C of fp32 android builds on PoCL (needs pyopencl), Metal kernels through a clang "
+        "syntax check (needs clang), WGSL storage buffers per kernel",
     )
     args = parser.parse_args(argv)
 

@@ -363,3 +363,28 @@ def test_opencl_kernels_build_on_pocl(device_build):
     except CheckUnavailable as err:
         pytest.skip(str(err))
     assert "kernels built" in report
+
+
+@pytest.mark.parametrize("quant", ["q0f16", "q0f32"])
+def test_metal_kernels_pass_clang_syntax_check(device_build, quant):
+    """Every Metal kernel of the model parses and type-checks with clang against a stub metal_stdlib."""
+    from qwen35_mobile.compile.static_checks import CheckUnavailable, check_metal, device_source
+
+    source = device_source(device_build("ios", quant) / "model.tar")
+    try:
+        report = check_metal(source)
+    except CheckUnavailable as err:
+        pytest.skip(str(err))
+    assert "pass the clang syntax check" in report
+
+
+def test_metal_check_catches_errors():
+    from qwen35_mobile.compile.static_checks import CheckUnavailable, check_metal
+    from qwen35_mobile.errors import UserError
+
+    bad = "#include <metal_stdlib>\nusing namespace metal;\nkernel void k(device float* a [[ buffer(0) ]]) { a[0] = exp(a[1]) }\n"
+    try:
+        with pytest.raises(UserError, match="1 of 1 Metal kernels fail"):
+            check_metal(bad)
+    except CheckUnavailable as err:
+        pytest.skip(str(err))
