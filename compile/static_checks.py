@@ -187,3 +187,53 @@ def check_metal(source: str) -> str:
     if errors:
         raise UserError(f"{len(errors)} of {len(units)} Metal kernels fail the clang syntax check:\n" + errors[0][:4000])
     return f"{len(units)} Metal kernels pass the clang syntax check ({clang}, stub metal_stdlib)"
+
+
+# --------------------------------------------------------------------------
+# Objects: nothing undefined but the TVM runtime's symbols
+# --------------------------------------------------------------------------
+# What the app's TVM runtime provides (tvm-ffi C API, TVM backend API), what
+# every C runtime provides, and the wasm linker's own symbols.
+_RUNTIME_SYMBOL = re.compile(
+    r"^_?(TVMFFI\w+|TVMBackend\w+|memcpy|memset|memmove|__stack_chk_\w+|"
+    r"__indirect_function_table|__memory_base|__stack_pointer|__table_base)$"
+)
+
+
+def _llvm_nm() -> str:
+    import shutil
+
+    for name in ("llvm-nm", *(f"llvm-nm-{v}" for v in range(22, 13, -1))):
+        if shutil.which(name):
+            return name
+    raise CheckUnavailable("no llvm-nm on PATH (Debian: apt-get install llvm)")
+
+
+def undefined_symbols(model_tar: Path | str) -> set[str]:
+    """Undefined symbols of the objects in a static build."""
+    import subprocess
+    import tempfile
+
+    nm = _llvm_nm()
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(model_tar) as tar:
+            tar.extractall(tmp, filter="data")
+        objects = sorted(str(p) for p in Path(tmp).glob("*.o"))
+        proc = subprocess.run([nm, "-u", *objects], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise UserError(f"{nm} failed on {model_tar}: {proc.stderr[:2000]}")
+    # "   U name" (ELF, wasm) or just "name" (Mach-O); "file.o:" headers and blank lines between.
+    return {
+        line.split()[-1]
+        for line in proc.stdout.splitlines()
+        if line.strip() and not line.rstrip().endswith(":")
+    }
+
+
+def check_symbols(model_tar: Path | str) -> str:
+    """The objects leave nothing undefined but what the TVM runtime (and libc) provides."""
+    undefined = undefined_symbols(model_tar)
+    foreign = sorted(s for s in undefined if not _RUNTIME_SYMBOL.match(s))
+    if foreign:
+        raise UserError(f"{model_tar}: undefined symbols the TVM runtime does not provide: {', '.join(foreign[:50])}")
+    return f"{len(undefined)} undefined symbols, all the TVM runtime's"

@@ -39,18 +39,30 @@ def _static_checks(library: Path, target: str, quant: str) -> str:
         return ""
     source = sc.device_source(library)
     try:
-        if target == "android" and quant == "q0f32":
-            return "opencl: " + sc.check_opencl(source)
-        if target == "ios":
-            return "metal: " + sc.check_metal(source)
-        if target == "webgpu":
-            over = {k: n for k, n in sc.wgsl_storage_buffers(source).items() if n > sc.WEBGPU_MAX_STORAGE_BUFFERS}
-            return f"wgsl: storage buffers over {sc.WEBGPU_MAX_STORAGE_BUFFERS}: {over or 'none'}"
+        symbols = sc.check_symbols(library)
     except sc.CheckUnavailable as err:
-        return f"check skipped: {err}"
+        symbols = f"symbols: check skipped: {err}"
     except UserError as err:
         return f"CHECK FAILED: {err}"
-    return ""
+    try:
+        return symbols + "; " + _device_check(source, target, quant)
+    except sc.CheckUnavailable as err:
+        return f"{symbols}; check skipped: {err}"
+    except UserError as err:
+        return f"{symbols}; CHECK FAILED: {err}"
+
+
+def _device_check(source: str, target: str, quant: str) -> str:
+    from qwen35_mobile.compile import static_checks as sc
+
+    if target == "android" and quant == "q0f32":  # PoCL has no fp16
+        return "opencl: " + sc.check_opencl(source)
+    if target == "ios":
+        return "metal: " + sc.check_metal(source)
+    if target == "webgpu":
+        over = {k: n for k, n in sc.wgsl_storage_buffers(source).items() if n > sc.WEBGPU_MAX_STORAGE_BUFFERS}
+        return f"wgsl: storage buffers over {sc.WEBGPU_MAX_STORAGE_BUFFERS}: {over or 'none'}"
+    return "no device check for this build"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -388,3 +388,17 @@ def test_metal_check_catches_errors():
             check_metal(bad)
     except CheckUnavailable as err:
         pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("target", STATIC_TARGETS)
+def test_objects_need_only_the_tvm_runtime(device_build, target):
+    """What an app links: no symbol left undefined but the TVM runtime's (tvm-ffi C API)."""
+    from qwen35_mobile.compile.static_checks import CheckUnavailable, check_symbols, undefined_symbols
+
+    tar = device_build(target, "q0f16") / "model.tar"
+    try:
+        report = check_symbols(tar)
+    except CheckUnavailable as err:
+        pytest.skip(str(err))
+    assert "all the TVM runtime's" in report
+    assert any("TVMFFIEnvModRegisterSystemLibSymbol" in s for s in undefined_symbols(tar))
