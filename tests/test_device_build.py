@@ -402,3 +402,14 @@ def test_objects_need_only_the_tvm_runtime(device_build, target):
         pytest.skip(str(err))
     assert "all the TVM runtime's" in report
     assert any("TVMFFIEnvModRegisterSystemLibSymbol" in s for s in undefined_symbols(tar))
+
+
+def test_short_system_lib_prefix_still_breaks_get_attr():
+    """Why build() passes system_lib=False: TVM 0.27 cannot read back a module
+    attribute string of up to 7 bytes (SmallStr), which its wasm auto-detection
+    does.  When this test fails, the workaround can go."""
+    import tvm
+
+    mod = tvm.IRModule({}).with_attr("system_lib_prefix", "qwen35_")
+    with pytest.raises(TypeError, match="SmallStr"):
+        mod.get_attr("system_lib_prefix")
