@@ -81,10 +81,11 @@ def decode_bytes(manifest: dict, config) -> int:
     """Bytes one decode step must read: every weight (the tied embedding is
     read whole by the LM head; the embedding lookup itself reads one row) and
     the DeltaNet states (read and written)."""
-    sizes = {"float32": 4, "float16": 2}
-    weights = sum(int(np.prod(p["shape"])) * sizes[p["dtype"]] for p in manifest["parameters"])
-    if not config.tie_word_embeddings:
-        weights -= config.vocab_size * config.hidden_size * sizes[manifest["dtype"]]
+    sizes = {"float32": 4, "float16": 2, "uint32": 4}
+    nbytes = {p["name"]: int(np.prod(p["shape"])) * sizes[p["dtype"]] for p in manifest["parameters"]}
+    weights = sum(nbytes.values())
+    if not config.tie_word_embeddings:  # the table itself is only gathered from
+        weights -= sum(n for name, n in nbytes.items() if name.startswith("embed_tokens."))
     states = len(config.linear_attention_layers) * config.linear_value_dim * config.linear_key_head_dim * 4 * 2
     return weights + states
 
