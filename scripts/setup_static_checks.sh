@@ -17,6 +17,7 @@ command -v llvm-nm >/dev/null 2>&1 || ls /usr/bin/llvm-nm-1[4-9] >/dev/null 2>&1
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup_static_checks: apt-get install ${need[*]}"
+    apt-get update -qq >/dev/null  # a fresh machine has no package lists
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
   else
     echo "setup_static_checks: as root, run: apt-get install -y ${need[*]}" >&2
