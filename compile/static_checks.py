@@ -237,3 +237,76 @@ def check_symbols(model_tar: Path | str) -> str:
     if foreign:
         raise UserError(f"{model_tar}: undefined symbols the TVM runtime does not provide: {', '.join(foreign[:50])}")
     return f"{len(undefined)} undefined symbols, all the TVM runtime's"
+
+
+# --------------------------------------------------------------------------
+# aarch64 (android): the objects link with the Debian cross toolchain
+# --------------------------------------------------------------------------
+# What an android app's link provides for the model library's objects: the
+# TVM runtime (tvm-ffi C API ``TVMFFI*``, TVM's backend API ``TVMBackend*``,
+# ``__tvm*`` module globals), libc (mem* and the stack protector), libm (the
+# scalar math functions LLVM may call for exp/tanh/pow/erf/... in host code,
+# with their ``f`` variants) and compiler-rt's half/bfloat conversions.
+# What the tiny android builds (q0f32, q0f16) actually leave undefined is only
+# TVMFFIEnvModLookupFromImports, TVMFFIEnvModRegisterSystemLibSymbol,
+# TVMFFIErrorSetRaisedFromCStrParts, TVMFFIFunctionCall, TVMFFIHandleInitOnce.
+_LIBM = (
+    "exp|exp2|expm1|log|log2|log10|log1p|pow|sqrt|cbrt|sin|cos|tan|asin|acos|atan|atan2|"
+    "sinh|cosh|tanh|asinh|acosh|atanh|erf|erfc|fabs|floor|ceil|round|lround|trunc|rint|"
+    "nearbyint|fmod|fmin|fmax|fma|hypot|copysign|ldexp|frexp|sincos"
+)
+_AARCH64_LINK_ALLOWED = re.compile(
+    r"^(TVMFFI\w+|TVMBackend\w+|__tvm\w+|"
+    r"memcpy|memset|memmove|memcmp|abort|__stack_chk_fail|__stack_chk_guard|"
+    rf"(?:{_LIBM})f?|"
+    r"__extendhfsf2|__truncsfhf2|__truncdfhf2|__gnu_h2f_ieee|__gnu_f2h_ieee|__truncsfbf2)$"
+)
+
+
+def _aarch64_tool(name: str) -> str:
+    import shutil
+
+    path = shutil.which(f"aarch64-linux-gnu-{name}")
+    if path is None:
+        raise CheckUnavailable(
+            f"no aarch64-linux-gnu-{name} on PATH (Debian: apt-get install binutils-aarch64-linux-gnu)"
+        )
+    return path
+
+
+def check_aarch64_link(model_tar: Path | str) -> list[str]:
+    """Link the objects of an android (aarch64) static build into one shared
+    object with ``aarch64-linux-gnu-ld`` (relocations resolved, duplicate
+    definitions and foreign object formats refused) and return the symbols it
+    leaves undefined, sorted.  Raises :class:`UserError` when the link fails or
+    when a symbol is left undefined that neither the TVM runtime nor libc/libm
+    provides (see ``_AARCH64_LINK_ALLOWED``); :class:`CheckUnavailable` without
+    the cross binutils."""
+    import subprocess
+    import tempfile
+
+    ld, nm = _aarch64_tool("ld"), _aarch64_tool("nm")
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(model_tar) as tar:
+            tar.extractall(tmp, filter="data")
+        objects = sorted(str(p) for p in Path(tmp).rglob("*.o"))
+        if not objects:
+            raise UserError(f"{model_tar}: no object files")
+        linked = str(Path(tmp) / "linked.so")
+        proc = subprocess.run(
+            [ld, "-shared", "--unresolved-symbols=ignore-all", "-o", linked, *objects],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise UserError(f"{model_tar}: the objects do not link with {ld}:\n{proc.stderr[:4000]}")
+        proc = subprocess.run([nm, "-u", "-D", linked], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise UserError(f"{nm} failed on the linked {model_tar}: {proc.stderr[:2000]}")
+    undefined = sorted({line.split()[-1].split("@")[0] for line in proc.stdout.splitlines() if line.strip()})
+    foreign = [s for s in undefined if not _AARCH64_LINK_ALLOWED.match(s)]
+    if foreign:
+        raise UserError(
+            f"{model_tar}: linked with {Path(ld).name}, the objects leave undefined symbols that neither "
+            f"the TVM runtime nor libc/libm provides: {', '.join(foreign[:50])}"
+        )
+    return undefined

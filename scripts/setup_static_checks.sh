@@ -27,3 +27,18 @@ if ! .venv/bin/python -c "import pyopencl" 2>/dev/null; then
   echo "setup_static_checks: pip install pyopencl"
   .venv/bin/python -m pip install -q pyopencl
 fi
+# aarch64 cross binutils (ld, nm, as): the android objects link leaving nothing
+# undefined but the TVM runtime's (check_aarch64_link).  Non-fatal: on failure
+# the check skips.  apt-get update only when the install fails without it.
+if ! command -v aarch64-linux-gnu-ld >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup_static_checks: apt-get install binutils-aarch64-linux-gnu"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends binutils-aarch64-linux-gnu >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+           && apt-get install -y -qq --no-install-recommends binutils-aarch64-linux-gnu >/dev/null 2>&1; } \
+      || echo "setup_static_checks: could not install binutils-aarch64-linux-gnu; the aarch64 link check will be skipped" >&2
+  else
+    echo "setup_static_checks: as root, run: apt-get install -y binutils-aarch64-linux-gnu" >&2
+  fi
+fi
