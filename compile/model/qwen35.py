@@ -57,6 +57,14 @@ class Linear(nn.Linear):
         return y if self.out == F32 else y.astype(self.out)
 
 
+class Embedding(nn.Embedding):
+    """Token embedding; out-of-range ids are clipped, never read out of bounds
+    (the bindings reject them before they get here)."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return nn.wrap_nested(rx.op.take(self.weight._expr, ids._expr, axis=0, mode="clip"), "take")
+
+
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm, in fp32:  x * rsqrt(mean(x^2) + eps) * (1 + w).
     Returns the model dtype (the input may be the fp32 residual stream)."""
@@ -229,7 +237,7 @@ class Qwen35LM(nn.Module):
     def __init__(self, c: Qwen35Config, dtype: str, target: Target):
         self.config, self.dtype = c, dtype
         self.target = target  # the paged KV cache picks CPU or GPU attention kernels by it
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype)
         self.layers = nn.ModuleList([DecoderLayer(c, t, dtype) for t in c.layer_types])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         if not c.tie_word_embeddings:
