@@ -154,6 +154,20 @@ def test_gpu_kernels_build(kind, dtype):
         assert "unroll 64" not in source and "unroll(64)" not in source
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_webgpu_kernels_bind_at_most_10_storage_buffers(dtype):
+    """TVM's web runtime asks the adapter for 10 storage buffers per shader stage."""
+    from qwen35_mobile.compile.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, wgsl_storage_buffers
+
+    module, spec = _GatedDeltaRule(None, None, False), _gdn_spec(2, 4, 128, 128, dtype)
+    source = _device_sources(module, spec, GPU_TARGETS["webgpu"]())
+    counts = {n: c for n, c in wgsl_storage_buffers(source).items() if n.startswith("gated_delta_rule")}
+    assert set(counts) == {f"gated_delta_rule_chunk_{k}_kernel" for k in ("prep", "solve", "scan")}, counts
+    assert WEBGPU_MAX_STORAGE_BUFFERS == 10
+    assert max(counts.values()) <= 10, counts
+    assert counts["gated_delta_rule_chunk_scan_kernel"] == 10  # q k v g beta state qk uw o new_state
+
+
 def test_max_threads_for_target():
     assert max_threads_for_target(GPU_TARGETS["cuda"]()) == 256  # cuda allows 1024; capped
     assert max_threads_for_target(GPU_TARGETS["opencl"]()) == 256
@@ -414,8 +428,7 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
             "Gc": np.zeros((b, hv, nc, CHUNK), f32),
             "Lm": np.zeros((b, hv, nc, CHUNK, CHUNK), f32),
             "QK": np.zeros((b, hv, nc, CHUNK, CHUNK), f32),
-            "U": np.zeros((b, hv, nc, CHUNK, dv), f32),
-            "W": np.zeros((b, hv, nc, CHUNK, dk), f32),
+            "UW": np.zeros((b, hv, nc, CHUNK, dv + dk), f32),
         }
         solve_threads = _pow2_at_most(dk + dv, 256)
         launches = [

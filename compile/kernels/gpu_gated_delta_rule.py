@@ -25,11 +25,15 @@ by the schedule (phone OpenCL drivers reject big unrolls).
   2. ``gdn_chunk_solve`` -- blocks over (sequence, value head, chunk), one thread
      per column of ``[v_beta | k_beta exp(gc)]`` (``Dv + Dk`` columns): the
      triangular solve ``(I + L) X = rhs`` by forward substitution down the
-     column, giving ``U = (I + L)^-1 v_beta`` ("new values") and
-     ``W = (I + L)^-1 (k_beta exp(gc))`` ("k_cumdecay").
+     column, giving ``UW = (I + L)^-1 [v_beta | k_beta exp(gc)]``: ``U`` ("new
+     values") in its first ``Dv`` columns, ``W`` ("k_cumdecay") in the last ``Dk``.
   3. ``gdn_chunk_scan`` -- the inter-chunk propagation, one thread per state
      column as in the recurrent kernel: per chunk ``v_new = U - W S``,
-     ``o = exp(gc) q S + QK v_new``, ``S = S exp(gc_last) + (k exp(gc_last - gc))^T v_new``.
+     ``o = exp(gc) q S + QK v_new``, ``S = S exp(gc_last) + (k exp(gc_last - gc))^T v_new``;
+     ``gc`` is summed again from ``g`` (same order as the prep kernel, so the same bits).
+
+  Every kernel binds at most 10 storage buffers (the scan: q, k, v, g, beta, state,
+  qk, uw, o, new_state), the most TVM's web runtime asks a WebGPU adapter for.
 
   The last partial chunk is handled by masking (tokens past ``T`` read as zero,
   which is what the reference's zero padding does).
@@ -273,11 +277,11 @@ def gdn_chunk_solve_func(
     min_chunked_len: int = 0,
     emulate: bool = False,
 ) -> tvm.tirx.PrimFunc:
-    """Kernel 2 of the chunked form ``(k, v, beta, gc, lmat, u, w)``.
+    """Kernel 2 of the chunked form ``(k, v, beta, gc, lmat, uw)``.
 
     Solves ``(I + lmat) X = rhs`` by forward substitution, one thread per column of
-    ``rhs = [v * beta | k * beta * exp(gc)]``: ``u [B, Hv, NC, 64, Dv]`` and
-    ``w [B, Hv, NC, 64, Dk]``.  Rows of tokens past ``T`` are 0.
+    ``rhs = [v * beta | k * beta * exp(gc)]``: ``uw [B, Hv, NC, 64, Dv + Dk]``, ``u``
+    in columns ``[0, Dv)`` and ``w`` in ``[Dv, Dv + Dk)``.  Rows of tokens past ``T`` are 0.
     """
     group = _check_heads(num_k_heads, num_v_heads)
     hk, hv, dk, dv, C = num_k_heads, num_v_heads, head_k_dim, head_v_dim, CHUNK
@@ -294,8 +298,7 @@ def gdn_chunk_solve_func(
         beta_handle: T.handle,
         gc_handle: T.handle,
         lmat_handle: T.handle,
-        u_handle: T.handle,
-        w_handle: T.handle,
+        uw_handle: T.handle,
     ):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         B = T.int64()
@@ -306,8 +309,7 @@ def gdn_chunk_solve_func(
         Beta = T.match_buffer(beta_handle, (B, L, hv), f32)
         Gc = T.match_buffer(gc_handle, (B, hv, NC, C), f32)
         Lm = T.match_buffer(lmat_handle, (B, hv, NC, C, C), f32)
-        U = T.match_buffer(u_handle, (B, hv, NC, C, dv), f32)
-        W = T.match_buffer(w_handle, (B, hv, NC, C, dk), f32)
+        UW = T.match_buffer(uw_handle, (B, hv, NC, C, cols), f32)
         for by in loop(B * hv, "blockIdx.y"):
             for bx in loop(NC * nb, "blockIdx.x"):
                 for tid in loop(tx, "threadIdx.x"):
@@ -335,10 +337,7 @@ def gdn_chunk_solve_func(
                             for s in range(t):
                                 acc[0] = acc[0] - Lm[b, h, n, t, s] * X[s]
                             X[t] = acc[0]
-                            if j < dv:
-                                U[b, h, n, t, T.min(j, dv - 1)] = acc[0]
-                            else:
-                                W[b, h, n, t, T.max(j - dv, 0)] = acc[0]
+                            UW[b, h, n, t, j] = acc[0]
 
     return gdn_chunk_solve
 
@@ -353,9 +352,11 @@ def gdn_chunk_scan_func(
     min_chunked_len: int = 0,
     emulate: bool = False,
 ) -> tvm.tirx.PrimFunc:
-    """Kernel 3 of the chunked form ``(q, k, v, g, beta, state, gc, qk, u, w, o, new_state)``.
+    """Kernel 3 of the chunked form ``(q, k, v, g, beta, state, qk, uw, o, new_state)``.
 
     One thread per state column (kept in ``local``), sequential over the chunks.
+    The cumulative log-decay ``gc`` is re-summed from ``g`` in the same order as
+    :func:`gdn_chunk_prep_func` (one buffer fewer: 10, the WebGPU limit).
     When ``T < min_chunked_len`` it runs the recurrent form instead (from q, k, v,
     g, beta; the chunk buffers are then not read).
     """
@@ -374,10 +375,8 @@ def gdn_chunk_scan_func(
         g_handle: T.handle,
         beta_handle: T.handle,
         state_handle: T.handle,
-        gc_handle: T.handle,
         qk_handle: T.handle,
-        u_handle: T.handle,
-        w_handle: T.handle,
+        uw_handle: T.handle,
         o_handle: T.handle,
         new_state_handle: T.handle,
     ):
@@ -391,10 +390,8 @@ def gdn_chunk_scan_func(
         G = T.match_buffer(g_handle, (B, L, hv), f32)
         Beta = T.match_buffer(beta_handle, (B, L, hv), f32)
         S_in = T.match_buffer(state_handle, (B, hv, dk, dv), f32)
-        Gc = T.match_buffer(gc_handle, (B, hv, NC, C), f32)
         QK = T.match_buffer(qk_handle, (B, hv, NC, C, C), f32)
-        U = T.match_buffer(u_handle, (B, hv, NC, C, dv), f32)
-        W = T.match_buffer(w_handle, (B, hv, NC, C, dk), f32)
+        UW = T.match_buffer(uw_handle, (B, hv, NC, C, dv + dk), f32)
         O = T.match_buffer(o_handle, (B, L, hv, dv), f32)
         S_out = T.match_buffer(new_state_handle, (B, hv, dk, dv), f32)
         for bx in loop(B * (hv * nb), "blockIdx.x"):
@@ -410,26 +407,40 @@ def gdn_chunk_scan_func(
                     S[i] = S_in[b, h, i, c]
                 if L >= min_chunked_len:
                     for n in range(NC):
+                        # acc[2] = gc_last (padding tokens add 0); acc[1] = the running gc_t below
+                        acc[2] = T.float32(0)
+                        for t in range(C):
+                            acc[2] = acc[2] + T.if_then_else(
+                                n * C + t < L, G[b, T.min(n * C + t, L - 1), h], T.float32(0)
+                            )
                         # v_new = U - W S
                         for t in range(C):
-                            acc[0] = U[b, h, n, t, c]
+                            acc[0] = UW[b, h, n, t, c]
                             for i in range(dk):
-                                acc[0] = acc[0] - W[b, h, n, t, i] * S[i]
+                                acc[0] = acc[0] - UW[b, h, n, t, dv + i] * S[i]
                             vn[t] = acc[0]
                         # o = exp(gc) (q S) + QK v_new
+                        acc[1] = T.float32(0)
                         for t in range(C):
+                            acc[1] = acc[1] + T.if_then_else(
+                                n * C + t < L, G[b, T.min(n * C + t, L - 1), h], T.float32(0)
+                            )
                             if n * C + t < L:
                                 acc[0] = T.float32(0)
                                 for i in range(dk):
                                     acc[0] = acc[0] + T.Cast(f32, Q[b, n * C + t, kh, i]) * S[i]
-                                acc[0] = acc[0] * T.exp(Gc[b, h, n, t])
+                                acc[0] = acc[0] * T.exp(acc[1])
                                 for s in range(t + 1):
                                     acc[0] = acc[0] + QK[b, h, n, t, s] * vn[s]
                                 O[b, n * C + t, h, c] = acc[0]
                         # S = S exp(gc_last) + (k exp(gc_last - gc))^T v_new; padding rows of v_new are 0
+                        acc[1] = T.float32(0)
                         for t in range(C):
-                            vn[t] = vn[t] * T.exp(Gc[b, h, n, C - 1] - Gc[b, h, n, t])
-                        acc[1] = T.exp(Gc[b, h, n, C - 1])
+                            acc[1] = acc[1] + T.if_then_else(
+                                n * C + t < L, G[b, T.min(n * C + t, L - 1), h], T.float32(0)
+                            )
+                            vn[t] = vn[t] * T.exp(acc[2] - acc[1])
+                        acc[1] = T.exp(acc[2])
                         for i in range(dk):
                             acc[0] = S[i] * acc[1]
                             for t in range(C):
@@ -529,19 +540,16 @@ def gated_delta_rule(
         ),
     )
     solve = gdn_chunk_solve_func(num_k_heads, hv, dk, dv, dtype, max_threads, min_len, emulate=emulate)
-    u, w = op.tensor_ir_op(
+    uw = op.tensor_ir_op(
         solve,
         f"{name}_chunk_solve",
         args=[k, v, beta, gc, lmat],
-        out=(
-            Tensor.placeholder((batch, hv, num_chunks, CHUNK, dv), "float32"),
-            Tensor.placeholder((batch, hv, num_chunks, CHUNK, dk), "float32"),
-        ),
+        out=Tensor.placeholder((batch, hv, num_chunks, CHUNK, dv + dk), "float32"),
     )
     scan = gdn_chunk_scan_func(num_k_heads, hv, dk, dv, dtype, max_threads, min_len, emulate=emulate)
     return op.tensor_ir_op(
         scan,
         f"{name}_chunk_scan",
-        args=[q, k, v, g, beta, state, gc, qk, u, w],
+        args=[q, k, v, g, beta, state, qk, uw],
         out=(Tensor.placeholder(o_shape, "float32"), Tensor.placeholder(state_shape, "float32")),
     )
