@@ -24,6 +24,8 @@ from tvm.relax.frontend import nn
 from qwen35_mobile.compile.kernels import block_cols_for_target, causal_conv1d, gated_delta_rule
 
 torch = pytest.importorskip("torch")
+from deltanet_reference import conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
+
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
 
 TARGET = tvm.target.Target({"kind": "llvm"})
@@ -74,32 +76,6 @@ def _gdn_vm(hk: int, hv: int, dk: int, dv: int, dtype: str, block_cols: int | No
     return _compile(_GatedDeltaRule(block_cols), spec)
 
 
-def _gdn_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int, seed: int) -> dict[str, np.ndarray]:
-    """Inputs as the layer produces them: unit-norm q, k; g < 0; beta in (0, 1)."""
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
-    k = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=-1, keepdims=True)
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    return {
-        "q": q,
-        "k": k,
-        "v": rng.standard_normal((b, t, hv, dv)).astype(np.float32),
-        "g": -rng.uniform(0.01, 3.0, (b, t, hv)).astype(np.float32),
-        "beta": rng.uniform(0.05, 0.95, (b, t, hv)).astype(np.float32),
-        "state": (0.3 * rng.standard_normal((b, hv, dk, dv))).astype(np.float32),
-    }
-
-
-def _gdn_reference(x: dict[str, np.ndarray], dtype: str, chunked: bool) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' reference; it scales q by Dk**-0.5 itself."""
-    q, k, v = (torch.from_numpy(x[n]).to(getattr(torch, dtype)) for n in ("q", "k", "v"))
-    g, beta, state = (torch.from_numpy(x[n]) for n in ("g", "beta", "state"))
-    fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
-    o, new_state = fn(q, k, v, g, beta, initial_state=state, output_final_state=True)
-    return o.float().numpy(), new_state.numpy()
-
-
 def _gdn_kernel(x: dict[str, np.ndarray], dtype: str, block_cols: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     _, _, hk, dk = x["q"].shape
     hv, dv = x["v"].shape[2:]
@@ -118,9 +94,9 @@ GDN_BATCH_LEN = [(1, 1), (1, 5), (1, 64), (1, 130), (3, 1), (2, 7)]
 @pytest.mark.parametrize("b,t", GDN_BATCH_LEN)
 @pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
 def test_gated_delta_rule_fp32(hk, hv, b, t, chunked):
-    x = _gdn_inputs(b, t, hk, hv, 128, 128, seed=t * 10 + b)
+    x = gdn_inputs(b, t, hk, hv, 128, 128, seed=t * 10 + b)
     o, new_state = _gdn_kernel(x, "float32")
-    ref_o, ref_state = _gdn_reference(x, "float32", chunked)
+    ref_o, ref_state = gdn_reference(x, "float32", chunked)
     _assert_close(o, ref_o, FP32_TOL)
     _assert_close(new_state, ref_state, FP32_TOL)
 
@@ -128,27 +104,27 @@ def test_gated_delta_rule_fp32(hk, hv, b, t, chunked):
 @pytest.mark.parametrize("block_cols", [16, 64])
 def test_gated_delta_rule_block_cols(block_cols):
     """Other column blocks and head dims (Dk != Dv) give the same result."""
-    x = _gdn_inputs(2, 9, 1, 2, 32, 64, seed=block_cols)
+    x = gdn_inputs(2, 9, 1, 2, 32, 64, seed=block_cols)
     o, new_state = _gdn_kernel(x, "float32", block_cols)
-    ref_o, ref_state = _gdn_reference(x, "float32", chunked=False)
+    ref_o, ref_state = gdn_reference(x, "float32", chunked=False)
     _assert_close(o, ref_o, FP32_TOL)
     _assert_close(new_state, ref_state, FP32_TOL)
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (1, 64), (1, 130)])
 def test_gated_delta_rule_fp16(b, t):
-    x = _gdn_inputs(b, t, 2, 4, 128, 128, seed=100 + t)
+    x = gdn_inputs(b, t, 2, 4, 128, 128, seed=100 + t)
     for name in ("q", "k", "v"):  # the values both sides see
         x[name] = x[name].astype(np.float16).astype(np.float32)
     o, new_state = _gdn_kernel(x, "float16")
-    ref_o, ref_state = _gdn_reference(x, "float16", chunked=t > 1)
+    ref_o, ref_state = gdn_reference(x, "float16", chunked=t > 1)
     _assert_close(o, ref_o, FP16_TOL)
     _assert_close(new_state, ref_state, FP16_TOL)
 
 
 def test_gated_delta_rule_continues_across_calls():
     """Prefill in pieces (then decode) equals one pass over the whole sequence."""
-    x = _gdn_inputs(1, 70, 2, 4, 128, 128, seed=7)
+    x = gdn_inputs(1, 70, 2, 4, 128, 128, seed=7)
     whole_o, whole_state = _gdn_kernel(x, "float32")
     pieces, state = [], x["state"]
     for lo, hi in ((0, 33), (33, 69), (69, 70)):
@@ -210,18 +186,10 @@ def _conv_update_reference(x: np.ndarray, state: np.ndarray, weight: np.ndarray)
     return y.transpose(1, 2).numpy(), state_t.numpy()
 
 
-def _conv_inputs(b: int, t: int, channels: int, kernel: int, seed: int):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((b, t, channels)).astype(np.float32)
-    state = rng.standard_normal((b, channels, kernel - 1)).astype(np.float32)
-    weight = (0.5 * rng.standard_normal((channels, kernel))).astype(np.float32)
-    return x, state, weight
-
-
 @pytest.mark.parametrize("channels,hf_layout", [(64, True), (40, False)])
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (1, 2), (2, 7), (1, 130)])
 def test_causal_conv1d_update(channels, hf_layout, b, t):
-    x, state, weight = _conv_inputs(b, t, channels, 4, seed=t * 10 + b)
+    x, state, weight = conv_inputs(b, t, channels, 4, seed=t * 10 + b)
     y, new_state = _conv_kernel(x, state, weight, hf_layout)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
     _assert_close(y, ref_y, FP32_TOL)
@@ -231,7 +199,7 @@ def test_causal_conv1d_update(channels, hf_layout, b, t):
 @pytest.mark.parametrize("t", [1, 2, 9])
 def test_causal_conv1d_fresh_sequence(t):
     """A zero state reproduces causal_conv1d_fn (the prefill path)."""
-    x, _, weight = _conv_inputs(2, t, 64, 4, seed=t)
+    x, _, weight = conv_inputs(2, t, 64, 4, seed=t)
     y, _ = _conv_kernel(x, np.zeros((2, 64, 3), np.float32), weight, hf_layout=True)
     ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
     _assert_close(y, ref.transpose(1, 2).numpy(), FP32_TOL)
@@ -239,7 +207,7 @@ def test_causal_conv1d_fresh_sequence(t):
 
 def test_causal_conv1d_continues_across_calls():
     """Calls of 2 (< K - 1), 1 and 6 tokens equal one causal_conv1d_fn pass."""
-    x, _, weight = _conv_inputs(2, 9, 64, 4, seed=3)
+    x, _, weight = conv_inputs(2, 9, 64, 4, seed=3)
     pieces, state = [], np.zeros((2, 64, 3), np.float32)
     for lo, hi in ((0, 2), (2, 3), (3, 9)):
         y, state = _conv_kernel(np.ascontiguousarray(x[:, lo:hi]), state, weight, hf_layout=True)
@@ -251,7 +219,7 @@ def test_causal_conv1d_continues_across_calls():
 
 @pytest.mark.parametrize("b,t", [(1, 1), (1, 2), (2, 7)])
 def test_causal_conv1d_fp16(b, t):
-    x, state, weight = _conv_inputs(b, t, 64, 4, seed=50 + t)
+    x, state, weight = conv_inputs(b, t, 64, 4, seed=50 + t)
     x, state, weight = (a.astype(np.float16) for a in (x, state, weight))
     y, new_state = _conv_kernel(x, state, weight, hf_layout=True)
     ref_y, ref_state = _conv_update_reference(x, state, weight)

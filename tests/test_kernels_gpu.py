@@ -28,6 +28,8 @@ from qwen35_mobile.compile.kernels.gpu_causal_conv import causal_conv1d
 from qwen35_mobile.compile.kernels.gpu_gated_delta_rule import gated_delta_rule, max_threads_for_target
 
 torch = pytest.importorskip("torch")
+from deltanet_reference import conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
+
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
 
 CPU = tvm.target.Target({"kind": "llvm"})
@@ -195,32 +197,6 @@ def _gdn_vm(hk, hv, dk, dv, dtype, chunked, max_threads) -> relax.VirtualMachine
     return relax.VirtualMachine(tvm.compile(mod, target=CPU), tvm.cpu())
 
 
-def _gdn_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int, seed: int) -> dict[str, np.ndarray]:
-    """Inputs as the layer produces them: unit-norm q, k; g < 0; beta in (0, 1)."""
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
-    k = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=-1, keepdims=True)
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    return {
-        "q": q,
-        "k": k,
-        "v": rng.standard_normal((b, t, hv, dv)).astype(np.float32),
-        "g": -rng.uniform(0.01, 3.0, (b, t, hv)).astype(np.float32),
-        "beta": rng.uniform(0.05, 0.95, (b, t, hv)).astype(np.float32),
-        "state": (0.3 * rng.standard_normal((b, hv, dk, dv))).astype(np.float32),
-    }
-
-
-def _gdn_reference(x: dict[str, np.ndarray], dtype: str, chunked: bool) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' reference; it scales q by Dk**-0.5 itself."""
-    q, k, v = (torch.from_numpy(x[n]).to(getattr(torch, dtype)) for n in ("q", "k", "v"))
-    g, beta, state = (torch.from_numpy(x[n]) for n in ("g", "beta", "state"))
-    fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
-    o, new_state = fn(q, k, v, g, beta, initial_state=state, output_final_state=True)
-    return o.float().numpy(), new_state.numpy()
-
-
 def _gdn_kernel(x, dtype, chunked, max_threads=None) -> tuple[np.ndarray, np.ndarray]:
     _, _, hk, dk = x["q"].shape
     hv, dv = x["v"].shape[2:]
@@ -245,9 +221,9 @@ GDN_MODES = [
 @pytest.mark.parametrize("b,t", GDN_BATCH_LEN)
 @pytest.mark.parametrize("chunked,chunked_reference", GDN_MODES)
 def test_gpu_gated_delta_rule_fp32(hk, hv, b, t, chunked, chunked_reference):
-    x = _gdn_inputs(b, t, hk, hv, 128, 128, seed=t * 10 + b)
+    x = gdn_inputs(b, t, hk, hv, 128, 128, seed=t * 10 + b)
     o, new_state = _gdn_kernel(x, "float32", chunked)
-    ref_o, ref_state = _gdn_reference(x, "float32", chunked_reference)
+    ref_o, ref_state = gdn_reference(x, "float32", chunked_reference)
     _assert_close(o, ref_o, FP32_TOL)
     _assert_close(new_state, ref_state, FP32_TOL)
 
@@ -255,27 +231,27 @@ def test_gpu_gated_delta_rule_fp32(hk, hv, b, t, chunked, chunked_reference):
 @pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
 def test_gpu_gated_delta_rule_column_blocks(chunked):
     """Dk != Dv, and few threads per block (several column blocks per head, solve columns split)."""
-    x = _gdn_inputs(2, 70, 1, 2, 32, 64, seed=11)
+    x = gdn_inputs(2, 70, 1, 2, 32, 64, seed=11)
     o, new_state = _gdn_kernel(x, "float32", chunked, max_threads=16)
-    ref_o, ref_state = _gdn_reference(x, "float32", chunked)
+    ref_o, ref_state = gdn_reference(x, "float32", chunked)
     _assert_close(o, ref_o, FP32_TOL)
     _assert_close(new_state, ref_state, FP32_TOL)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
 def test_gpu_gated_delta_rule_fp16(chunked):
-    x = _gdn_inputs(2, 70, 2, 4, 128, 128, seed=170)
+    x = gdn_inputs(2, 70, 2, 4, 128, 128, seed=170)
     for name in ("q", "k", "v"):  # the values both sides see
         x[name] = x[name].astype(np.float16).astype(np.float32)
     o, new_state = _gdn_kernel(x, "float16", chunked)
-    ref_o, ref_state = _gdn_reference(x, "float16", chunked)
+    ref_o, ref_state = gdn_reference(x, "float16", chunked)
     _assert_close(o, ref_o, FP16_TOL)
     _assert_close(new_state, ref_state, FP16_TOL)
 
 
 def test_gpu_gated_delta_rule_continues_across_calls():
     """Chunked prefill in pieces, then decode, equals one pass over the whole sequence."""
-    x = _gdn_inputs(1, 140, 2, 4, 128, 128, seed=7)
+    x = gdn_inputs(1, 140, 2, 4, 128, 128, seed=7)
     whole_o, whole_state = _gdn_kernel(x, "float32", True)
     pieces, state = [], x["state"]
     for (lo, hi), chunked in (((0, 65), True), ((65, 139), None), ((139, 140), False)):
@@ -315,21 +291,13 @@ def _conv_update_reference(x, state, weight):
     return y.transpose(1, 2).numpy(), state_t.numpy()
 
 
-def _conv_inputs(b, t, channels, kernel, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((b, t, channels)).astype(np.float32)
-    state = rng.standard_normal((b, channels, kernel - 1)).astype(np.float32)
-    weight = (0.5 * rng.standard_normal((channels, kernel))).astype(np.float32)
-    return x, state, weight
-
-
 @pytest.mark.parametrize(
     "channels,hf_layout,max_threads",
     [(64, True, None), (40, False, None), (40, True, 16)],  # 40 over 16 threads: a partial last block
 )
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (1, 2), (3, 5), (1, 130)])
 def test_gpu_causal_conv1d_update(channels, hf_layout, max_threads, b, t):
-    x, state, weight = _conv_inputs(b, t, channels, 4, seed=t * 10 + b)
+    x, state, weight = conv_inputs(b, t, channels, 4, seed=t * 10 + b)
     y, new_state = _conv_kernel(x, state, weight, hf_layout, max_threads)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
     _assert_close(y, ref_y, FP32_TOL)
@@ -338,7 +306,7 @@ def test_gpu_causal_conv1d_update(channels, hf_layout, max_threads, b, t):
 
 def test_gpu_causal_conv1d_fresh_sequence_in_pieces():
     """A zero state, then calls of 2 (< K - 1), 1 and 64 tokens, equal one causal_conv1d_fn pass."""
-    x, _, weight = _conv_inputs(3, 67, 64, 4, seed=3)
+    x, _, weight = conv_inputs(3, 67, 64, 4, seed=3)
     pieces, state = [], np.zeros((3, 64, 3), np.float32)
     for lo, hi in ((0, 2), (2, 3), (3, 67)):
         y, state = _conv_kernel(x[:, lo:hi], state, weight, hf_layout=True)
@@ -349,7 +317,7 @@ def test_gpu_causal_conv1d_fresh_sequence_in_pieces():
 
 
 def test_gpu_causal_conv1d_fp16():
-    x, state, weight = _conv_inputs(2, 7, 64, 4, seed=57)
+    x, state, weight = conv_inputs(2, 7, 64, 4, seed=57)
     x, state, weight = (a.astype(np.float16) for a in (x, state, weight))
     y, new_state = _conv_kernel(x, state, weight, hf_layout=True)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
@@ -409,7 +377,7 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
     from qwen35_mobile.compile.kernels.gpu_gated_delta_rule import CHUNK, _pow2_at_most
 
     b, t, hk, hv, dk, dv = 2, 130, 2, 4, 128, 128
-    x = _gdn_inputs(b, t, hk, hv, dk, dv, seed=5)
+    x = gdn_inputs(b, t, hk, hv, dk, dv, seed=5)
     source = _opencl_source(_GatedDeltaRule(chunked, None, False), _gdn_spec(hk, hv, dk, dv, "float32"))
     nc = (t + CHUNK - 1) // CHUNK
     f32 = np.float32
@@ -439,7 +407,7 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
     else:
         launches = [("gated_delta_rule_kernel", (b * hv, 1), dv)]
     out = _cl_launch(cl, ctx, queue, source, launches, arrays, {"B": b, "L": t, "NC": nc})
-    ref_o, ref_state = _gdn_reference(x, "float32", chunked)
+    ref_o, ref_state = gdn_reference(x, "float32", chunked)
     _assert_close(out["O"], ref_o, FP32_TOL)
     _assert_close(out["S_out"], ref_state, FP32_TOL)
 
@@ -447,7 +415,7 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
 def test_gpu_causal_conv1d_on_opencl():
     cl, ctx, queue = _opencl_context()
     b, t, channels = 3, 9, 40
-    x, state, weight = _conv_inputs(b, t, channels, 4, seed=9)
+    x, state, weight = conv_inputs(b, t, channels, 4, seed=9)
     source = _opencl_source(_CausalConv(16, False), _conv_spec(channels, 4, "float32", (channels, 4)))
     arrays = {"X": x, "S_in": state, "W": weight, "Y": np.zeros_like(x), "S_out": np.zeros_like(state)}
     out = _cl_launch(
