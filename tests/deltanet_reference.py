@@ -42,3 +42,12 @@ def conv_inputs(b: int, t: int, channels: int, kernel: int, seed: int):
     state = rng.standard_normal((b, channels, kernel - 1)).astype(np.float32)
     weight = (0.5 * rng.standard_normal((channels, kernel))).astype(np.float32)
     return x, state, weight
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, tol: float) -> None:
+    """Elementwise |actual - expected| <= tol * max|expected|."""
+    expected = np.asarray(expected, dtype=np.float32)
+    actual = np.asarray(actual, dtype=np.float32)
+    assert actual.shape == expected.shape
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)

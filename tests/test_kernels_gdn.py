@@ -24,22 +24,13 @@ from tvm.relax.frontend import nn
 from qwen35_mobile.compile.kernels import block_cols_for_target, causal_conv1d, gated_delta_rule
 
 torch = pytest.importorskip("torch")
-from deltanet_reference import conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
+from deltanet_reference import assert_close, conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
 
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 FP32_TOL = 1e-5
 FP16_TOL = 2e-3
-
-
-def _assert_close(actual: np.ndarray, expected: np.ndarray, tol: float) -> None:
-    """Elementwise |actual - expected| <= tol * max|expected|."""
-    expected = np.asarray(expected, dtype=np.float32)
-    actual = np.asarray(actual, dtype=np.float32)
-    assert actual.shape == expected.shape
-    scale = max(float(np.abs(expected).max()), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
 
 
 def _compile(module: nn.Module, spec: dict) -> relax.VirtualMachine:
@@ -97,8 +88,8 @@ def test_gated_delta_rule_fp32(hk, hv, b, t, chunked):
     x = gdn_inputs(b, t, hk, hv, 128, 128, seed=t * 10 + b)
     o, new_state = _gdn_kernel(x, "float32")
     ref_o, ref_state = gdn_reference(x, "float32", chunked)
-    _assert_close(o, ref_o, FP32_TOL)
-    _assert_close(new_state, ref_state, FP32_TOL)
+    assert_close(o, ref_o, FP32_TOL)
+    assert_close(new_state, ref_state, FP32_TOL)
 
 
 @pytest.mark.parametrize("block_cols", [16, 64])
@@ -107,8 +98,8 @@ def test_gated_delta_rule_block_cols(block_cols):
     x = gdn_inputs(2, 9, 1, 2, 32, 64, seed=block_cols)
     o, new_state = _gdn_kernel(x, "float32", block_cols)
     ref_o, ref_state = gdn_reference(x, "float32", chunked=False)
-    _assert_close(o, ref_o, FP32_TOL)
-    _assert_close(new_state, ref_state, FP32_TOL)
+    assert_close(o, ref_o, FP32_TOL)
+    assert_close(new_state, ref_state, FP32_TOL)
 
 
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (1, 64), (1, 130)])
@@ -118,8 +109,8 @@ def test_gated_delta_rule_fp16(b, t):
         x[name] = x[name].astype(np.float16).astype(np.float32)
     o, new_state = _gdn_kernel(x, "float16")
     ref_o, ref_state = gdn_reference(x, "float16", chunked=t > 1)
-    _assert_close(o, ref_o, FP16_TOL)
-    _assert_close(new_state, ref_state, FP16_TOL)
+    assert_close(o, ref_o, FP16_TOL)
+    assert_close(new_state, ref_state, FP16_TOL)
 
 
 def test_gated_delta_rule_continues_across_calls():
@@ -131,8 +122,8 @@ def test_gated_delta_rule_continues_across_calls():
         part = {n: a[:, lo:hi] for n, a in x.items() if n != "state"}
         o, state = _gdn_kernel({**part, "state": state}, "float32")
         pieces.append(o)
-    _assert_close(np.concatenate(pieces, axis=1), whole_o, FP32_TOL)
-    _assert_close(state, whole_state, FP32_TOL)
+    assert_close(np.concatenate(pieces, axis=1), whole_o, FP32_TOL)
+    assert_close(state, whole_state, FP32_TOL)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +183,7 @@ def test_causal_conv1d_update(channels, hf_layout, b, t):
     x, state, weight = conv_inputs(b, t, channels, 4, seed=t * 10 + b)
     y, new_state = _conv_kernel(x, state, weight, hf_layout)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
-    _assert_close(y, ref_y, FP32_TOL)
+    assert_close(y, ref_y, FP32_TOL)
     np.testing.assert_array_equal(new_state, ref_state)
 
 
@@ -202,7 +193,7 @@ def test_causal_conv1d_fresh_sequence(t):
     x, _, weight = conv_inputs(2, t, 64, 4, seed=t)
     y, _ = _conv_kernel(x, np.zeros((2, 64, 3), np.float32), weight, hf_layout=True)
     ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
-    _assert_close(y, ref.transpose(1, 2).numpy(), FP32_TOL)
+    assert_close(y, ref.transpose(1, 2).numpy(), FP32_TOL)
 
 
 def test_causal_conv1d_continues_across_calls():
@@ -213,7 +204,7 @@ def test_causal_conv1d_continues_across_calls():
         y, state = _conv_kernel(np.ascontiguousarray(x[:, lo:hi]), state, weight, hf_layout=True)
         pieces.append(y)
     ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
-    _assert_close(np.concatenate(pieces, axis=1), ref.transpose(1, 2).numpy(), FP32_TOL)
+    assert_close(np.concatenate(pieces, axis=1), ref.transpose(1, 2).numpy(), FP32_TOL)
     np.testing.assert_array_equal(state, x[:, -3:].transpose(0, 2, 1))
 
 
@@ -223,5 +214,5 @@ def test_causal_conv1d_fp16(b, t):
     x, state, weight = (a.astype(np.float16) for a in (x, state, weight))
     y, new_state = _conv_kernel(x, state, weight, hf_layout=True)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
-    _assert_close(y, ref_y, FP16_TOL)
+    assert_close(y, ref_y, FP16_TOL)
     np.testing.assert_array_equal(new_state, ref_state.astype(np.float16))

@@ -28,7 +28,7 @@ from qwen35_mobile.compile.kernels.gpu_causal_conv import causal_conv1d
 from qwen35_mobile.compile.kernels.gpu_gated_delta_rule import gated_delta_rule, max_threads_for_target
 
 torch = pytest.importorskip("torch")
-from deltanet_reference import conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
+from deltanet_reference import assert_close, conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
 
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
 
@@ -44,15 +44,6 @@ GPU_TARGETS = {
         {"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
     ),
 }
-
-
-def _assert_close(actual: np.ndarray, expected: np.ndarray, tol: float) -> None:
-    """Elementwise |actual - expected| <= tol * max|expected|."""
-    expected = np.asarray(expected, dtype=np.float32)
-    actual = np.asarray(actual, dtype=np.float32)
-    assert actual.shape == expected.shape
-    scale = max(float(np.abs(expected).max()), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
 
 
 def _run(vm: relax.VirtualMachine, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -224,8 +215,8 @@ def test_gpu_gated_delta_rule_fp32(hk, hv, b, t, chunked, chunked_reference):
     x = gdn_inputs(b, t, hk, hv, 128, 128, seed=t * 10 + b)
     o, new_state = _gdn_kernel(x, "float32", chunked)
     ref_o, ref_state = gdn_reference(x, "float32", chunked_reference)
-    _assert_close(o, ref_o, FP32_TOL)
-    _assert_close(new_state, ref_state, FP32_TOL)
+    assert_close(o, ref_o, FP32_TOL)
+    assert_close(new_state, ref_state, FP32_TOL)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
@@ -234,8 +225,8 @@ def test_gpu_gated_delta_rule_column_blocks(chunked):
     x = gdn_inputs(2, 70, 1, 2, 32, 64, seed=11)
     o, new_state = _gdn_kernel(x, "float32", chunked, max_threads=16)
     ref_o, ref_state = gdn_reference(x, "float32", chunked)
-    _assert_close(o, ref_o, FP32_TOL)
-    _assert_close(new_state, ref_state, FP32_TOL)
+    assert_close(o, ref_o, FP32_TOL)
+    assert_close(new_state, ref_state, FP32_TOL)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
@@ -245,8 +236,8 @@ def test_gpu_gated_delta_rule_fp16(chunked):
         x[name] = x[name].astype(np.float16).astype(np.float32)
     o, new_state = _gdn_kernel(x, "float16", chunked)
     ref_o, ref_state = gdn_reference(x, "float16", chunked)
-    _assert_close(o, ref_o, FP16_TOL)
-    _assert_close(new_state, ref_state, FP16_TOL)
+    assert_close(o, ref_o, FP16_TOL)
+    assert_close(new_state, ref_state, FP16_TOL)
 
 
 def test_gpu_gated_delta_rule_continues_across_calls():
@@ -258,8 +249,8 @@ def test_gpu_gated_delta_rule_continues_across_calls():
         part = {n: a[:, lo:hi] for n, a in x.items() if n != "state"}
         o, state = _gdn_kernel({**part, "state": state}, "float32", chunked)
         pieces.append(o)
-    _assert_close(np.concatenate(pieces, axis=1), whole_o, FP32_TOL)
-    _assert_close(state, whole_state, FP32_TOL)
+    assert_close(np.concatenate(pieces, axis=1), whole_o, FP32_TOL)
+    assert_close(state, whole_state, FP32_TOL)
 
 
 # ---------------------------------------------------------------- causal conv1d on the CPU
@@ -300,7 +291,7 @@ def test_gpu_causal_conv1d_update(channels, hf_layout, max_threads, b, t):
     x, state, weight = conv_inputs(b, t, channels, 4, seed=t * 10 + b)
     y, new_state = _conv_kernel(x, state, weight, hf_layout, max_threads)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
-    _assert_close(y, ref_y, FP32_TOL)
+    assert_close(y, ref_y, FP32_TOL)
     np.testing.assert_array_equal(new_state, ref_state)
 
 
@@ -312,7 +303,7 @@ def test_gpu_causal_conv1d_fresh_sequence_in_pieces():
         y, state = _conv_kernel(x[:, lo:hi], state, weight, hf_layout=True)
         pieces.append(y)
     ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
-    _assert_close(np.concatenate(pieces, axis=1), ref.transpose(1, 2).numpy(), FP32_TOL)
+    assert_close(np.concatenate(pieces, axis=1), ref.transpose(1, 2).numpy(), FP32_TOL)
     np.testing.assert_array_equal(state, x[:, -3:].transpose(0, 2, 1))
 
 
@@ -321,7 +312,7 @@ def test_gpu_causal_conv1d_fp16():
     x, state, weight = (a.astype(np.float16) for a in (x, state, weight))
     y, new_state = _conv_kernel(x, state, weight, hf_layout=True)
     ref_y, ref_state = _conv_update_reference(x, state, weight)
-    _assert_close(y, ref_y, FP16_TOL)
+    assert_close(y, ref_y, FP16_TOL)
     np.testing.assert_array_equal(new_state, ref_state.astype(np.float16))
 
 
@@ -408,8 +399,8 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
         launches = [("gated_delta_rule_kernel", (b * hv, 1), dv)]
     out = _cl_launch(cl, ctx, queue, source, launches, arrays, {"B": b, "L": t, "NC": nc})
     ref_o, ref_state = gdn_reference(x, "float32", chunked)
-    _assert_close(out["O"], ref_o, FP32_TOL)
-    _assert_close(out["S_out"], ref_state, FP32_TOL)
+    assert_close(out["O"], ref_o, FP32_TOL)
+    assert_close(out["S_out"], ref_state, FP32_TOL)
 
 
 def test_gpu_causal_conv1d_on_opencl():
@@ -422,5 +413,5 @@ def test_gpu_causal_conv1d_on_opencl():
         cl, ctx, queue, source, [("causal_conv1d_kernel", (b * 3, 1), 16)], arrays, {"B": b, "L": t}
     )
     ref_y, ref_state = _conv_update_reference(x, state, weight)
-    _assert_close(out["Y"], ref_y, FP32_TOL)
+    assert_close(out["Y"], ref_y, FP32_TOL)
     np.testing.assert_array_equal(out["S_out"], ref_state)
