@@ -25,6 +25,9 @@ class TargetPreset:
     max_shared_memory_per_block: int | None = None
     description: str = ""
     notes: tuple[str, ...] = ()  # what an app needs to consume the output (README, manifest)
+    device: str = "cpu"  # the TVM device the bindings run the library on ("cpu", "opencl", ...)
+    fp16_mattr: tuple[str, ...] = ()  # LLVM features added to the (host) target of fp16 builds
+    emulation: bool = False  # a build for the parity emulators, not for shipping
 
     @property
     def is_gpu(self) -> bool:
@@ -95,6 +98,7 @@ def _device(
         max_shared_memory_per_block=shared_memory,
         description=description,
         notes=notes,
+        device=kind,
     )
 
 
@@ -170,6 +174,37 @@ PRESETS.update(
             system_lib_prefix=None,
             description="NVIDIA GPUs (Hopper, sm_90) on x86_64 Linux: CUDA kernels, shared library",
             arch="sm_90",
+        ),
+    }
+)
+
+
+# Emulation presets: the same device code as a shipping preset, with host code
+# this machine (or qemu) can run, for `qwen35-mobile parity --emulator`.
+PRESETS.update(
+    {
+        "android-pocl": dataclasses.replace(
+            PRESETS["android"],
+            name="android-pocl",
+            target={**PRESETS["android"].target, "host": {"kind": "llvm", "mtriple": _host_triple()}},
+            host_triple=_host_triple(),
+            output="model.so",
+            system_lib_prefix=None,
+            device="opencl",
+            emulation=True,
+            description="emulation: android's OpenCL kernels with host code for this machine, run on PoCL",
+            notes=(),
+        ),
+        "aarch64": TargetPreset(
+            name="aarch64",
+            # The Android/iOS CPU code path: NEON always, half-precision
+            # arithmetic (ARMv8.2 fullfp16, every phone SoC since 2018) in fp16 builds.
+            target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+            host_triple="aarch64-linux-gnu",
+            output="model.so",
+            fp16_mattr=("+fullfp16",),
+            emulation=True,
+            description="emulation: the model on an aarch64 CPU (NEON), Linux shared library, run under qemu-user",
         ),
     }
 )
