@@ -128,7 +128,7 @@ def compile_model(
             {
                 "model": model if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
                 "target": preset.name,
-                "tvm_target": preset.resolved(),
+                "tvm_target": preset.resolved(dtype),
                 "host_triple": preset.host_triple,
                 "system_lib_prefix": preset.system_lib_prefix,  # static (app-linked) libraries only
                 "usage": list(preset.notes),  # how an app consumes the library

@@ -22,6 +22,7 @@ class Exported:
     params: list[tuple[str, tuple[int, ...], str]]  # name, shape, dtype, in the library's order
     functions: list[str]  # the exported entry points
     quantize_map: object | None = None  # compile.quantization.QuantizeMap for q4 formats
+    dtype: str | None = None  # the model dtype: fp16 builds get the preset's fp16_mattr
 
     def expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {name: (shape, dtype) for name, shape, dtype in self.params}
@@ -56,7 +57,7 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
 
     from . import quantization
 
-    target = preset.tvm_target()
+    target = preset.tvm_target(model_dtype(quant))
     model = Qwen35LM(config, model_dtype(quant), target)
     qmap = None
     if quant in quantization.FORMATS:
@@ -66,7 +67,7 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     with target:  # hand-scheduled kernels size their vector blocks for it
         mod, named = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
-    return Exported(mod, params, list(spec.method_names), qmap)
+    return Exported(mod, params, list(spec.method_names), qmap, model_dtype(quant))
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
@@ -80,7 +81,7 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
     """
     import tvm
 
-    target = preset.tvm_target()
+    target = preset.tvm_target(exported.dtype)
     mod = exported.mod
     static = str(path).endswith(".tar")
     if static:
@@ -102,5 +103,9 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
         from tvm.support import tar
 
         executable.export_library(str(path), fcompile=tar.tar)
+    elif preset.linker:  # a .so for another machine: link with its cross compiler
+        from tvm.support import cc
+
+        executable.export_library(str(path), fcompile=cc.cross_compiler(preset.linker))
     else:
         executable.export_library(str(path))

@@ -28,24 +28,32 @@ class TargetPreset:
     device: str = "cpu"  # the TVM device the bindings run the library on ("cpu", "opencl", ...)
     fp16_mattr: tuple[str, ...] = ()  # LLVM features added to the (host) target of fp16 builds
     emulation: bool = False  # a build for the parity emulators, not for shipping
+    linker: str | None = None  # C++ compiler that links a .so for another machine (None: TVM's default)
 
     @property
     def is_gpu(self) -> bool:
         return self.target["kind"] != "llvm"
 
-    def resolved(self) -> dict[str, Any]:
+    def resolved(self, dtype: str | None = None) -> dict[str, Any]:
         """The target dict with ``"mcpu": "native"`` replaced by this machine's
-        CPU name (LLVM refuses ``native`` with the wheel's default triple)."""
-        if self.target.get("mcpu") != "native":
-            return dict(self.target)
-        from tvm.target import codegen
+        CPU name (LLVM refuses ``native`` with the wheel's default triple), and
+        for float16 builds ``fp16_mattr`` appended to the (host) target's mattr."""
+        target = dict(self.target)
+        if target.get("mcpu") == "native":
+            from tvm.target import codegen
 
-        return {**self.target, "mcpu": codegen.llvm_get_system_cpu()}
+            target["mcpu"] = codegen.llvm_get_system_cpu()
+        if dtype == "float16" and self.fp16_mattr:
+            llvm = dict(target["host"]) if self.is_gpu else target
+            llvm["mattr"] = [*llvm.get("mattr", []), *(a for a in self.fp16_mattr if a not in llvm.get("mattr", []))]
+            if self.is_gpu:
+                target["host"] = llvm
+        return target
 
-    def tvm_target(self):
+    def tvm_target(self, dtype: str | None = None):
         import tvm
 
-        return tvm.target.Target(self.resolved())
+        return tvm.target.Target(self.resolved(dtype))
 
 
 def _host_triple() -> str:
@@ -203,6 +211,7 @@ PRESETS.update(
             host_triple="aarch64-linux-gnu",
             output="model.so",
             fp16_mattr=("+fullfp16",),
+            linker="aarch64-linux-gnu-g++",  # Debian's g++-aarch64-linux-gnu
             emulation=True,
             description="emulation: the model on an aarch64 CPU (NEON), Linux shared library, run under qemu-user",
         ),
