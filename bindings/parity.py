@@ -76,9 +76,8 @@ def _compared_steps(ours_tokens: list[int], ref_tokens: list[int]) -> int:
     return len(ref_tokens)
 
 
-def _greedy_ours(model: Model, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
+def _greedy_ours(engine, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
     """Free-running greedy decoding of several prompts in one decode batch."""
-    engine = model.engine
     seqs = [engine.add_sequence() for _ in prompts]
     try:
         last = [engine.prefill(s, p) for s, p in zip(seqs, prompts)]
@@ -98,59 +97,105 @@ def _greedy_ours(model: Model, prompts: list[list[int]], steps: int) -> tuple[li
             engine.remove_sequence(s)
 
 
+def _all_logits(engine, ids: list[int]) -> np.ndarray:
+    seq = engine.add_sequence()
+    try:
+        return engine.prefill(seq, ids, all_logits=True)
+    finally:
+        engine.remove_sequence(seq)
+
+
+def collect_ours(engine, encoded: list[list[int]], new_tokens: int, progress=None) -> dict[str, np.ndarray]:
+    """Everything the report needs from the compiled side, as named arrays.
+
+    Needs only an :class:`~.engine.Engine` (no tokenizer, no transformers), so
+    it can run in another process: under qemu for the aarch64 emulator.
+    Keys: ``p{i}.prefill`` [n, V]; ``p{i}.continued`` [n - split, V] (the
+    prompt in two calls, split at ``n // 2``); ``p{i}.greedy_tokens`` and
+    ``p{i}.greedy_logits``; ``batch{i}.tokens`` / ``batch{i}.logits`` for the
+    first two prompts decoded together in one batch.
+    """
+    out: dict[str, np.ndarray] = {}
+    for i, ids in enumerate(encoded):
+        if progress:
+            progress(f"ours: prompt {i + 1}/{len(encoded)}: {len(ids)} tokens")
+        out[f"p{i}.prefill"] = _all_logits(engine, ids)
+        if len(ids) >= 2:
+            split = len(ids) // 2
+            seq = engine.add_sequence()
+            try:
+                engine.prefill(seq, ids[:split])
+                out[f"p{i}.continued"] = engine.prefill(seq, ids[split:], all_logits=True)
+            finally:
+                engine.remove_sequence(seq)
+        (tokens,), (rows,) = _greedy_ours(engine, [ids], new_tokens)
+        out[f"p{i}.greedy_tokens"], out[f"p{i}.greedy_logits"] = np.array(tokens, dtype=np.int64), rows
+    if progress:
+        progress("ours: batch decode: two prompts in one batch")
+    tokens, rows = _greedy_ours(engine, encoded[:2], new_tokens)
+    for i in range(len(tokens)):
+        out[f"batch{i}.tokens"], out[f"batch{i}.logits"] = np.array(tokens[i], dtype=np.int64), rows[i]
+    return out
+
+
 def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts: list[str] | None = None,
-               tolerance: float | None = None, progress=print) -> dict:
+               tolerance: float | None = None, progress=print, ours=None) -> dict:
+    """Compare ``artifact`` with transformers.  ``ours``: a callable
+    ``(encoded prompts, new_tokens) -> collect_ours(...)`` dict that computes
+    the compiled side elsewhere (an emulator); default: this process."""
     from .reference import Reference
 
     t0 = time.time()
-    model = Model.load(artifact)
-    dtypes = {p["name"]: p["dtype"] for p in model.manifest["parameters"]}
-    quant = model.manifest["quantization"]
+    if ours is None:
+        model = Model.load(artifact)
+        manifest, tokenizer = model.manifest, model.tokenizer
+    else:  # the library runs elsewhere: only the manifest and the tokenizer here
+        from tokenizers import Tokenizer
+
+        from ..compile.artifact import read_manifest
+
+        model, manifest = None, read_manifest(artifact)
+        tokenizer = Tokenizer.from_file(str(Path(artifact) / "tokenizer.json"))
+    dtypes = {p["name"]: p["dtype"] for p in manifest["parameters"]}
+    quant = manifest["quantization"]
     ref = Reference(reference, round_to=dtypes, quant=quant)
-    dtype = model.manifest["dtype"]
+    dtype = manifest["dtype"]
     criteria = dict(CRITERIA[dtype])
     if tolerance is not None:
         criteria["max_rel"] = tolerance
     prompts = prompts or DEFAULT_PROMPTS
-    encoded = [model.encode(p) for p in prompts]
+    encoded = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    got = ours(encoded, new_tokens) if ours else collect_ours(model.engine, encoded, new_tokens, progress)
     cases = []
     for i, ids in enumerate(encoded):
-        progress(f"prompt {i + 1}/{len(encoded)}: {len(ids)} tokens")
+        progress(f"reference: prompt {i + 1}/{len(encoded)}: {len(ids)} tokens")
         ref_logits, _ = ref.logits(ids)
-        cases.append({"prompt": i, **_rows("prefill", model.logits(ids), ref_logits)})
-
-        if len(ids) >= 2:
+        cases.append({"prompt": i, **_rows("prefill", got[f"p{i}.prefill"], ref_logits)})
+        if f"p{i}.continued" in got:
             split = len(ids) // 2
-            seq = model.engine.add_sequence()
-            try:
-                model.engine.prefill(seq, ids[:split])
-                cont = model.engine.prefill(seq, ids[split:], all_logits=True)
-            finally:
-                model.engine.remove_sequence(seq)
-            cases.append({"prompt": i, "split_at": split, **_rows("continued_prefill", cont, ref_logits[split:])})
+            cases.append({"prompt": i, "split_at": split, **_rows("continued_prefill", got[f"p{i}.continued"], ref_logits[split:])})
 
         ref_tokens, ref_rows = ref.greedy(ids, new_tokens)
-        (our_tokens,), (our_rows,) = _greedy_ours(model, [ids], new_tokens)
+        our_tokens, our_rows = [int(t) for t in got[f"p{i}.greedy_tokens"]], got[f"p{i}.greedy_logits"]
         n = _compared_steps(our_tokens, ref_tokens)
         cases.append({
             "prompt": i, **_rows("greedy", our_rows[:n], ref_rows[:n]),
             "greedy_agree": our_tokens == ref_tokens,
             "tokens_ours": our_tokens, "tokens_ref": ref_tokens,
-            "text_ref": model.decode_tokens(ref_tokens),
+            "text_ref": tokenizer.decode(ref_tokens, skip_special_tokens=False),
         })
 
-    progress("batch decode: two prompts in one batch")
-    pair = encoded[:2]
-    our_tokens, our_rows = _greedy_ours(model, pair, new_tokens)
-    for i, ids in enumerate(pair):
+    progress("reference: batch decode")
+    for i, ids in enumerate(encoded[:2]):
+        our_tokens, our_rows = [int(t) for t in got[f"batch{i}.tokens"]], got[f"batch{i}.logits"]
         ref_tokens, ref_rows = ref.greedy(ids, new_tokens)
-        n = _compared_steps(our_tokens[i], ref_tokens)
+        n = _compared_steps(our_tokens, ref_tokens)
         cases.append({
-            "prompt": i, **_rows("batch_decode", our_rows[i][:n], ref_rows[:n]),
-            "greedy_agree": our_tokens[i] == ref_tokens,
+            "prompt": i, **_rows("batch_decode", our_rows[:n], ref_rows[:n]),
+            "greedy_agree": our_tokens == ref_tokens,
         })
 
-    cost = _quantization_cost(model, reference, encoded) if "uint32" in dtypes.values() else None
+    cost = _quantization_cost(model, reference, encoded) if "uint32" in dtypes.values() and model else None
 
     worst = max(c["max_rel"] for c in cases)
     greedy_ok = all(c.get("greedy_agree", True) for c in cases)
@@ -159,7 +204,7 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         "artifact": str(artifact),
         "reference": str(reference),
         "reference_impl": f"transformers {ref.version}, PyTorch CPU, float32",
-        "quantization": model.manifest["quantization"],
+        "quantization": quant,
         "dtype": dtype,
         "new_tokens": new_tokens,
         "tolerance": {
