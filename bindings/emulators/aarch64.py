@@ -1,0 +1,185 @@
+"""The aarch64 emulator: an artifact built for the ``aarch64`` preset runs under
+qemu-user in Debian's arm64 Python 3.11 with the aarch64 TVM wheels, through
+this project's own bindings (``qwen35_mobile`` is a symlink to this repository
+in the sysroot's site directory).  scripts/setup_emulators.d/aarch64.sh builds
+the sysroot.
+
+binfmt is not mounted on the machines this runs on, so every call names the
+emulator: ``qemu-aarch64-static -L SYSROOT SYSROOT/usr/bin/python3.11 -m ...``.
+One qemu process runs a whole job (importing TVM under qemu costs ~5 s, loading
+the library ~1 s; see :func:`run_job`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ...errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (= the package qwen35_mobile)
+SETUP_SCRIPT = ROOT / "scripts" / "setup_emulators.d" / "aarch64.sh"
+QEMU = "qemu-aarch64-static"
+WORKER = "qwen35_mobile.bindings.emulators.worker"
+_SITE = Path("usr/lib/python3/dist-packages")
+
+
+def sysroot() -> Path:
+    """The aarch64 sysroot (``$QWEN35_AARCH64_SYSROOT`` overrides the default)."""
+    return Path(os.environ.get("QWEN35_AARCH64_SYSROOT") or ROOT / ".emulators" / "aarch64-sysroot")
+
+
+def python() -> Path:
+    return sysroot() / "usr" / "bin" / "python3.11"
+
+
+def available() -> str | None:
+    """None when an aarch64 library can run here, else why not."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} not found (Debian: apt-get install qemu-user-static; or run {SETUP_SCRIPT})"
+    root = sysroot()
+    if not python().exists():
+        return f"no aarch64 Python in {root} (run {SETUP_SCRIPT})"
+    for name in ("tvm", "tvm_ffi", "numpy", "qwen35_mobile"):
+        if not (root / _SITE / name).exists():
+            return f"{root} lacks the package '{name}' (run {SETUP_SCRIPT})"
+    return None
+
+
+def setup(*, quiet: bool = True) -> str | None:
+    """Run the (idempotent) setup script; returns :func:`available`'s answer."""
+    if available() is None:
+        return None
+    if not SETUP_SCRIPT.exists():
+        return f"{SETUP_SCRIPT} is missing"
+    done = subprocess.run(["bash", str(SETUP_SCRIPT)], capture_output=quiet, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-5:] if quiet else []
+        return f"{SETUP_SCRIPT} failed (exit {done.returncode}): " + " | ".join(tail)
+    return available()
+
+
+def _env(threads: int | None, extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment of the emulated Python: the host's, less anything that
+    would point it at the host's Python packages."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CONDA", "QEMU_"))}
+    env["TVM_NUM_THREADS"] = str(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def command(module: str, args: list[str]) -> list[str]:
+    return [QEMU, "-L", str(sysroot()), str(python()), "-m", module, *map(str, args)]
+
+
+def run_in_qemu(
+    module: str,
+    args: list[str],
+    *,
+    timeout: float | None = None,
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python3.11 -m MODULE ARGS`` under qemu-aarch64 in the sysroot.
+
+    stdout is captured; stderr is captured too and, with ``progress``, each of
+    its lines is passed on as it comes.  Raises UserError (with the tail of
+    stderr) when the emulator is missing, the command fails or it runs past
+    ``timeout`` seconds."""
+    reason = available()
+    if reason:
+        raise UserError(f"the aarch64 emulator cannot run: {reason}")
+    cmd = command(module, args)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env=_env(threads, env), cwd=tempfile.gettempdir(),
+    )
+    out: list[str] = []
+    err: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+
+    def read_err() -> None:
+        for line in proc.stderr:
+            err.append(line)
+            tail.append(line.rstrip("\n"))
+            if progress:
+                progress(line.rstrip("\n"))
+
+    def read_out() -> None:
+        out.append(proc.stdout.read())
+
+    readers = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
+    for r in readers:
+        r.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for r in readers:
+            r.join(5)
+        raise UserError(
+            f"qemu-aarch64: '{module}' ran past {timeout:.0f} s and was stopped; last output:\n" + "\n".join(tail)
+        ) from None
+    for r in readers:
+        r.join()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
+    if done.returncode != 0:
+        raise UserError(f"qemu-aarch64: '{module}' failed (exit {done.returncode}):\n" + "\n".join(tail))
+    return done
+
+
+def run_job(
+    artifact: Path,
+    encoded: list[list[int]],
+    new_tokens: int,
+    *,
+    timeout: float | None = 1800,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the parity job (``bindings.parity.collect_ours``) on ``artifact``
+    under qemu in one process.  Returns its arrays and the worker's timings
+    (``import_s``, ``load_s``, ``run_s``) plus ``wall_s`` of the whole call."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-") as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "out.npz"
+        job.write_text(json.dumps({"prompts": [list(map(int, ids)) for ids in encoded], "new_tokens": int(new_tokens)}))
+        done = run_in_qemu(
+            WORKER, [str(Path(artifact).resolve()), str(job), str(out)],
+            timeout=timeout, threads=threads, progress=progress,
+        )
+        with np.load(out) as data:
+            arrays = {k: data[k] for k in data.files}
+    info = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+    info["wall_s"] = round(time.time() - t0, 2)
+    return arrays, info
+
+
+def ours(artifact: Path, **options) -> Callable[[list[list[int]], int], dict[str, np.ndarray]]:
+    """For ``run_parity(..., ours=...)``: the compiled side computed under qemu."""
+
+    def collect(encoded: list[list[int]], new_tokens: int) -> dict[str, np.ndarray]:
+        return run_job(artifact, encoded, new_tokens, **options)[0]
+
+    return collect
+
+
+if __name__ == "__main__":  # python -m qwen35_mobile.bindings.emulators.aarch64: say whether it can run
+    reason = available()
+    print(reason or f"ready: {' '.join(command('MODULE', []))}")
+    sys.exit(1 if reason else 0)

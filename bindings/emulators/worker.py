@@ -1,0 +1,61 @@
+"""The emulated side of a parity job: ``python -m
+qwen35_mobile.bindings.emulators.worker ARTIFACT JOB.json OUT.npz``.
+
+Runs inside the emulator (e.g. the aarch64 Python under qemu, see
+``aarch64.py``); needs numpy and TVM only, no tokenizer and no transformers.
+JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N}``.  Loads ARTIFACT
+with the project's :class:`~..engine.Engine`, runs
+:func:`..parity.collect_ours` and saves its arrays to OUT.npz.  Progress goes
+to stderr; the last line of stdout is a JSON object of timings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    artifact, job_path, out_path = argv
+    job = json.loads(Path(job_path).read_text())
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.time()
+    import numpy as np
+    import tvm  # noqa: F401  (timed on its own: the biggest cost of starting under an emulator)
+
+    t1 = time.time()
+    from ...errors import UserError
+    from ..engine import Engine
+    from ..parity import collect_ours
+
+    try:
+        engine = Engine(Path(artifact))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    t2 = time.time()
+    progress(f"worker ({platform.machine()}): tvm imported in {t1 - t0:.1f} s, {artifact} loaded in {t2 - t1:.1f} s")
+    arrays = collect_ours(engine, [list(p) for p in job["prompts"]], int(job["new_tokens"]), progress)
+    t3 = time.time()
+    np.savez(out_path, **arrays)
+    print(json.dumps({
+        "machine": platform.machine(),
+        "import_s": round(t1 - t0, 2),
+        "load_s": round(t2 - t1, 2),
+        "run_s": round(t3 - t2, 2),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
