@@ -216,6 +216,12 @@ class Qwen35Config:
         d["layer_types"] = list(self.layer_types)
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Qwen35Config":
+        """The inverse of :meth:`to_json` (an artifact's manifest ``config``)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+
 
 def default_layer_types(num_hidden_layers: int, full_attention_interval: int = 4) -> tuple[str, ...]:
     """Layer i is full attention when (i + 1) % interval == 0."""

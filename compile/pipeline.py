@@ -64,8 +64,15 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
         model = quantization.quantize_model(model, quant)
         qmap = model.quantize_map
     spec = model.get_default_spec()
-    with target:  # hand-scheduled kernels size their vector blocks for it
-        mod, named = model.export_tvm(spec=spec)
+    if preset.graph_of:  # a host twin: the GPU graph, its own kernels on the CPU
+        from .model.qwen35 import gpu_kernels_on_cpu
+        from ..targets import get_target
+
+        with get_target(preset.graph_of).tvm_target(model_dtype(quant)), gpu_kernels_on_cpu():
+            mod, named = model.export_tvm(spec=spec)
+    else:
+        with target:  # hand-scheduled kernels size their vector blocks for it
+            mod, named = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
     return Exported(mod, params, list(spec.method_names), qmap, model_dtype(quant))
 
@@ -86,7 +93,11 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
     static = str(path).endswith(".tar")
     if static:
         mod = mod.with_attr("system_lib_prefix", preset.system_lib_prefix or "")
-    if preset.is_gpu:
+    if preset.graph_of:
+        from .twin import twin_pipeline
+
+        relax_pipeline = twin_pipeline(preset)
+    elif preset.is_gpu:
         from .schedule_gpu import gpu_pipeline
 
         relax_pipeline = gpu_pipeline(target)

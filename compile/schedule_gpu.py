@@ -131,6 +131,19 @@ class _Tolerant:
         return f"Tolerant({self.name})"
 
 
+def gpu_graph_passes(target: Target) -> list:
+    """Library dispatch, legalization and fusion: these decide the kernels of a
+    GPU build and their names (the host twin of compile/twin.py runs the same)."""
+    return _GPU_PASSES.library_dispatch_passes(target) + [
+        relax.transform.FuseTransposeMatmul(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
 def gpu_pipeline(target: Target, *, max_unroll: int = MAX_UNROLL) -> tvm.transform.Pass:
     """The Relax pipeline for a GPU ``target`` (see the module docstring)."""
     from tvm.s_tir import dlight as dl
@@ -142,16 +155,8 @@ def gpu_pipeline(target: Target, *, max_unroll: int = MAX_UNROLL) -> tvm.transfo
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                _GPU_PASSES.library_dispatch_passes(target)
-                + [
-                    relax.transform.FuseTransposeMatmul(),
-                    relax.transform.LegalizeOps(),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    dl.ApplyDefaultSchedule(*dlight_rules(target)),
-                ]
+                gpu_graph_passes(target)
+                + [dl.ApplyDefaultSchedule(*dlight_rules(target))]
                 + _GPU_PASSES.dataflow_lower_passes(target)
                 + _GPU_PASSES.finalize_passes(target)
                 + [_check_pass(max_unroll)]

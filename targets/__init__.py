@@ -28,6 +28,7 @@ class TargetPreset:
     device: str = "cpu"  # the TVM device the bindings run the library on ("cpu", "opencl", ...)
     fp16_mattr: tuple[str, ...] = ()  # LLVM features added to the (host) target of fp16 builds
     emulation: bool = False  # a build for the parity emulators, not for shipping
+    graph_of: str | None = None  # host twin: the GPU preset whose kernels it reproduces (compile/twin.py)
     linker: str | None = None  # C++ compiler that links a .so for another machine (None: TVM's default)
 
     @property
@@ -217,6 +218,19 @@ PRESETS.update(
         ),
     }
 )
+
+# Host twins (compile/twin.py): the kernels of a GPU preset, compiled for this
+# CPU, that the kernel-by-kernel emulators compare the device kernels with.
+for _gpu in ("android", "webgpu"):
+    PRESETS[f"{_gpu}-twin"] = TargetPreset(
+        name=f"{_gpu}-twin",
+        target={"kind": "llvm"},
+        host_triple=_host_triple(),
+        output="model.so",
+        emulation=True,
+        graph_of=_gpu,
+        description=f"emulation: the kernels of the {_gpu} build on this CPU (parity reference per kernel)",
+    )
 
 
 def get_target(name: str) -> TargetPreset:

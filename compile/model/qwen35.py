@@ -12,6 +12,9 @@ full attention (paged KV cache), as ``config.layer_types`` says.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.target import Target
@@ -29,6 +32,21 @@ from .rnn_state import RNNState
 F32 = "float32"
 
 
+_GPU_KERNELS_ON_CPU = contextvars.ContextVar("gpu_kernels_on_cpu", default=False)
+
+
+@contextlib.contextmanager
+def gpu_kernels_on_cpu():
+    """Export the GPU graph with its hand-written kernels instantiated as serial
+    loops (``emulate=True``): the same functions, names and arguments as the
+    GPU build, compilable for ``llvm``.  The parity emulators' host twin."""
+    token = _GPU_KERNELS_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _GPU_KERNELS_ON_CPU.reset(token)
+
+
 def _on_gpu() -> bool:
     """Whether the model is exported for a GPU target (pipeline.export runs
     under ``with target:``); the DeltaNet kernels are picked by it."""
@@ -37,11 +55,15 @@ def _on_gpu() -> bool:
 
 
 def causal_conv1d(x, state, weight):
-    return (conv_gpu if _on_gpu() else conv_cpu)(x, state, weight)
+    if _on_gpu():
+        return conv_gpu(x, state, weight, emulate=_GPU_KERNELS_ON_CPU.get())
+    return conv_cpu(x, state, weight)
 
 
 def gated_delta_rule(q, k, v, g, beta, state):
-    return (gdn_gpu if _on_gpu() else gdn_cpu)(q, k, v, g, beta, state)
+    if _on_gpu():
+        return gdn_gpu(q, k, v, g, beta, state, emulate=_GPU_KERNELS_ON_CPU.get())
+    return gdn_cpu(q, k, v, g, beta, state)
 
 
 class Linear(nn.Linear):
