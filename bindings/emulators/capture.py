@@ -1,0 +1,177 @@
+"""Every kernel call of a real run, with its tensors before and after.
+
+Runs a host-twin artifact (compile/twin.py) through the bindings' Engine and
+records each TIR function the run executes:
+
+* the Relax VM's own calls (``call_tir`` kernels: projections, norms, RoPE,
+  the DeltaNet and conv kernels...), through the VM's instrument hook;
+* the kernels the paged KV cache and the RNN state call from C++ (attention,
+  KV append, page copies, state get/set): their ``vm.builtin.*_create``
+  functions receive the kernels as arguments, so for the run those builtins
+  are replaced by wrappers that hand the cache recording copies of them.
+
+Each :class:`Call` keeps copies of every tensor argument before and after the
+call, and the scalars; the replaying emulator runs the device build of the
+same kernel on the ``before`` tensors and compares with ``after``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+#: The C++ state builtins that take kernels as arguments, and the Relax
+#: functions of the library that call them.
+_STATE_BUILTINS = {
+    "vm.builtin.paged_attention_kv_cache_create": "create_paged_kv_cache",
+    "vm.builtin.rnn_state_create": "create_rnn_state",
+}
+
+
+@dataclasses.dataclass
+class Call:
+    index: int  # position in the run
+    name: str  # the TIR function, as named in the twin
+    step: str  # "prefill" or "decode N"
+    before: list  # np.ndarray for tensors, int/float for scalars
+    after: list  # np.ndarray for tensors (None for scalars)
+    via: str = "vm"  # "vm": a call of the Relax VM; "kv_cache"/"rnn_state": called by that runtime object
+
+
+def _copy(arg):
+    import tvm
+
+    if isinstance(arg, tvm.runtime.Tensor):
+        return arg.numpy().copy()
+    if isinstance(arg, (bool, int, float)):
+        return arg
+    return None  # objects (caches, shapes, functions): not kernel data
+
+
+def kernel_names(mod, relax_func: str, builtin: str) -> list[str]:
+    """The TIR functions passed to ``builtin`` by ``relax_func`` of ``mod``, in
+    the order the runtime receives them (tuples flattened)."""
+    from tvm import relax
+
+    names: list[str] = []
+
+    def flatten(expr):
+        if isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                flatten(field)
+        elif isinstance(expr, relax.GlobalVar):
+            names.append(expr.name_hint)
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.args and isinstance(expr.args[0], relax.ExternFunc) \
+                and expr.args[0].global_symbol == builtin:
+            for arg in expr.args[1:]:
+                flatten(arg)
+
+    relax.analysis.post_order_visit(mod[relax_func], visit)
+    return names
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[Call] = []
+        self.step = "setup"
+        self.active = False
+
+    def record(self, name: str, via: str, run, args):
+        if not self.active:
+            return run(*args)
+        before = [_copy(a) for a in args]
+        out = run(*args)
+        after = [(_copy(a) if isinstance(b, np.ndarray) else None) for a, b in zip(args, before)]
+        self.calls.append(Call(len(self.calls), name, self.step, before, after, via))
+        return out
+
+    def instrument(self, func, name, before_run, ret, *args):
+        # The VM's calls of TIR functions; builtins (allocation, cache
+        # protocol) are not kernels.
+        if not self.active or name.startswith("vm.builtin.") or name.startswith("vm."):
+            return 0
+        if before_run:
+            self._pending = [_copy(a) for a in args]
+        else:
+            before = self._pending
+            after = [(_copy(a) if isinstance(b, np.ndarray) else None) for a, b in zip(args, before)]
+            self.calls.append(Call(len(self.calls), name, self.step, before, after, "vm"))
+        return 0
+
+
+@contextlib.contextmanager
+def _wrapped_state_builtins(recorder: Recorder, names: dict[str, list[str]]):
+    """Replace the state create builtins by ones that pass recording kernels."""
+    import tvm
+    import tvm_ffi
+
+    originals = {b: tvm.get_global_func(b) for b in _STATE_BUILTINS}
+
+    def wrapper_for(builtin: str):
+        original = originals[builtin]
+        order = iter(names[builtin])
+        via = "kv_cache" if "kv_cache" in builtin else "rnn_state"
+
+        def wrap(arg):
+            if isinstance(arg, tvm_ffi.Function):
+                name = next(order)
+                return lambda *a: recorder.record(name, via, arg, a)
+            if isinstance(arg, tvm_ffi.Array):
+                return [wrap(x) for x in arg]
+            return arg
+
+        def create(*args):
+            return original(*[wrap(a) for a in args])
+
+        return create
+
+    try:
+        for builtin in _STATE_BUILTINS:
+            tvm_ffi.register_global_func(builtin, wrapper_for(builtin), override=True)
+        yield
+    finally:
+        for builtin, original in originals.items():
+            tvm_ffi.register_global_func(builtin, original, override=True)
+
+
+def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=None) -> list[Call]:
+    """Run ``prompt_ids`` (one prefill) and ``decode_steps`` greedy decode steps
+    on the host-twin artifact ``twin`` and return every kernel call.  ``mod``:
+    the twin's exported Relax module (re-exported from the manifest if None),
+    which names the kernels the caches receive."""
+    from ..engine import Engine
+
+    if mod is None:
+        mod = export_from_manifest(twin)
+    names = {b: kernel_names(mod, f, b) for b, f in _STATE_BUILTINS.items()}
+    recorder = Recorder()
+    with _wrapped_state_builtins(recorder, names):
+        engine = Engine(twin)
+        engine.vm.set_instrument(recorder.instrument)
+        seq = engine.add_sequence()
+        recorder.active, recorder.step = True, "prefill"
+        logits = engine.prefill(seq, prompt_ids)
+        for k in range(decode_steps):
+            recorder.step = f"decode {k + 1}"
+            logits = engine.decode([seq], [int(np.argmax(logits))])[0]
+        recorder.active = False
+        engine.remove_sequence(seq)
+    return recorder.calls
+
+
+def export_from_manifest(artifact: Path, preset: str | None = None):
+    """The Relax module the artifact was compiled from (its config, quantization
+    and target, or ``preset`` instead of its target)."""
+    from ...compile import pipeline
+    from ...compile.artifact import read_manifest
+    from ...compile.config import Qwen35Config
+    from ...targets import get_target
+
+    manifest = read_manifest(artifact)
+    config = Qwen35Config.from_json(manifest["config"])
+    return pipeline.export(config, manifest["quantization"], get_target(preset or manifest["target"])).mod
