@@ -9,6 +9,8 @@
   ``cl_khr_fp16``, so only fp32 builds can be checked this way.
 * :func:`wgsl_storage_buffers` -- storage buffers per WGSL kernel; TVM's web
   runtime asks the adapter for :data:`WEBGPU_MAX_STORAGE_BUFFERS` per stage.
+* :func:`check_wgsl_dawn` -- every WGSL kernel creates a shader module on Dawn
+  (npm ``webgpu`` over Mesa lavapipe: ``scripts/setup_emulators.d/webgpu.sh``).
 
 A check whose tool is missing raises :class:`CheckUnavailable` (callers skip);
 a failing check raises :class:`UserError` with the compiler's log.
@@ -100,6 +102,36 @@ def check_opencl(source: str) -> str:
 def wgsl_storage_buffers(source: str) -> dict[str, int]:
     """Storage buffers each WGSL kernel binds."""
     return {name: len(re.findall(r"var<storage", part)) for name, part in kernel_sources(source).items()}
+
+
+def check_wgsl_dawn(source_or_artifact: str | Path) -> str:
+    """Create a shader module for every WGSL kernel on Dawn (npm ``webgpu`` over Mesa
+    lavapipe, bindings/emulators/webgpu.py); returns a one-line report.
+
+    ``source_or_artifact``: WGSL source (TVM's ``// Function:`` sections), a webgpu
+    ``model.tar`` or the artifact folder holding it.  Raises :class:`CheckUnavailable`
+    without Dawn/lavapipe (scripts/setup_emulators.d/webgpu.sh installs them) and
+    :class:`UserError` naming each kernel Dawn refuses, with its messages.
+    """
+    from ..bindings.emulators import webgpu
+
+    if isinstance(source_or_artifact, str) and "@compute" in source_or_artifact:
+        source = source_or_artifact
+    else:
+        path = Path(source_or_artifact)
+        source = device_source(path / "model.tar" if path.is_dir() else path)
+    kernels = webgpu.split_wgsl(source)  # each kernel's WGSL alone (kernel_sources keeps the header line)
+    if not kernels:
+        raise UserError("no WGSL kernels in the source")
+    why = webgpu.available()
+    if why:
+        raise CheckUnavailable(why)
+    errors = {name: err for name, err in webgpu.check_shader_modules(kernels).items() if err}
+    if errors:
+        shown = "\n".join(f"{name}:\n{err}" for name, err in list(errors.items())[:5])
+        raise UserError(f"{len(errors)} of {len(kernels)} WGSL kernels do not create a shader module on Dawn:\n{shown}")
+    device = webgpu.adapter_info()["adapter"].get("description") or "Dawn"
+    return f"{len(kernels)} WGSL kernels created shader modules on Dawn ({device})"
 
 
 # --------------------------------------------------------------------------

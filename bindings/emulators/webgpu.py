@@ -57,6 +57,7 @@ __all__ = [
     "lower_for_dawn",
     "run_primfunc",
     "shutdown",
+    "split_wgsl",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (= package qwen35_mobile)

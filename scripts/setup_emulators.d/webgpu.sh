@@ -7,13 +7,12 @@
 # A stamp (.emulators/webgpu.stamp, holding the lock's hash) skips all of it when done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-root=$PWD
 src=bindings/emulators/dawn
 dst=.emulators/node
 stamp=.emulators/webgpu.stamp
 want="$(cat "$src/package.json" "$src/package-lock.json" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-   && [ -d "$dst/node_modules/webgpu" ] && ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then
+   && [ -d "$dst/node_modules/webgpu" ] && ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   echo "webgpu emulator: up to date"
   exit 0
 fi
@@ -53,7 +52,6 @@ cp "$src/package.json" "$src/package-lock.json" "$dst/"
 # --- Verify: an adapter on lavapipe with shader-f16 --------------------------
 .venv/bin/python -c "
 import sys
-sys.path.insert(0, '$root/..')
 from qwen35_mobile.bindings.emulators import webgpu
 why = webgpu.available()
 if why: sys.exit('webgpu emulator: ' + why)
