@@ -10,6 +10,23 @@ from ..errors import UserError
 from ..targets import get_target
 
 
+# Devices the bindings run libraries on: the CPU, and OpenCL through the
+# project's runtime add-on (bindings/opencl_runtime; PoCL on this machine).
+RUNNABLE_DEVICES = ("cpu", "opencl")
+
+
+def check_opencl(artifact: Path, target: str) -> None:
+    """Raise UserError unless the OpenCL runtime add-on loads and sees a device."""
+    from .opencl_runtime import load_opencl_runtime, opencl_device_count
+
+    load_opencl_runtime()  # UserError when the add-on is not built
+    if opencl_device_count() == 0:
+        raise UserError(
+            f"{artifact}: built for target '{target}' (OpenCL), but no OpenCL device is visible; "
+            f"install an OpenCL driver (PoCL: run scripts/setup_emulators.sh)"
+        )
+
+
 def check_contract(artifact: Path) -> dict:
     """Return the manifest of a runnable artifact, or raise UserError."""
     manifest = read_manifest(artifact)
@@ -27,11 +44,17 @@ def check_contract(artifact: Path) -> dict:
             )
     target = manifest.get("target")
     preset = get_target(target) if isinstance(target, str) else None
-    if preset is None or preset.is_gpu or preset.host_triple != get_target("host").host_triple:
+    if (
+        preset is None
+        or preset.device not in RUNNABLE_DEVICES
+        or preset.host_triple != get_target("host").host_triple
+    ):
         raise UserError(
             f"{artifact}: built for target '{target}', which this machine cannot run "
             f"(the Python bindings run 'host' builds)"
         )
+    if preset.device == "opencl":
+        check_opencl(artifact, target)
     built_cpu = manifest.get("tvm_target", {}).get("mcpu")
     if built_cpu and built_cpu != preset.resolved().get("mcpu"):
         raise UserError(

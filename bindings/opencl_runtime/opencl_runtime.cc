@@ -55,6 +55,7 @@
 #include <tvm/runtime/device_api.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -707,6 +708,12 @@ class OpenCLModuleObj final : public ffi::ModuleObj {
       if (global[d] == 0) return;  // empty launch
     }
     cl_command_queue q = Workspace::Global()->Queue(device_id);
+    static const bool trace = std::getenv("QWEN35_OPENCL_TRACE") != nullptr;  // debugging aid
+    if (trace) {
+      std::fprintf(stderr, "[opencl] %s work_dim=%d global=(%zu,%zu,%zu) local=(%zu,%zu,%zu)\n",
+                   f.name.c_str(), wd, global[0], wd > 1 ? global[1] : 1, wd > 2 ? global[2] : 1,
+                   local[0], wd > 1 ? local[1] : 1, wd > 2 ? local[2] : 1);
+    }
     QCL_CALL(clEnqueueNDRangeKernel(q, kernel, static_cast<cl_uint>(wd), nullptr, global, local, 0,
                                     nullptr, nullptr));
     if (std::getenv("QWEN35_OPENCL_SYNC")) QCL_CALL(clFinish(q));  // debugging aid
