@@ -58,6 +58,10 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     from . import quantization
 
     target = preset.tvm_target(model_dtype(quant))
+    if preset.kernels_of:  # the kernels of the shipping preset, host code of this one
+        from ..targets import get_target
+
+        target = get_target(preset.kernels_of).tvm_target(model_dtype(quant))
     model = Qwen35LM(config, model_dtype(quant), target)
     qmap = None
     if quant in quantization.FORMATS:
@@ -99,8 +103,10 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
         relax_pipeline = twin_pipeline(preset)
     elif preset.is_gpu:
         from .schedule_gpu import gpu_pipeline
+        from ..targets import get_target
 
-        relax_pipeline = gpu_pipeline(target)
+        # Scheduled as the shipping preset's kernels (``kernels_of``), compiled with this one's host.
+        relax_pipeline = gpu_pipeline(get_target(preset.kernels_of or preset.name).tvm_target(exported.dtype))
     else:
         from .schedule_cpu import cpu_pipeline
 

@@ -28,6 +28,7 @@ class TargetPreset:
     device: str = "cpu"  # the TVM device the bindings run the library on ("cpu", "opencl", ...)
     fp16_mattr: tuple[str, ...] = ()  # LLVM features added to the (host) target of fp16 builds
     emulation: bool = False  # a build for the parity emulators, not for shipping
+    kernels_of: str | None = None  # emulation: device kernels exactly as this preset's build makes them
     graph_of: str | None = None  # host twin: the GPU preset whose kernels it reproduces (compile/twin.py)
     linker: str | None = None  # C++ compiler that links a .so for another machine (None: TVM's default)
 
@@ -200,6 +201,9 @@ PRESETS.update(
             output="model.so",
             system_lib_prefix=None,
             device="opencl",
+            # TVM picks attention-kernel configurations by the host (an Android
+            # host gets Adreno's); the emulator must run the android kernels.
+            kernels_of="android",
             emulation=True,
             description="emulation: android's OpenCL kernels with host code for this machine, run on PoCL",
             notes=(),

@@ -29,17 +29,26 @@ Runner = Callable[[str, object, list], list]  # (kernel name, PrimFunc, args) ->
 
 
 def written_params(func) -> list[int]:
-    """Indices of the buffer parameters that ``func`` stores into."""
+    """Indices of the parameters whose buffers ``func`` stores into.  (TVM 0.27:
+    buffer parameters are Vars of BufferType and a buffer's ``data`` is the
+    expression ``param.data``.)"""
+    import tvm_ffi
     from tvm import tirx
 
-    data = {func.buffer_map[p].data: i for i, p in enumerate(func.params) if p in func.buffer_map}
     stored: set[int] = set()
 
-    def visit(node):
-        if isinstance(node, tirx.BufferStore) and node.buffer.data in data:
-            stored.add(data[node.buffer.data])
+    def root(expr):
+        while not isinstance(expr, tirx.Var) and getattr(expr, "args", None):
+            expr = expr.args[0]
+        return expr
 
-    tirx.stmt_functor.post_order_visit(func.body, visit)
+    def on_store(node):
+        data = root(node.buffer.data)
+        for i, param in enumerate(func.params):
+            if data.same_as(param):
+                stored.add(i)
+
+    tvm_ffi.structural_walk(func.body, [(tirx.BufferStore, on_store)], order="post")
     return sorted(stored)
 
 
@@ -99,7 +108,7 @@ def replay(calls: list[Call], kernels: dict, names: Callable[[Call], str | None]
         if not is_device_function(func):
             rows.append({**row, "status": "skipped", "why": "host code in the device build (no GPU threads)"})
             continue
-        outs = written_params(func)
+        outs = written_params(func) or [i for i, a in enumerate(call.after) if isinstance(a, np.ndarray)]
         try:
             after = run(name, func, list(call.before))
         except Exception as err:  # a kernel that fails to build or launch is a finding, not a crash

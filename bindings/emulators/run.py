@@ -1,0 +1,240 @@
+"""``qwen35-mobile parity ARTIFACT --reference CKPT --emulator NAME``.
+
+From the artifact it takes the model (config), the quantization and the
+runtime sizes; from the reference checkpoint the weights.  It compiles what
+the emulator runs (bindings/emulators/__init__.py says which presets) into a
+scratch directory, runs it, and writes ``parity-<emulator>.json`` and a PNG
+plot next to the artifact (or where ``report`` says).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import UserError
+from . import get_emulator
+
+#: The kernel replay's run: one prefill longer than the 64-token DeltaNet chunk
+#: (so the chunked kernels and a partial chunk run) and two decode steps.
+REPLAY_TOKENS = 70
+REPLAY_DECODE_STEPS = 2
+
+
+def _why_unavailable(name: str) -> str | None:
+    if name == "aarch64":
+        from . import aarch64
+
+        return aarch64.available()
+    if name == "opencl":
+        from . import opencl
+
+        return opencl.available()
+    if name == "webgpu":
+        from . import webgpu
+
+        return webgpu.available()
+    if name == "metal":
+        from ...compile.static_checks import CheckUnavailable, _clang
+
+        try:
+            _clang()
+        except CheckUnavailable as err:
+            return str(err)
+    return None
+
+
+def available(name: str) -> str | None:
+    """None when emulator ``name`` can run here, else why not (what to install)."""
+    reason = _why_unavailable(get_emulator(name).name)
+    return f"{reason} (scripts/setup_emulators.sh installs every emulator)" if reason else None
+
+
+def _compile(reference: Path, preset: str, quant: str, out: Path, chat: dict, progress) -> Path:
+    from ...compile.compiler import compile_model
+
+    compile_model(
+        str(reference), preset, quant, out,
+        context_window=int(chat["context_window_size"]), prefill_chunk=int(chat["prefill_chunk_size"]),
+        progress=lambda msg: progress(f"  [{preset}] {msg.strip()}"),
+    )
+    return out
+
+
+def _runner(emulator: str, preset):
+    """(kernel name, PrimFunc, args) -> args after the run, on the emulated device."""
+    if emulator == "opencl":
+        from .opencl import KernelRunner
+
+        return KernelRunner(preset.tvm_target())
+    if emulator == "webgpu":
+        from . import webgpu
+
+        target = preset.tvm_target()
+
+        def run(_name, func, args):
+            buffers = iter(webgpu.run_primfunc(func, target, args))
+            return [next(buffers) if isinstance(a, np.ndarray) else None for a in args]
+
+        return run
+    raise ValueError(f"no kernel runner for {emulator}")
+
+
+def _kernel_check(em, reference: Path, manifest: dict, chat: dict, work: Path, prompt_ids: list[int],
+                  break_kernel: str | None, progress) -> dict:
+    from ...compile import pipeline
+    from ...compile.config import Qwen35Config
+    from ...compile.twin import device_kernels
+    from ...targets import get_target
+    from . import capture as cap
+    from . import replay as rp
+
+    quant, dtype = manifest["quantization"], manifest["dtype"]
+    config = Qwen35Config.from_json(manifest["config"])
+    progress(f"host twin ({em.twin}): compiling")
+    twin = _compile(reference, em.twin, quant, work / "twin", chat, progress)
+    twin_mod = pipeline.export(config, quant, get_target(em.twin)).mod
+    progress(f"host twin: running {len(prompt_ids)} prompt tokens + {REPLAY_DECODE_STEPS} decode steps, recording every kernel call")
+    calls = cap.capture(twin, prompt_ids, REPLAY_DECODE_STEPS, mod=twin_mod)
+
+    preset = get_target(em.kernels)
+    progress(f"device kernels ({preset.name}): scheduling")
+    device_mod = pipeline.export(config, quant, preset).mod
+    kernels = device_kernels(device_mod, preset)
+    if break_kernel:
+        if break_kernel not in kernels:
+            raise UserError(f"--break-kernel: no kernel '{break_kernel}' in the {preset.name} build")
+        kernels[break_kernel] = rp.break_kernel(kernels[break_kernel])
+    names = {}
+    for builtin, func in cap._STATE_BUILTINS.items():
+        via = "kv_cache" if "kv_cache" in builtin else "rnn_state"
+        names[via] = (cap.kernel_names(twin_mod, func, builtin), cap.kernel_names(device_mod, func, builtin))
+    twin_names = {via: pair[0] for via, pair in names.items()}
+    dev_names = {via: pair[1] for via, pair in names.items()}
+
+    tolerance = rp.KERNEL_TOLERANCE[dtype]
+    progress(f"replaying {len(calls)} kernel calls on the {em.name} emulator")
+    rows = rp.replay(
+        calls, kernels, lambda c: rp.device_name(c, twin_names, dev_names, kernels),
+        _runner(em.name, get_target(em.kernel_host or em.kernels)),
+        dtype=dtype, tolerance=tolerance, progress=progress,
+    )
+    summary = rp.summarize(rows, tolerance)
+    summary["pass"] = not summary["failing_kernels"] and summary["replayed"] > 0
+    summary["kernel_tolerance_basis"] = rp.__doc__.strip().splitlines()[0] if rp.__doc__ else ""
+    return {"summary": summary, "calls": rows, "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
+
+
+def _syntax_check(em, reference: Path, manifest: dict, work: Path, progress) -> dict:
+    from ...compile import pipeline
+    from ...compile.config import Qwen35Config
+    from ...compile.static_checks import check_metal, device_source
+    from ...targets import get_target
+
+    preset = get_target(em.syntax)
+    config = Qwen35Config.from_json(manifest["config"])
+    progress(f"building the {preset.name} library (no weights) for its device source")
+    path = work / preset.output
+    pipeline.build(pipeline.export(config, manifest["quantization"], preset), preset, path)
+    source = device_source(path)
+    kernels = source.count("kernel void")
+    try:
+        message, ok = check_metal(source), True
+    except UserError as err:
+        message, ok = str(err), False
+    return {"kind": "syntax check (clang, stub metal_stdlib), not parity", "kernels": kernels, "pass": ok,
+            "message": message}
+
+
+def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int = 32,
+                 report: Path | None = None, break_kernel: str | None = None, keep: Path | None = None,
+                 progress=print) -> dict:
+    """Run emulator ``name`` for ``artifact``; write and return the report."""
+    from ...compile.artifact import read_manifest
+    from ..parity import DEFAULT_PROMPTS, run_parity
+    from .plot import greedy_series, plot
+
+    em = get_emulator(name)
+    artifact, reference = Path(artifact), Path(reference)
+    manifest = read_manifest(artifact)
+    dtype = manifest["dtype"]
+    if dtype not in em.dtypes:
+        raise UserError(f"the {name} emulator cannot run {dtype} builds: {em.why_not_dtypes}")
+    if not (reference / "config.json").exists():
+        raise UserError(f"{reference}: no config.json; --reference must be the checkpoint the artifact came from")
+    reason = available(name)
+    if reason:
+        raise UserError(f"the {name} emulator is not installed here: {reason}")
+    chat = json.loads((artifact / "mlc-chat-config.json").read_text())
+    t0 = time.time()
+    out = {
+        "emulator": name,
+        "description": em.description,
+        "stands_for": list(em.stands_for),
+        "artifact": str(artifact),
+        "artifact_target": manifest["target"],
+        "reference": str(reference),
+        "quantization": manifest["quantization"],
+        "dtype": dtype,
+    }
+    if manifest["target"] not in em.stands_for and manifest["target"] != em.whole_model:
+        out["note"] = (f"the artifact was built for '{manifest['target']}'; this emulator checks the code of "
+                       f"{', '.join(em.stands_for)} builds of the same model, quantization and sizes")
+    verdicts = []
+    with tempfile.TemporaryDirectory(prefix=f"qwen35-{name}-") as tmp:
+        work = Path(keep) if keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if em.whole_model:
+            progress(f"whole model ({em.whole_model}): compiling")
+            build = _compile(reference, em.whole_model, manifest["quantization"], work / "model", chat, progress)
+            ours = None
+            if name == "aarch64":
+                from . import aarch64
+
+                ours = aarch64.ours(build, progress=progress)
+            t1 = time.time()
+            model = run_parity(build, reference, new_tokens=new_tokens, ours=ours, progress=progress)
+            model["seconds"] = round(time.time() - t1, 1)
+            out["model"] = model
+            verdicts.append(model["pass"])
+        if em.kernels:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+            ids = tok.encode(DEFAULT_PROMPTS[2], add_special_tokens=False).ids[:REPLAY_TOKENS]
+            t1 = time.time()
+            out["kernels"] = _kernel_check(em, reference, manifest, chat, work, ids, break_kernel, progress)
+            out["kernels"]["seconds"] = round(time.time() - t1, 1)
+            verdicts.append(out["kernels"]["summary"]["pass"])
+        if em.syntax:
+            out["syntax"] = _syntax_check(em, reference, manifest, work, progress)
+            verdicts.append(out["syntax"]["pass"])
+    out["seconds"] = round(time.time() - t0, 1)
+    out["pass"] = bool(verdicts) and all(verdicts)
+
+    report = Path(report) if report else artifact / f"parity-{name}.json"
+    png = report.with_suffix(".png")
+    out["plot"] = str(png) if (em.whole_model or em.kernels) else None
+    report.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
+    if out["plot"]:
+        k = out.get("kernels")
+        m = out.get("model")
+        plot(
+            png, f"qwen35-mobile parity --emulator {name}: {manifest['quantization']} "
+                 f"({'PASS' if out['pass'] else 'FAIL'})",
+            kernels=k["calls"] if k else None, kernel_tolerance=k["summary"]["tolerance"] if k else None,
+            steps=greedy_series(m) if m else None, step_tolerance=m["tolerance"]["max_rel"] if m else None,
+        )
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
