@@ -36,6 +36,7 @@ def _close(actual, expected, tol):
     assert actual.shape == expected.shape
     scale = max(float(np.abs(expected).max()), 1e-30)
     err = float(np.abs(actual - expected).max()) / scale
+    print(f"[max error {err:.2e} of max|expected|, tolerance {tol}]", end=" ")
     assert err <= tol, f"max error {err:.3g} of the largest magnitude (tolerance {tol})"
     return err
 
@@ -187,6 +188,9 @@ def test_two_kernels_scratch_scalar_and_big_grid(n):
     a = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     out = plan.run([a, np.zeros(n, np.float32), 2.5])
     np.testing.assert_array_equal(out[1], a * np.float32(2.5) + np.float32(1))
+    aligned = plan.run([a, np.zeros(n, np.float32), 2.5], scalars_as_none=True)
+    assert len(aligned) == 3 and aligned[2] is None
+    np.testing.assert_array_equal(aligned[1], out[1])
 
 
 def test_wrong_shapes_are_refused():

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import struct
 import subprocess
@@ -65,6 +66,8 @@ RUNNER = Path(__file__).resolve().parent / "dawn" / "run_wgsl.mjs"
 NODE_PREFIX = Path(os.environ.get("QWEN35_EMULATORS", ROOT / ".emulators")) / "node"
 WEBGPU_MODULE = NODE_PREFIX / "node_modules" / "webgpu" / "index.js"
 SETUP = "scripts/setup_emulators.d/webgpu.sh"
+#: Seconds one request may take (a cold lavapipe compiles big f16 kernels for minutes).
+_TIMEOUT = float(os.environ.get("QWEN35_DAWN_TIMEOUT", "1800"))
 
 
 class DawnError(RuntimeError):
@@ -122,6 +125,11 @@ class _Runner:
             return ""
 
     def _read(self) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], _TIMEOUT)
+        if not ready:
+            self.proc.kill()
+            self.proc.wait()
+            raise DawnError(f"the Dawn runner did not answer in {_TIMEOUT:.0f} s (QWEN35_DAWN_TIMEOUT); killed it")
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=10)
@@ -261,8 +269,15 @@ class KernelPlan:
     def kernel_sources(self) -> dict[str, str]:
         return {k.name: k.code for k in self.kernels.values()}
 
-    def run(self, args: Sequence[np.ndarray | int | float], *, read_all: bool = False) -> list[np.ndarray]:
-        return _run_plan(self, args, read_all=read_all)
+    def run(
+        self, args: Sequence[np.ndarray | int | float], *, read_all: bool = False, scalars_as_none: bool = False
+    ) -> list[np.ndarray | None]:
+        """One array per buffer parameter after the run (see :func:`run_primfunc`)."""
+        outs = _run_plan(self, args, read_all=read_all)
+        if not scalars_as_none:
+            return outs
+        it = iter(outs)
+        return [None if not isinstance(a, np.ndarray) else next(it) for a in args]
 
 
 _PLANS: dict[tuple, KernelPlan] = {}
@@ -589,7 +604,9 @@ class _Host:
             except _Unsupported:
                 ok = True
             if not ok:
-                raise ValueError(f"{self.plan.name}: host assertion failed: {s.message}")
+                parts = getattr(s, "message_parts", None) or [getattr(s, "message", "")]
+                text = "".join(str(getattr(x, "value", x)) for x in parts)
+                raise ValueError(f"{self.plan.name}: host assertion failed: {s.condition}: {text}")
             body = getattr(s, "body", None)
             if body is not None:
                 self.exec(body)
@@ -686,6 +703,38 @@ class _Host:
         )
 
 
+def _solve_dim(h: "_Host", dim, n: int) -> bool:
+    """Bind the one unknown variable of ``dim == n``; False when it cannot (yet)."""
+    from tvm import tirx
+
+    try:
+        h.eval(dim)
+        return True  # nothing unknown: the shape check decides
+    except _Unsupported:
+        pass
+    if isinstance(dim, tirx.Var):
+        h.env[dim] = n
+        return True
+    if isinstance(dim, (tirx.Add, tirx.Sub, tirx.Mul)):
+        for unknown, known, first in ((dim.a, dim.b, True), (dim.b, dim.a, False)):
+            try:
+                c = h.eval(known)
+            except _Unsupported:
+                continue
+            if isinstance(dim, tirx.Add):
+                target = n - c
+            elif isinstance(dim, tirx.Sub):
+                target = n + c if first else c - n
+            else:
+                if c == 0 or n % c:
+                    return False
+                target = n // c
+            return _solve_dim(h, unknown, target)
+    if isinstance(dim, tirx.Cast):
+        return _solve_dim(h, dim.value, n)
+    return False
+
+
 def _dt(x) -> str:
     """dtype of a TIR expression or variable ("handle" for pointers)."""
     d = getattr(getattr(x, "ty", None), "dtype", None)
@@ -728,6 +777,7 @@ def _run_plan(plan: KernelPlan, args: Sequence, *, read_all: bool = False) -> li
         raise ValueError(f"{plan.name}: {len(args)} arguments for {len(host.params)} parameters")
     h = _Host(plan)
     buffers = []  # (param position, Buffer, array)
+    pending = []  # (shape expression, its size) not bound by a bare variable
     # Bind shape variables from the arrays, then check every extent.
     for i, (p, a) in enumerate(zip(host.params, args)):
         buf = p if isinstance(getattr(p, "ty", None), tirx.BufferType) else None
@@ -745,6 +795,8 @@ def _run_plan(plan: KernelPlan, args: Sequence, *, read_all: bool = False) -> li
         for dim, n in zip(buf.shape, arr.shape):
             if isinstance(dim, tirx.Var) and dim not in h.env:
                 h.env[dim] = int(n)
+            elif not isinstance(dim, tirx.IntImm):
+                pending.append((dim, int(n)))
         if isinstance(buf.elem_offset, tirx.Var) and buf.elem_offset not in h.env:
             h.env[buf.elem_offset] = 0
         for j, st in enumerate(buf.strides or []):
@@ -753,6 +805,13 @@ def _run_plan(plan: KernelPlan, args: Sequence, *, read_all: bool = False) -> li
         h.env[buf] = _Slot(len(h.slots))
         h.slots.append({"size": arr.nbytes, "array": np.ascontiguousarray(arr), "name": buf.name})
         buffers.append((i, buf, arr))
+    # Shape variables seen only inside expressions (``batch_size + 1``): solve ``v + c``,
+    # ``v - c``, ``v * c`` for the one unknown.
+    while pending:
+        left = [(d, n) for d, n in pending if not _solve_dim(h, d, n)]
+        if len(left) == len(pending):
+            break
+        pending = left
     for i, buf, arr in buffers:
         want = tuple(int(h.eval(d)) for d in buf.shape)
         if want != tuple(arr.shape):
@@ -809,7 +868,8 @@ def run_primfunc(
     args: Sequence[np.ndarray | int | float] = (),
     *,
     func_name: str | None = None,
-) -> list[np.ndarray]:
+    scalars_as_none: bool = False,
+) -> list[np.ndarray | None]:
     """Run a scheduled PrimFunc's WebGPU kernels on Dawn.
 
     ``func_or_mod``: a ``tirx.PrimFunc`` (scheduled: thread bindings) or an IRModule
@@ -820,7 +880,9 @@ def run_primfunc(
     bound from them) and Python ints/floats for scalar parameters.
 
     Returns one array per buffer parameter, in parameter order, after all kernels
-    ran (inputs that no kernel writes come back as copies, without a read-back).
+    ran (inputs that no kernel writes come back as copies, without a read-back);
+    with ``scalars_as_none`` one entry per argument instead, ``None`` for scalars
+    (as ``capture.Call.after``).
     Lowering is cached per (function, target); the Node process persists.
     """
-    return lower_for_dawn(func_or_mod, target, func_name=func_name).run(args)
+    return lower_for_dawn(func_or_mod, target, func_name=func_name).run(args, scalars_as_none=scalars_as_none)
