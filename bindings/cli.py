@@ -4,6 +4,7 @@
     qwen35-mobile compile --model ckpt/ --target host --quant q0f32 -o out/
     qwen35-mobile run out/ --prompt "Hello"
     qwen35-mobile parity out/ --reference ckpt/
+    qwen35-mobile parity out-android/ --reference ckpt/ --emulator opencl
 """
 
 from __future__ import annotations
@@ -58,9 +59,39 @@ def cmd_run(args) -> None:
     print()
 
 
+def cmd_parity_emulator(args) -> None:
+    from .emulators.run import run_emulator
+
+    report = run_emulator(
+        args.emulator, Path(args.artifact), Path(args.reference), new_tokens=args.new_tokens,
+        report=Path(args.report) if args.report else None, break_kernel=args.break_kernel,
+        keep=Path(args.keep) if args.keep else None,
+    )
+    parts = []
+    if "model" in report:
+        s = report["model"]["summary"]
+        parts.append(f"whole model: max rel {s['max_rel']:.3g} (tolerance {report['model']['tolerance']['max_rel']:g}), "
+                     f"top-1 {s['top1_agreement']:.3f}, greedy {'identical' if s['greedy_agreement'] else 'differs'}")
+    if "kernels" in report:
+        s = report["kernels"]["summary"]
+        parts.append(f"kernels: {s['replayed']} calls of {s['kernels']} kernels replayed, max rel {s['max_rel']:.3g} "
+                     f"(tolerance {s['tolerance']:g})"
+                     + (f", FAILING: {', '.join(s['failing_kernels'])}" if s["failing_kernels"] else ""))
+    if "syntax" in report:
+        parts.append(f"syntax check (not parity): {report['syntax']['message'].splitlines()[0]}")
+    print(f"parity --emulator {args.emulator} {'PASS' if report['pass'] else 'FAIL'} in {report['seconds']:.0f} s; "
+          + "; ".join(parts) + (f"; plot: {report['plot']}" if report.get("plot") else ""))
+    if not report["pass"]:
+        raise SystemExit(1)
+
+
 def cmd_parity(args) -> None:
     from .parity import run_parity, write_report
 
+    if args.emulator:
+        return cmd_parity_emulator(args)
+    if args.break_kernel or args.keep:
+        raise UserError("--break-kernel and --keep go with --emulator")
     artifact = Path(args.artifact)
     report = run_parity(artifact, Path(args.reference), new_tokens=args.new_tokens, tolerance=args.tolerance)
     out = Path(args.report) if args.report else artifact / "parity.json"
@@ -85,6 +116,8 @@ def cmd_sizes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .emulators import EMULATORS
+
     parser = argparse.ArgumentParser(
         prog="qwen35-mobile",
         description="Compile Qwen3.5 models with Apache TVM, run them, and prove parity with transformers.",
@@ -139,7 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the Hugging Face checkpoint directory the artifact came from")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate and compare")
     p.add_argument("--tolerance", type=float, default=None, help="max relative logit error (default by dtype)")
-    p.add_argument("--report", help="where to write the report (default: ARTIFACT/parity.json)")
+    p.add_argument("--report", help="where to write the report (default: ARTIFACT/parity.json, or "
+                                    "ARTIFACT/parity-EMULATOR.json with a .png plot beside it)")
+    p.add_argument("--emulator", choices=list(EMULATORS),
+                   help="run the code of a device build on an emulator here: " + "; ".join(
+                       f"{name}: {em.description}" for name, em in EMULATORS.items()))
+    p.add_argument("--break-kernel", metavar="KERNEL",
+                   help="(testing the rig) corrupt this device kernel's output on purpose; the report must name it")
+    p.add_argument("--keep", metavar="DIR", help="keep the emulator's builds in DIR (default: a temporary directory)")
     p.set_defaults(func=cmd_parity)
     p = sub.add_parser("sizes", help="weight size per preset and quantization (Markdown table)",
                        description="Print the tensor-cache size of each real preset for every quantization, "

@@ -77,6 +77,13 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     else:
         with target:  # hand-scheduled kernels size their vector blocks for it
             mod, named = model.export_tvm(spec=spec)
+    if target.kind.name != "llvm" and not preset.graph_of:
+        from .kernels.merge_state import replace_merge_state
+        from .kernels.gpu_gated_delta_rule import max_threads_for_target
+
+        # TVM's GPU attention-state merge races between threads (kernels/merge_state.py).
+        mod = replace_merge_state(mod, config.num_attention_heads, config.head_dim, model_dtype(quant),
+                                  max_threads_for_target(target))
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
     return Exported(mod, params, list(spec.method_names), qmap, model_dtype(quant))
 

@@ -140,7 +140,7 @@ def _wrapped_state_builtins(recorder: Recorder, names: dict[str, list[str]]):
 
 
 def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=None) -> list[Call]:
-    """Run ``prompt_ids`` (one prefill) and ``decode_steps`` greedy decode steps
+    """Run ``prompt_ids`` (prefilled in two calls, split at 4/7) and ``decode_steps`` greedy decode steps
     on the host-twin artifact ``twin`` and return every kernel call.  ``mod``:
     the twin's exported Relax module (re-exported from the manifest if None),
     which names the kernels the caches receive."""
@@ -154,8 +154,14 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
         engine = Engine(twin)
         engine.vm.set_instrument(recorder.instrument)
         seq = engine.add_sequence()
-        recorder.active, recorder.step = True, "prefill"
-        logits = engine.prefill(seq, prompt_ids)
+        recorder.active = True
+        # Two prefill calls: the second attends to the cache the first filled
+        # (paged prefill + state merge), and continues the DeltaNet state.
+        split = len(prompt_ids) * 4 // 7 if len(prompt_ids) > 1 else len(prompt_ids)
+        for label, part in (("prefill", prompt_ids[:split]), ("prefill (continued)", prompt_ids[split:])):
+            if part:
+                recorder.step = label
+                logits = engine.prefill(seq, part)
         for k in range(decode_steps):
             recorder.step = f"decode {k + 1}"
             logits = engine.decode([seq], [int(np.argmax(logits))])[0]

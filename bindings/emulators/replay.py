@@ -61,14 +61,17 @@ def is_device_function(func) -> bool:
 
 
 def compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(max_rel, max_abs); NaN where the twin has NaN too counts as equal."""
+    """(max_rel, max_abs).  Equal values (also infinities) and NaN where the twin
+    has NaN too count as equal: unwritten parts of a buffer keep whatever the
+    allocation held, on both sides alike."""
     if got.shape != ref.shape:
         return float("inf"), float("inf")
     if ref.size == 0:
         return 0.0, 0.0
     g, r = got.astype(np.float64), ref.astype(np.float64)
-    both_nan = np.isnan(g) & np.isnan(r)
-    diff = np.where(both_nan, 0.0, np.abs(g - r))
+    same = (g == r) | (np.isnan(g) & np.isnan(r))  # bit-equal leftovers, infinities included
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(g - r))
     diff = np.where(np.isnan(diff), np.inf, diff)
     scale = np.abs(np.where(np.isfinite(r), r, 0.0)).max()
     max_abs = float(diff.max())
@@ -141,3 +144,29 @@ def summarize(rows: list[dict], tolerance: float) -> dict:
                           if bad else None),
         "worst_per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])),
     }
+
+
+def break_kernel(func):
+    """``func`` with every floating-point store into a parameter scaled by 1.5
+    and shifted by 0.25: a deliberately wrong kernel, for testing that the
+    rig names the kernel that diverged."""
+    import tvm_ffi
+    from tvm import tirx
+
+    params = [p for p in func.params]
+
+    def is_param(store) -> bool:
+        data = store.buffer.data
+        while not isinstance(data, tirx.Var) and getattr(data, "args", None):
+            data = data.args[0]
+        return any(data.same_as(p) for p in params)
+
+    def on_store(store):
+        dtype = str(store.value.ty)
+        if not is_param(store) or not dtype.startswith(("float", "bfloat")):
+            return store
+        wrong = store.value * tirx.const(1.5, dtype) + tirx.const(0.25, dtype)
+        return tirx.BufferStore(store.buffer, wrong, list(store.indices))
+
+    broken = tvm_ffi.structural_map(func.body, [(tirx.BufferStore, on_store)])
+    return func.with_body(broken)

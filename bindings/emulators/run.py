@@ -19,9 +19,11 @@ import numpy as np
 from ...errors import UserError
 from . import get_emulator
 
-#: The kernel replay's run: one prefill longer than the 64-token DeltaNet chunk
-#: (so the chunked kernels and a partial chunk run) and two decode steps.
-REPLAY_TOKENS = 70
+#: The kernel replay's run: 120 prompt tokens prefilled in two calls, 68 + 52
+#: (capture.py): the chunked DeltaNet path with a partial chunk, then the
+#: recurrent path on the carried state, and attention over the cached pages
+#: (paged prefill + merge); then two decode steps.
+REPLAY_TOKENS = 120
 REPLAY_DECODE_STEPS = 2
 
 
