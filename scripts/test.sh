@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The device-build static checks (PoCL, clang, llvm-nm, pyopencl); their tests
-# skip, saying so, when a tool cannot be installed here.
-bash scripts/setup_static_checks.sh || echo "test: static-check tools not installed; those checks will be skipped"
+# The emulators and the static-check tools (scripts/setup_emulators.sh); the
+# tests of any that cannot be installed skip, saying so.
+bash scripts/setup_emulators.sh || echo "test: some emulators are not installed; their tests will be skipped"
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q tests "$@"
