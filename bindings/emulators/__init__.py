@@ -41,8 +41,11 @@ EMULATORS: dict[str, Emulator] = {
         "aarch64",
         ("android", "ios"),
         "the whole model compiled for aarch64 (NEON; +fullfp16 in fp16 builds), run under qemu-user in a "
-        "Debian arm64 Python with the aarch64 TVM wheels, through the project's bindings",
+        "Debian arm64 Python with the aarch64 TVM wheels, through the project's bindings; and every kernel "
+        "call of a host run replayed with the aarch64 library",
         whole_model="aarch64",
+        kernels="aarch64",
+        twin="host",
     ),
     "opencl": Emulator(
         "opencl",

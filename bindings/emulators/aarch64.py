@@ -183,3 +183,16 @@ if __name__ == "__main__":  # python -m qwen35_mobile.bindings.emulators.aarch64
     reason = available()
     print(reason or f"ready: {' '.join(command('MODULE', []))}")
     sys.exit(1 if reason else 0)
+
+
+def replay(artifact: Path, calls: list, *, timeout: float | None = 1800, progress=None) -> list:
+    """Run captured kernel calls (:mod:`.capture`) with ``artifact``'s aarch64
+    library under qemu, in one process; returns the calls with what it wrote."""
+    from .capture import load_calls, save_calls
+
+    with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-replay-") as tmp:
+        calls_path, job, out = Path(tmp) / "calls.npz", Path(tmp) / "job.json", Path(tmp) / "out.npz"
+        save_calls(calls, calls_path)
+        job.write_text(json.dumps({"replay": str(calls_path)}))
+        run_in_qemu(WORKER, [str(Path(artifact).resolve()), str(job), str(out)], timeout=timeout, progress=progress)
+        return load_calls(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,54 @@ def export_from_manifest(artifact: Path, preset: str | None = None):
     manifest = read_manifest(artifact)
     config = Qwen35Config.from_json(manifest["config"])
     return pipeline.export(config, manifest["quantization"], get_target(preset or manifest["target"])).mod
+
+
+def save_calls(calls: list[Call], path: Path, *, with_after: bool = False) -> None:
+    """The calls as one .npz: tensors under ``"{i}.b{j}"`` (and ``"{i}.a{j}"``),
+    names, steps and scalars in a JSON entry ``"calls"``."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, call in enumerate(calls):
+        scalars = {}
+        for j, value in enumerate(call.before):
+            if isinstance(value, np.ndarray):
+                arrays[f"{i}.b{j}"] = value
+                if with_after:
+                    arrays[f"{i}.a{j}"] = call.after[j]
+            else:
+                scalars[j] = value
+        meta.append({"index": call.index, "name": call.name, "step": call.step, "via": call.via,
+                     "nargs": len(call.before), "scalars": scalars})
+    arrays["calls"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def load_calls(path: Path) -> list[Call]:
+    with np.load(path) as data:
+        meta = json.loads(bytes(data["calls"]).decode())
+        calls = []
+        for i, m in enumerate(meta):
+            scalars = {int(k): v for k, v in m["scalars"].items()}
+            before = [scalars[j] if j in scalars else data[f"{i}.b{j}"] for j in range(m["nargs"])]
+            after = [None if j in scalars else (data[f"{i}.a{j}"] if f"{i}.a{j}" in data.files else None)
+                     for j in range(m["nargs"])]
+            calls.append(Call(m["index"], m["name"], m["step"], before, after, m["via"]))
+    return calls
+
+
+def run_calls(library: Path, calls: list[Call], progress=None) -> list[Call]:
+    """Run each call's kernel from the (CPU) library ``library`` on the call's
+    ``before`` tensors; the returned calls hold what that library wrote."""
+    import tvm
+
+    lib = tvm.runtime.load_module(str(library))
+    out = []
+    for n, call in enumerate(calls):
+        if progress and n % 100 == 0:
+            progress(f"replay: {n}/{len(calls)} calls")
+        func = lib.get_function(call.name, query_imports=True)
+        args = [tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in call.before]
+        func(*args)
+        after = [a.numpy() if isinstance(a, tvm.runtime.Tensor) else None for a in args]
+        out.append(dataclasses.replace(call, after=after))
+    return out

@@ -103,6 +103,26 @@ def _kernel_check(em, reference: Path, manifest: dict, chat: dict, work: Path, p
     progress(f"host twin: running {len(prompt_ids)} prompt tokens + {REPLAY_DECODE_STEPS} decode steps, recording every kernel call")
     calls = cap.capture(twin, prompt_ids, REPLAY_DECODE_STEPS, mod=twin_mod)
 
+    tolerance = rp.KERNEL_TOLERANCE[dtype]
+    if not get_target(em.kernels).is_gpu:  # a CPU library: every call at once, in the emulator
+        from . import aarch64
+
+        progress(f"replaying {len(calls)} kernel calls with the {em.kernels} library under qemu")
+        t0 = time.time()
+        done = aarch64.replay(work / "model", calls, progress=progress)
+        rows = []
+        for call, ran in zip(calls, done):
+            errs = [rp.compare(a, r) for a, r in zip(ran.after, call.after) if isinstance(r, np.ndarray)]
+            max_rel = max((e[0] for e in errs), default=0.0)
+            rows.append({"index": call.index, "kernel": call.name, "step": call.step, "via": call.via,
+                         "device_kernel": call.name, "max_rel": max_rel, "max_abs": max((e[1] for e in errs), default=0.0),
+                         "status": "pass" if max_rel <= tolerance else "fail"})
+        progress(f"replay: {len(calls)} calls in {time.time() - t0:.0f} s")
+        summary = rp.summarize(rows, tolerance)
+        summary["pass"] = not summary["failing_kernels"] and summary["replayed"] > 0
+        return {"summary": summary, "calls": rows,
+                "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
+
     preset = get_target(em.kernels)
     progress(f"device kernels ({preset.name}): scheduling")
     device_mod = pipeline.export(config, quant, preset).mod
@@ -118,7 +138,6 @@ def _kernel_check(em, reference: Path, manifest: dict, chat: dict, work: Path, p
     twin_names = {via: pair[0] for via, pair in names.items()}
     dev_names = {via: pair[1] for via, pair in names.items()}
 
-    tolerance = rp.KERNEL_TOLERANCE[dtype]
     progress(f"replaying {len(calls)} kernel calls on the {em.name} emulator")
     rows = rp.replay(
         calls, kernels, lambda c: rp.device_name(c, twin_names, dev_names, kernels),
@@ -168,6 +187,8 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
         raise UserError(f"the {name} emulator cannot run {dtype} builds: {em.why_not_dtypes}")
     if not (reference / "config.json").exists():
         raise UserError(f"{reference}: no config.json; --reference must be the checkpoint the artifact came from")
+    if break_kernel and not (em.kernels and get_emulator(name).kernel_host or name == "webgpu"):
+        raise UserError(f"--break-kernel works with the emulators that replay GPU kernels (opencl, webgpu), not {name}")
     reason = available(name)
     if reason:
         raise UserError(f"the {name} emulator is not installed here: {reason}")

@@ -3,9 +3,12 @@ qwen35_mobile.bindings.emulators.worker ARTIFACT JOB.json OUT.npz``.
 
 Runs inside the emulator (e.g. the aarch64 Python under qemu, see
 ``aarch64.py``); needs numpy and TVM only, no tokenizer and no transformers.
-JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N}``.  Loads ARTIFACT
+JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N}``: loads ARTIFACT
 with the project's :class:`~..engine.Engine`, runs
-:func:`..parity.collect_ours` and saves its arrays to OUT.npz.  Progress goes
+:func:`..parity.collect_ours` and saves its arrays to OUT.npz.  Or
+``{"replay": CALLS.npz}``: runs every captured kernel call of CALLS.npz
+(:func:`.capture.save_calls`) with ARTIFACT's library and saves what the
+kernels wrote (:func:`.capture.run_calls`).  Progress goes
 to stderr; the last line of stdout is a JSON object of timings.
 """
 
@@ -38,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import Engine
     from ..parity import collect_ours
 
+    if "replay" in job:
+        from ...compile.artifact import read_manifest
+        from .capture import load_calls, run_calls, save_calls
+
+        library = Path(artifact) / read_manifest(Path(artifact))["library"]
+        calls = run_calls(library, load_calls(Path(job["replay"])), progress)
+        t3 = time.time()
+        save_calls(calls, Path(out_path), with_after=True)
+        print(json.dumps({"machine": platform.machine(), "import_s": round(t1 - t0, 2), "run_s": round(t3 - t1, 2)}))
+        return 0
     try:
         engine = Engine(Path(artifact))
     except UserError as err:
