@@ -187,7 +187,9 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
         raise UserError(f"the {name} emulator cannot run {dtype} builds: {em.why_not_dtypes}")
     if not (reference / "config.json").exists():
         raise UserError(f"{reference}: no config.json; --reference must be the checkpoint the artifact came from")
-    if break_kernel and not (em.kernels and get_emulator(name).kernel_host or name == "webgpu"):
+    from ...targets import get_target
+
+    if break_kernel and not (em.kernels and get_target(em.kernels).is_gpu):
         raise UserError(f"--break-kernel works with the emulators that replay GPU kernels (opencl, webgpu), not {name}")
     reason = available(name)
     if reason:
