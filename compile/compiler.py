@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Callable
 from ..errors import UserError
 from ..targets import get_target
 from . import artifact, pipeline
-from .config import STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
+from .config import PRESETS, STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -61,6 +62,24 @@ def chat_config(config: Qwen35Config, quant: str, context_window: int, prefill_c
     }
 
 
+def system_lib_prefix_for(preset, model: str, quant: str, requested: str | None = None) -> str:
+    """The system-lib prefix of a static build: ``requested``, or the preset's
+    base followed by the model and the quantization (``qwen35_0_8b_q4f16_1_``),
+    so that an app can link several models side by side.  The web preset's
+    empty prefix stays empty (tvmjs opens its system library unprefixed)."""
+    if preset.system_lib_prefix is None:
+        raise UserError(f"target '{preset.name}' builds a shared library, which has no system-lib prefix")
+    if requested is not None:
+        if not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*_)?", requested):
+            raise UserError(f"--system-lib-prefix '{requested}' must be a C identifier ending in '_' (or empty)")
+        return requested
+    if not preset.system_lib_prefix:
+        return ""
+    name = model if model in PRESETS else Path(model).resolve().name
+    tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("qwen3.5-", "").replace("qwen3_5", "")).strip("_")
+    return f"{preset.system_lib_prefix}{tag + '_' if tag else ''}{quant}_"
+
+
 def compile_model(
     model: str,
     target: str,
@@ -71,6 +90,7 @@ def compile_model(
     context_window: int = 4096,
     prefill_chunk: int = 2048,
     force: bool = False,
+    system_lib_prefix: str | None = None,
     progress: Progress = print,
 ) -> dict:
     """Build an artifact; returns its manifest."""
@@ -81,6 +101,10 @@ def compile_model(
             raise UserError(f"{weights}: no such checkpoint directory")
         _check_same_shapes(model, config, load_config(ckpt_dir))
     preset = get_target(target)
+    if system_lib_prefix is not None or preset.system_lib_prefix:
+        import dataclasses
+
+        preset = dataclasses.replace(preset, system_lib_prefix=system_lib_prefix_for(preset, model, quant, system_lib_prefix))
     dtype = pipeline.model_dtype(quant)
     context_window = min(context_window, config.max_position_embeddings)
     if context_window <= 0 or prefill_chunk <= 0:

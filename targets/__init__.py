@@ -112,8 +112,9 @@ def _device(
     )
 
 
-# System-lib prefix of the static (app-linked) libraries: the app registers the
-# library with ``tvm.runtime.system_lib("qwen35_")`` (C++: ``SystemLib("qwen35_")``).
+# Base of the system-lib prefix of the static (app-linked) libraries; a build's
+# prefix adds the model and quantization (compile/compiler.py: qwen35_0_8b_q4f16_1_),
+# and the app opens it with ``SystemLib("<prefix>")``.
 SYSTEM_LIB_PREFIX = "qwen35_"
 
 PRESETS.update(
@@ -130,8 +131,8 @@ PRESETS.update(
             system_lib_prefix=SYSTEM_LIB_PREFIX,
             description="Android phones: OpenCL GPU kernels, aarch64 host code, static system-lib .tar",
             notes=(
-                "model.tar holds aarch64 ELF objects (lib0.o: host code, qwen35_devc.o: OpenCL C source) "
-                "built with system-lib prefix 'qwen35_'; link them with the NDK (aarch64-linux-android) "
+                "model.tar holds aarch64 ELF objects (lib0.o: host code, <prefix>devc.o: OpenCL C source) "
+                "built with the manifest's system_lib_prefix (qwen35_<model>_<quant>_); link them with the NDK (aarch64-linux-android) "
                 "into the app's JNI library together with the TVM runtime built with OpenCL",
             ),
         ),
@@ -145,8 +146,8 @@ PRESETS.update(
             system_lib_prefix=SYSTEM_LIB_PREFIX,
             description="iPhone/iPad: Metal GPU kernels, arm64 Apple host code, static system-lib .tar",
             notes=(
-                "model.tar holds arm64 Mach-O objects (lib0.o: host code, qwen35_devc.o: Metal source) "
-                "built with system-lib prefix 'qwen35_'; add them (e.g. as a static library made with "
+                "model.tar holds arm64 Mach-O objects (lib0.o: host code, <prefix>devc.o: Metal source) "
+                "built with the manifest's system_lib_prefix (qwen35_<model>_<quant>_); add them (e.g. as a static library made with "
                 "`libtool -static`) to the Xcode target next to the TVM runtime built with Metal",
             ),
         ),

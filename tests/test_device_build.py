@@ -130,7 +130,10 @@ def test_static_library(device_build, target, quant):
     assert not (out / "tensor-cache.json").exists()  # library only
 
     members = _members(out / "model.tar")
-    devc = f"{preset.system_lib_prefix}devc.o"
+    prefix = manifest["system_lib_prefix"]
+    # per model and quantization, so that two models link into one app
+    assert prefix == ("" if target == "webgpu" else f"qwen35_tiny_{quant}_")
+    devc = f"{prefix}devc.o"
     assert set(members) == {"lib0.o", devc}, sorted(members)
     for name, data in members.items():
         assert _object_kind(data) == OBJECT_KIND[target], name
@@ -140,12 +143,12 @@ def test_static_library(device_build, target, quant):
     assert marker in source
     for kernel in DELTANET_KERNELS + ATTENTION_KERNELS:
         assert declare in source
-        assert f"{preset.system_lib_prefix}{kernel}".encode() in source, f"{kernel} missing from the {target} source"
+        assert f"{prefix}{kernel}".encode() in source, f"{kernel} missing from the {target} source"
     if quant == "q0f16" and target == "webgpu":
         assert b"enable f16;" in source
     # Functions are registered under the system-lib prefix.
-    assert f"{preset.system_lib_prefix}__tvm_ffi__library_bin".encode() in source  # the VM executable
-    assert f"__tvm_ffi_{preset.system_lib_prefix}gated_delta_rule".encode() in members["lib0.o"]
+    assert f"{prefix}__tvm_ffi__library_bin".encode() in source  # the VM executable
+    assert f"__tvm_ffi_{prefix}gated_delta_rule".encode() in members["lib0.o"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="the cuda build needs nvcc (CUDA toolkit)")
@@ -407,3 +410,21 @@ def test_short_system_lib_prefix_still_breaks_get_attr():
     mod = tvm.IRModule({}).with_attr("system_lib_prefix", "qwen35_")
     with pytest.raises(TypeError, match="SmallStr"):
         mod.get_attr("system_lib_prefix")
+
+
+def test_system_lib_prefix_per_model_and_quantization():
+    """Two models (or two quantizations of one) in one app need their own
+    system-lib prefixes; the web build stays unprefixed (tvmjs)."""
+    from qwen35_mobile.compile.compiler import system_lib_prefix_for
+    from qwen35_mobile.errors import UserError
+
+    android, web = get_target("android"), get_target("webgpu")
+    assert system_lib_prefix_for(android, "qwen3.5-0.8b", "q4f16_1") == "qwen35_0_8b_q4f16_1_"
+    assert system_lib_prefix_for(android, "qwen3.5-9b", "q0f16") == "qwen35_9b_q0f16_"
+    assert system_lib_prefix_for(get_target("ios"), "/models/Qwen3.5-2B", "q4f32_1") == "qwen35_2b_q4f32_1_"
+    assert system_lib_prefix_for(web, "qwen3.5-4b", "q4f16_1") == ""
+    assert system_lib_prefix_for(android, "tiny", "q0f32", "myapp_chat_") == "myapp_chat_"
+    with pytest.raises(UserError, match="must be a C identifier ending in '_'"):
+        system_lib_prefix_for(android, "tiny", "q0f32", "my-app")
+    with pytest.raises(UserError, match="has no system-lib prefix"):
+        system_lib_prefix_for(get_target("host"), "tiny", "q0f32", "x_")
