@@ -61,7 +61,9 @@ def _device_check(source: str, target: str, quant: str) -> str:
         return "metal: " + sc.check_metal(source)
     if target == "webgpu":
         over = {k: n for k, n in sc.wgsl_storage_buffers(source).items() if n > sc.WEBGPU_MAX_STORAGE_BUFFERS}
-        return f"wgsl: storage buffers over {sc.WEBGPU_MAX_STORAGE_BUFFERS}: {over or 'none'}"
+        if over:
+            raise UserError(f"wgsl: kernels over {sc.WEBGPU_MAX_STORAGE_BUFFERS} storage buffers: {over}")
+        return f"wgsl: at most {sc.WEBGPU_MAX_STORAGE_BUFFERS} storage buffers; " + sc.check_wgsl_dawn(source)
     return "no device check for this build"
 
 
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true",
         help="static checks: OpenCL C of fp32 android builds on PoCL (needs pyopencl), Metal kernels through a clang "
-        "syntax check (needs clang), WGSL storage buffers per kernel",
+        "syntax check (needs clang), WGSL storage buffers per kernel and shader modules on Dawn (npm webgpu)",
     )
     args = parser.parse_args(argv)
 
