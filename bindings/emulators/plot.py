@@ -53,7 +53,7 @@ def _axes(draw: ImageDraw.ImageDraw, top: int, height: int, title: str, xlabel: 
 def _kernel_panel(draw, top: int, rows: list[dict], tolerance: float) -> None:
     ran = [r for r in rows if r["status"] in ("pass", "fail", "error")]
     _axes(draw, top, PANEL_H, "max relative error of each kernel call (device vs host twin, same inputs)",
-          "kernel calls in execution order (red: over tolerance or failed to run)", tolerance)
+          "kernel calls in execution order (bottom row: bit-exact; red: over tolerance or failed to run)", tolerance)
     if not ran:
         return
     font = _font(12)
