@@ -354,7 +354,7 @@ def test_opencl_kernels_build_on_pocl(device_build):
     from qwen35_mobile.compile.static_checks import CheckUnavailable, check_opencl, device_source, kernel_sources
 
     source = device_source(device_build("android", "q0f32") / "model.tar")
-    assert "qwen35_gated_delta_rule_chunk_scan_kernel" in kernel_sources(source)
+    assert "qwen35_tiny_q0f32_gated_delta_rule_chunk_scan_kernel" in kernel_sources(source)
     try:
         report = check_opencl(source)
     except CheckUnavailable as err:

@@ -318,3 +318,67 @@ def test_tiny_model_webgpu_kernels_create_shader_modules(webgpu_build, quant):
         assert any("enable f16;" in src for src in kernels.values())
     report = check_wgsl_dawn(tar)
     assert f"{len(kernels)} WGSL kernels" in report, report
+
+
+# ---------------------------------------------------------------- every dlight kernel of the tiny model
+def _free_vars(e) -> list:
+    from tvm import tirx
+
+    if isinstance(e, tirx.Var):
+        return [e]
+    return [v for a in ("a", "b", "value") if hasattr(e, a) for v in _free_vars(getattr(e, a))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+def test_tiny_model_dlight_kernels_match_cpu(quant):
+    """Each legalized kernel of the tiny model's webgpu graph, dlight-scheduled, on
+    Dawn against the same PrimFunc unscheduled on llvm (random inputs, shape
+    variables 5; integer inputs 0)."""
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    from qwen35_mobile.compile.config import preset
+    from qwen35_mobile.compile.pipeline import export
+    from qwen35_mobile.compile.schedule_gpu import dlight_rules, gpu_graph_passes
+    from qwen35_mobile.targets import get_target
+
+    p = get_target("webgpu")
+    target = p.tvm_target()
+    with target:
+        graph = tvm.transform.Sequential(gpu_graph_passes(target))(export(preset("tiny"), quant, p).mod)
+    funcs = {
+        gv.name_hint: f
+        for gv, f in graph.functions_items()
+        if isinstance(f, tirx.PrimFunc) and not (f.attrs is not None and f.attrs.get("tirx.is_scheduled"))
+    }
+    assert len(funcs) > 50
+    rng = np.random.default_rng(0)
+    worst = {}
+    for name, func in funcs.items():
+        with target:  # one function per module: dlight rewrites the module it is given
+            scheduled = dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({name: func}))[name]
+        plan = webgpu.lower_for_dawn(scheduled, target, func_name=name)
+        env = {prm: 5 for prm in plan.host.params if not isinstance(getattr(prm, "ty", None), tirx.BufferType)}
+        host = webgpu._Host(plan)
+        host.env.update(env)
+        args = []
+        for prm in plan.host.params:
+            if prm in env:
+                args.append(5)
+                continue
+            for v in (v for d in prm.shape for v in _free_vars(d)):
+                host.env.setdefault(v, 5)
+            shape = tuple(int(host.eval(d)) for d in prm.shape)
+            dt = str(prm.dtype)
+            args.append((0.5 * rng.standard_normal(shape)).astype(dt) if dt.startswith("float") else np.zeros(shape, dt))
+        ref = _llvm(func, args)
+        out = plan.run(args)
+        tol = FP32_TOL if quant == "q0f32" else 1e-2  # float16 sums in other orders
+        errs = []
+        for o, r in zip(out, ref):
+            finite = np.isfinite(r.astype(np.float32))  # random inputs: log/sqrt of negatives on both
+            if finite.any():
+                errs.append(_close(o[finite], r[finite], tol))
+        worst[name] = max(errs, default=0.0)
+    print(f"{len(worst)} kernels, worst {max(worst.values()):.2e} ({max(worst, key=worst.get)})")

@@ -68,9 +68,9 @@ def compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
         return float("inf"), float("inf")
     if ref.size == 0:
         return 0.0, 0.0
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    same = (g == r) | (np.isnan(g) & np.isnan(r))  # bit-equal leftovers, infinities included
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
+        g, r = got.astype(np.float64), ref.astype(np.float64)
+        same = (g == r) | (np.isnan(g) & np.isnan(r))  # bit-equal leftovers, infinities included
         diff = np.where(same, 0.0, np.abs(g - r))
     diff = np.where(np.isnan(diff), np.inf, diff)
     scale = np.abs(np.where(np.isfinite(r), r, 0.0)).max()

@@ -291,15 +291,10 @@ def _as_target(target):
     if target is None:
         target = Target.current(allow_none=True) or {"kind": "webgpu"}
     if isinstance(target, str):
-        if target in ("webgpu",):
-            target = {"kind": "webgpu"}
-        else:
-            try:
-                from qwen35_mobile.targets import get_target
+        from ...targets import PRESETS
 
-                target = get_target(target).target
-            except Exception:  # noqa: BLE001 - not a preset name
-                target = {"kind": target}
+        # a preset name ("webgpu" is one: its limits and wasm32 host), else a kind
+        target = PRESETS[target].tvm_target() if target in PRESETS else {"kind": target}
     target = target if isinstance(target, Target) else Target(target)
     if target.kind.name != "webgpu":
         raise ValueError(f"target kind {target.kind.name!r}: the Dawn launcher runs webgpu kernels only")

@@ -236,12 +236,17 @@ for await (const line of rl) {
   }
   if (req.op === 'exit') break;
   let reply;
+  // Keep the event loop turning while Dawn's promises are pending: without a timer
+  // a request sometimes waited forever on one (mapAsync, getCompilationInfo).
+  const pump = setInterval(() => {}, 1);
   try {
     const op = ops[req.op];
     if (!op) throw new Error(`unknown op ${req.op}`);
     reply = { id: req.id, ok: true, ...(await op(req)) };
   } catch (e) {
     reply = { id: req.id, ok: false, error: String((e && e.message) || e) };
+  } finally {
+    clearInterval(pump);
   }
   process.stdout.write(JSON.stringify(reply) + '\n');
 }
