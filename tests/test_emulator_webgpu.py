@@ -330,10 +330,10 @@ def _free_vars(e) -> list:
 
 
 @pytest.mark.slow
-# q0f16 left out: with random inputs its CPU reference run hung or crashed the
-# process (seen with the Dawn side switched off too): some of its 90 kernels
-# index memory with the random data.  Real inputs: the capture/replay of a run.
-@pytest.mark.parametrize("quant", ["q0f32"])
+# Kernels with integer or scalar inputs are left out: with random values the CPU
+# reference ran out of bounds and crashed the process (in _llvm, not on Dawn).
+# Real inputs: the capture/replay of a run.
+@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
 def test_tiny_model_dlight_kernels_match_cpu(quant):
     """Each legalized kernel of the tiny model's webgpu graph, dlight-scheduled, on
     Dawn against the same PrimFunc unscheduled on llvm (random inputs, shape
@@ -362,6 +362,9 @@ def test_tiny_model_dlight_kernels_match_cpu(quant):
         with target:  # one function per module: dlight rewrites the module it is given
             scheduled = dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({name: func}))[name]
         plan = webgpu.lower_for_dawn(scheduled, target, func_name=name)
+        if any(not isinstance(getattr(prm, "ty", None), tirx.BufferType) or not str(prm.dtype).startswith("float")
+               for prm in plan.host.params):
+            continue  # scalar or integer inputs (offsets, indices): random values run the CPU reference out of bounds
         env = {prm: 5 for prm in plan.host.params if not isinstance(getattr(prm, "ty", None), tirx.BufferType)}
         host = webgpu._Host(plan)
         host.env.update(env)
