@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # tests of any that cannot be installed skip, saying so.
 bash scripts/setup_emulators.sh || echo "test: some emulators are not installed; their tests will be skipped"
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q tests "$@"
+exec .venv/bin/python -m pytest -q -rs tests "$@"  # -rs: every skip says why
