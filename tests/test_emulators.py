@@ -71,6 +71,15 @@ def test_webgpu_every_wgsl_kernel_on_dawn(artifact, checkpoint, tmp_path, quant,
     _check_plot(report)
 
 
+def test_webgpu_other_gqa_ratio(artifact, checkpoint, tmp_path):
+    """tiny-gva: twice as many value heads as key heads in the DeltaNet layers."""
+    _need("webgpu")
+    report = run_emulator("webgpu", artifact("tiny-gva", "q0f16"), checkpoint("tiny-gva"),
+                          report=tmp_path / "gva.json", progress=lambda _: None)
+    assert report["pass"]
+    _check_kernels(report, 1e-2)
+
+
 def test_aarch64_whole_model_and_every_kernel_under_qemu(artifact, checkpoint, tmp_path):
     report, _ = _run("aarch64", artifact, checkpoint, tmp_path)
     assert report["pass"]
