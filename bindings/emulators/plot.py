@@ -66,15 +66,16 @@ def _kernel_panel(draw, top: int, rows: list[dict], tolerance: float) -> None:
             draw.line([x, top, x, top + PANEL_H], fill=GREY)
             draw.text((x + 3, top + 3), r["step"], fill=GREY, font=font)
             last_step = r["step"]
-    labelled = 0
+    labelled: list[str] = []  # each failing kernel named once, at its first call
     for r in ran:
         value = r.get("max_rel", math.inf) if r["status"] != "error" else math.inf
         x, y = x_of[r["index"]], _y(value, top, PANEL_H)
         color = GREEN if r["status"] == "pass" else RED
         draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=color)
-        if r["status"] != "pass" and labelled < 4:
-            draw.text((min(x + 5, W - 260), y + 4 + 14 * labelled), r.get("device_kernel", r["kernel"]), fill=RED, font=font)
-            labelled += 1
+        name = r.get("device_kernel", r["kernel"])
+        if r["status"] != "pass" and name not in labelled and len(labelled) < 4:
+            draw.text((min(x + 5, W - 260), y + 4 + 14 * len(labelled)), name, fill=RED, font=font)
+            labelled.append(name)
 
 
 def _step_panel(draw, top: int, series: dict[str, list[float]], tolerance: float | None) -> None:
