@@ -23,7 +23,8 @@ def _presets_help() -> str:
 
     return (
         f"model presets: {', '.join(PRESETS)}\n"
-        f"targets: {', '.join(TARGETS)}\n"
+        f"targets: {', '.join(n for n, t in TARGETS.items() if not t.emulation)}\n"
+        f"emulation targets (built by `parity --emulator`): {', '.join(n for n, t in TARGETS.items() if t.emulation)}\n"
         f"quantizations: {', '.join(QUANTIZATIONS)}"
     )
 

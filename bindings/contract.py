@@ -15,18 +15,6 @@ from ..targets import get_target
 RUNNABLE_DEVICES = ("cpu", "opencl")
 
 
-def check_opencl(artifact: Path, target: str) -> None:
-    """Raise UserError unless the OpenCL runtime add-on loads and sees a device."""
-    from .opencl_runtime import load_opencl_runtime, opencl_device_count
-
-    load_opencl_runtime()  # UserError when the add-on is not built
-    if opencl_device_count() == 0:
-        raise UserError(
-            f"{artifact}: built for target '{target}' (OpenCL), but no OpenCL device is visible; "
-            f"install an OpenCL driver (PoCL: run scripts/setup_emulators.sh)"
-        )
-
-
 def check_contract(artifact: Path) -> dict:
     """Return the manifest of a runnable artifact, or raise UserError."""
     manifest = read_manifest(artifact)
@@ -54,7 +42,11 @@ def check_contract(artifact: Path) -> dict:
             f"(the Python bindings run 'host' builds)"
         )
     if preset.device == "opencl":
-        check_opencl(artifact, target)
+        from .opencl_runtime import why_unavailable
+
+        reason = why_unavailable()
+        if reason:
+            raise UserError(f"{artifact}: built for target '{target}' (OpenCL), which cannot run here: {reason}")
     built_cpu = manifest.get("tvm_target", {}).get("mcpu")
     if built_cpu and built_cpu != preset.resolved().get("mcpu"):
         raise UserError(

@@ -34,6 +34,7 @@ class Engine:
         from tvm import relax
 
         from ..compile.weights import load_tensor_cache
+        from ..targets import get_target
         from .contract import check_contract
 
         self.artifact = Path(artifact)
@@ -46,7 +47,8 @@ class Engine:
         self.prefill_chunk = min(int(chat["prefill_chunk_size"]), self.context_window)
         self.max_batch_size = int(max_batch_size or chat.get("max_batch_size", 4))
 
-        self.device = _device(self.manifest)
+        # "cpu", or "opencl" through the runtime add-on, which check_contract loaded
+        self.device = tvm.device(get_target(self.manifest["target"]).device, 0)
         lib = tvm.runtime.load_module(str(self.artifact / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         names = [p["name"] for p in self.manifest["parameters"]]
@@ -139,21 +141,6 @@ class Engine:
             self._check(seq_id, tok.reshape(1))
         embed = _reshape(self._embed(token_ids), (len(seq_ids), 1, self.hidden_size))
         return self._forward("decode", list(seq_ids), [1] * len(seq_ids), embed)[:, 0, :]
-
-
-def _device(manifest: dict):
-    """The TVM device of the artifact's target preset ("cpu", or "opencl"
-    through the project's runtime add-on)."""
-    import tvm
-
-    from ..targets import get_target
-
-    kind = get_target(manifest["target"]).device
-    if kind == "opencl":
-        from .opencl_runtime import load_opencl_runtime
-
-        load_opencl_runtime()
-    return tvm.device(kind, 0)
 
 
 def _reshape(tensor, shape):

@@ -57,12 +57,9 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
 
     from . import quantization
 
-    target = preset.tvm_target(model_dtype(quant))
-    if preset.kernels_of:  # the kernels of the shipping preset, host code of this one
-        from ..targets import get_target
-
-        target = get_target(preset.kernels_of).tvm_target(model_dtype(quant))
-    model = Qwen35LM(config, model_dtype(quant), target)
+    dtype = model_dtype(quant)
+    target = preset.kernel_target(dtype)
+    model = Qwen35LM(config, dtype, target)
     qmap = None
     if quant in quantization.FORMATS:
         model = quantization.quantize_model(model, quant)
@@ -72,20 +69,19 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
         from .model.qwen35 import gpu_kernels_on_cpu
         from ..targets import get_target
 
-        with get_target(preset.graph_of).tvm_target(model_dtype(quant)), gpu_kernels_on_cpu():
+        with get_target(preset.graph_of).tvm_target(dtype), gpu_kernels_on_cpu():
             mod, named = model.export_tvm(spec=spec)
     else:
         with target:  # hand-scheduled kernels size their vector blocks for it
             mod, named = model.export_tvm(spec=spec)
-    if target.kind.name != "llvm" and not preset.graph_of:
+    if preset.is_gpu:
         from .kernels.merge_state import replace_merge_state
         from .kernels.gpu_gated_delta_rule import max_threads_for_target
 
         # TVM's GPU attention-state merge races between threads (kernels/merge_state.py).
-        mod = replace_merge_state(mod, config.num_attention_heads, config.head_dim, model_dtype(quant),
-                                  max_threads_for_target(target))
+        mod = replace_merge_state(mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target))
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
-    return Exported(mod, params, list(spec.method_names), qmap, model_dtype(quant))
+    return Exported(mod, params, list(spec.method_names), qmap, dtype)
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
@@ -110,10 +106,9 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
         relax_pipeline = twin_pipeline(preset)
     elif preset.is_gpu:
         from .schedule_gpu import gpu_pipeline
-        from ..targets import get_target
 
         # Scheduled as the shipping preset's kernels (``kernels_of``), compiled with this one's host.
-        relax_pipeline = gpu_pipeline(get_target(preset.kernels_of or preset.name).tvm_target(exported.dtype))
+        relax_pipeline = gpu_pipeline(preset.kernel_target(exported.dtype))
     else:
         from .schedule_cpu import cpu_pipeline
 

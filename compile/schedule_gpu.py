@@ -144,10 +144,15 @@ def gpu_graph_passes(target: Target) -> list:
     ]
 
 
-def gpu_pipeline(target: Target, *, max_unroll: int = MAX_UNROLL) -> tvm.transform.Pass:
-    """The Relax pipeline for a GPU ``target`` (see the module docstring)."""
+def gpu_kernel_passes(target: Target) -> list:
+    """:func:`gpu_graph_passes`, then the dlight schedules: every kernel as the device runs it."""
     from tvm.s_tir import dlight as dl
 
+    return gpu_graph_passes(target) + [dl.ApplyDefaultSchedule(*dlight_rules(target))]
+
+
+def gpu_pipeline(target: Target, *, max_unroll: int = MAX_UNROLL) -> tvm.transform.Pass:
+    """The Relax pipeline for a GPU ``target`` (see the module docstring)."""
     if target.kind.name == "llvm":
         raise ValueError("gpu_pipeline is for GPU targets; use schedule_cpu.cpu_pipeline for llvm")
 
@@ -155,8 +160,7 @@ def gpu_pipeline(target: Target, *, max_unroll: int = MAX_UNROLL) -> tvm.transfo
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                gpu_graph_passes(target)
-                + [dl.ApplyDefaultSchedule(*dlight_rules(target))]
+                gpu_kernel_passes(target)
                 + _GPU_PASSES.dataflow_lower_passes(target)
                 + _GPU_PASSES.finalize_passes(target)
                 + [_check_pass(max_unroll)]

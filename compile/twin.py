@@ -20,14 +20,8 @@ A twin is an ordinary host library: a preset with ``graph_of`` set
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
 from ..targets import TargetPreset, get_target
-
-
-def gpu_preset(twin: TargetPreset) -> TargetPreset:
-    """The GPU preset whose graph ``twin`` reproduces."""
-    return get_target(twin.graph_of)
 
 
 def twin_pipeline(twin: TargetPreset) -> tvm.transform.Pass:
@@ -37,7 +31,7 @@ def twin_pipeline(twin: TargetPreset) -> tvm.transform.Pass:
     from .schedule_cpu import schedule_for_cpu_pass
     from .schedule_gpu import gpu_graph_passes
 
-    gpu_target = gpu_preset(twin).tvm_target()
+    gpu_target = get_target(twin.graph_of).tvm_target()
     host = twin.tvm_target()
 
     @tvm.transform.module_pass(opt_level=0, name="HostTwinPipeline")
@@ -57,10 +51,9 @@ def twin_pipeline(twin: TargetPreset) -> tvm.transform.Pass:
 def device_kernels(mod: tvm.IRModule, preset: TargetPreset) -> dict[str, tvm.tirx.PrimFunc]:
     """The scheduled TIR functions of ``preset``'s build of ``mod`` (an exported
     Relax module), by name: what the device runs, before codegen."""
-    from .schedule_gpu import dlight_rules, gpu_graph_passes
-    from tvm.s_tir import dlight as dl
+    from .schedule_gpu import gpu_kernel_passes
 
-    target = preset.tvm_target()
+    target = preset.kernel_target()
     with target:
-        mod = tvm.transform.Sequential(gpu_graph_passes(target) + [dl.ApplyDefaultSchedule(*dlight_rules(target))])(mod)
+        mod = tvm.transform.Sequential(gpu_kernel_passes(target))(mod)
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}

@@ -57,6 +57,11 @@ class TargetPreset:
 
         return tvm.target.Target(self.resolved(dtype))
 
+    def kernel_target(self, dtype: str | None = None):
+        """The target the kernels are exported and scheduled for: this preset's,
+        or with ``kernels_of`` the shipping preset's (whose kernels it runs)."""
+        return get_target(self.kernels_of).tvm_target(dtype) if self.kernels_of else self.tvm_target(dtype)
+
 
 def _host_triple() -> str:
     return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(platform.machine(), platform.machine())

@@ -11,15 +11,11 @@ import pytest
 
 
 def _opencl_or_skip():
-    from qwen35_mobile.bindings.opencl_runtime import load_opencl_runtime, opencl_device_count
-    from qwen35_mobile.errors import UserError
+    from qwen35_mobile.bindings.opencl_runtime import why_unavailable
 
-    try:
-        load_opencl_runtime()
-    except UserError as e:
-        pytest.skip(f"OpenCL runtime add-on not available: {e}")
-    if opencl_device_count() == 0:
-        pytest.skip("no OpenCL device (install pocl-opencl-icd: scripts/setup_emulators.sh)")
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(f"OpenCL runtime add-on or device not available: {reason}")
 
 
 @pytest.fixture(scope="module", autouse=True)

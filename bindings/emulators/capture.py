@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-#: The C++ state builtins that take kernels as arguments, and the Relax
-#: functions of the library that call them.
-_STATE_BUILTINS = {
-    "vm.builtin.paged_attention_kv_cache_create": "create_paged_kv_cache",
-    "vm.builtin.rnn_state_create": "create_rnn_state",
+#: The runtime state objects that call kernels from C++: (the builtin that
+#: creates one and takes the kernels as arguments, the library's Relax function
+#: that calls it).  The keys are the ``Call.via`` of their kernels' calls.
+STATE_BUILTINS = {
+    "kv_cache": ("vm.builtin.paged_attention_kv_cache_create", "create_paged_kv_cache"),
+    "rnn_state": ("vm.builtin.rnn_state_create", "create_rnn_state"),
 }
 
 
@@ -52,7 +53,13 @@ def _copy(arg):
     return None  # objects (caches, shapes, functions): not kernel data
 
 
-def kernel_names(mod, relax_func: str, builtin: str) -> list[str]:
+def state_kernel_names(mod) -> dict[str, list[str]]:
+    """Per state object (``kv_cache``, ``rnn_state``), the TIR functions its
+    create builtin receives in ``mod``, in the order the runtime receives them."""
+    return {via: _kernel_names(mod, func, builtin) for via, (builtin, func) in STATE_BUILTINS.items()}
+
+
+def _kernel_names(mod, relax_func: str, builtin: str) -> list[str]:
     """The TIR functions passed to ``builtin`` by ``relax_func`` of ``mod``, in
     the order the runtime receives them (tuples flattened)."""
     from tvm import relax
@@ -82,26 +89,27 @@ class Recorder:
         self.step = "setup"
         self.active = False
 
+    def _add(self, name: str, via: str, before: list, args) -> None:
+        after = [(_copy(a) if isinstance(b, np.ndarray) else None) for a, b in zip(args, before)]
+        self.calls.append(Call(len(self.calls), name, self.step, before, after, via))
+
     def record(self, name: str, via: str, run, args):
+        """Run a kernel the KV cache / RNN state calls, recording it."""
         if not self.active:
             return run(*args)
         before = [_copy(a) for a in args]
         out = run(*args)
-        after = [(_copy(a) if isinstance(b, np.ndarray) else None) for a, b in zip(args, before)]
-        self.calls.append(Call(len(self.calls), name, self.step, before, after, via))
+        self._add(name, via, before, args)
         return out
 
     def instrument(self, func, name, before_run, ret, *args):
-        # The VM's calls of TIR functions; builtins (allocation, cache
-        # protocol) are not kernels.
-        if not self.active or name.startswith("vm.builtin.") or name.startswith("vm."):
-            return 0
-        if before_run:
-            self._pending = [_copy(a) for a in args]
-        else:
-            before = self._pending
-            after = [(_copy(a) if isinstance(b, np.ndarray) else None) for a, b in zip(args, before)]
-            self.calls.append(Call(len(self.calls), name, self.step, before, after, "vm"))
+        """The VM's instrument hook: its calls of TIR functions; its builtins
+        (``vm.*``: allocation, the cache protocol) are not kernels."""
+        if self.active and not name.startswith("vm."):
+            if before_run:
+                self._pending = [_copy(a) for a in args]
+            else:
+                self._add(name, "vm", self._pending, args)
         return 0
 
 
@@ -111,12 +119,11 @@ def _wrapped_state_builtins(recorder: Recorder, names: dict[str, list[str]]):
     import tvm
     import tvm_ffi
 
-    originals = {b: tvm.get_global_func(b) for b in _STATE_BUILTINS}
+    originals = {via: tvm.get_global_func(builtin) for via, (builtin, _) in STATE_BUILTINS.items()}
 
-    def wrapper_for(builtin: str):
-        original = originals[builtin]
-        order = iter(names[builtin])
-        via = "kv_cache" if "kv_cache" in builtin else "rnn_state"
+    def wrapper_for(via: str):
+        original = originals[via]
+        order = iter(names[via])
 
         def wrap(arg):
             if isinstance(arg, tvm_ffi.Function):
@@ -132,12 +139,12 @@ def _wrapped_state_builtins(recorder: Recorder, names: dict[str, list[str]]):
         return create
 
     try:
-        for builtin in _STATE_BUILTINS:
-            tvm_ffi.register_global_func(builtin, wrapper_for(builtin), override=True)
+        for via, (builtin, _) in STATE_BUILTINS.items():
+            tvm_ffi.register_global_func(builtin, wrapper_for(via), override=True)
         yield
     finally:
-        for builtin, original in originals.items():
-            tvm_ffi.register_global_func(builtin, original, override=True)
+        for via, original in originals.items():
+            tvm_ffi.register_global_func(STATE_BUILTINS[via][0], original, override=True)
 
 
 def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=None) -> list[Call]:
@@ -147,11 +154,8 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
     which names the kernels the caches receive."""
     from ..engine import Engine
 
-    if mod is None:
-        mod = export_from_manifest(twin)
-    names = {b: kernel_names(mod, f, b) for b, f in _STATE_BUILTINS.items()}
     recorder = Recorder()
-    with _wrapped_state_builtins(recorder, names):
+    with _wrapped_state_builtins(recorder, state_kernel_names(mod if mod is not None else export_from_manifest(twin))):
         engine = Engine(twin)
         engine.vm.set_instrument(recorder.instrument)
         seq = engine.add_sequence()

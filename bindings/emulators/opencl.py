@@ -17,19 +17,9 @@ import numpy as np
 
 def available() -> str | None:
     """None when PoCL and the add-on work here, else why not."""
-    from ...errors import UserError
-    from ..opencl_runtime import load_opencl_runtime, opencl_device_count
+    from ..opencl_runtime import why_unavailable
 
-    try:
-        load_opencl_runtime()
-    except UserError as err:
-        return str(err)
-    try:
-        if opencl_device_count() == 0:
-            return "no OpenCL device (PoCL: apt-get install pocl-opencl-icd; scripts/setup_emulators.sh)"
-    except Exception as err:  # noqa: BLE001 - any driver failure means: not available
-        return f"OpenCL does not work here: {err}"
-    return None
+    return why_unavailable()
 
 
 class KernelRunner:

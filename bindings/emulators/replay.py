@@ -89,7 +89,27 @@ def device_name(call: Call, twin_names: dict[str, list[str]], device_names: dict
     plain = call.name.replace("_cpu", "")
     if plain in dev:
         return plain
-    return dev[twin.index(call.name)] if call.name in twin and twin.index(call.name) < len(dev) else None
+    position = twin.index(call.name) if call.name in twin else len(dev)
+    return dev[position] if position < len(dev) else None
+
+
+def _row(call: Call, after: list, written: list[int], tolerance: float, **extra) -> dict:
+    """The report row of one replayed call: the worst error of the ``written`` arguments."""
+    errs = [compare(after[i], call.after[i]) for i in written if isinstance(call.after[i], np.ndarray)]
+    max_rel = max((e[0] for e in errs), default=0.0)
+    return {"index": call.index, "kernel": call.name, "step": call.step, "via": call.via, **extra,
+            "max_rel": max_rel, "max_abs": max((e[1] for e in errs), default=0.0),
+            "status": "pass" if max_rel <= tolerance else "fail"}
+
+
+def compare_calls(calls: list[Call], done: list[Call], tolerance: float) -> list[dict]:
+    """Rows for calls the emulator ran in one batch (``done[i].after``: what
+    it wrote); every tensor argument is compared (inputs agree trivially)."""
+    return [
+        _row(call, ran.after, [i for i, a in enumerate(call.after) if isinstance(a, np.ndarray)], tolerance,
+             device_kernel=call.name)
+        for call, ran in zip(calls, done)
+    ]
 
 
 def replay(calls: list[Call], kernels: dict, names: Callable[[Call], str | None], run: Runner, *,
@@ -117,12 +137,7 @@ def replay(calls: list[Call], kernels: dict, names: Callable[[Call], str | None]
         except Exception as err:  # a kernel that fails to build or launch is a finding, not a crash
             rows.append({**row, "status": "error", "why": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"})
             continue
-        errs = [compare(after[i], call.after[i]) for i in outs if isinstance(call.after[i], np.ndarray)]
-        max_rel = max((e[0] for e in errs), default=0.0)
-        max_abs = max((e[1] for e in errs), default=0.0)
-        rows.append({**row, "outputs": outs, "max_rel": max_rel, "max_abs": max_abs,
-                     "status": "pass" if max_rel <= tol else "fail"})
-    progress(f"replay: {len(calls)} calls in {time.time() - t0:.0f} s")
+        rows.append(_row(call, after, outs, tol, device_kernel=name, outputs=outs))
     return rows
 
 
@@ -133,6 +148,7 @@ def summarize(rows: list[dict], tolerance: float) -> dict:
     for r in ran:
         per_kernel[r["device_kernel"]] = max(per_kernel.get(r["device_kernel"], 0.0), r["max_rel"])
     return {
+        "pass": not bad and bool(ran),
         "calls": len(rows),
         "replayed": len(ran),
         "skipped": len(rows) - len(ran) - sum(r["status"] == "error" for r in rows),

@@ -9,6 +9,7 @@ plot next to the artifact (or where ``report`` says).
 
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 import time
@@ -28,26 +29,15 @@ REPLAY_DECODE_STEPS = 2
 
 
 def _why_unavailable(name: str) -> str | None:
-    if name == "aarch64":
-        from . import aarch64
-
-        return aarch64.available()
-    if name == "opencl":
-        from . import opencl
-
-        return opencl.available()
-    if name == "webgpu":
-        from . import webgpu
-
-        return webgpu.available()
-    if name == "metal":
+    if name == "metal":  # a static check: its tool is clang
         from ...compile.static_checks import CheckUnavailable, _clang
 
         try:
             _clang()
         except CheckUnavailable as err:
             return str(err)
-    return None
+        return None
+    return importlib.import_module(f".{name}", __package__).available()  # aarch64.py, opencl.py, webgpu.py
 
 
 def available(name: str) -> str | None:
@@ -86,68 +76,45 @@ def _runner(emulator: str, preset):
     raise ValueError(f"no kernel runner for {emulator}")
 
 
-def _kernel_check(em, reference: Path, manifest: dict, chat: dict, work: Path, prompt_ids: list[int],
-                  break_kernel: str | None, progress) -> dict:
-    from ...compile import pipeline
-    from ...compile.config import Qwen35Config
+def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dict, work: Path,
+                  prompt_ids: list[int], break_kernel: str | None, progress) -> dict:
     from ...compile.twin import device_kernels
     from ...targets import get_target
     from . import capture as cap
     from . import replay as rp
 
-    quant, dtype = manifest["quantization"], manifest["dtype"]
-    config = Qwen35Config.from_json(manifest["config"])
+    quant, tolerance = manifest["quantization"], rp.KERNEL_TOLERANCE[manifest["dtype"]]
     progress(f"host twin ({em.twin}): compiling")
     twin = _compile(reference, em.twin, quant, work / "twin", chat, progress)
-    twin_mod = pipeline.export(config, quant, get_target(em.twin)).mod
+    twin_mod = cap.export_from_manifest(artifact, em.twin)
     progress(f"host twin: running {len(prompt_ids)} prompt tokens + {REPLAY_DECODE_STEPS} decode steps, recording every kernel call")
     calls = cap.capture(twin, prompt_ids, REPLAY_DECODE_STEPS, mod=twin_mod)
 
-    tolerance = rp.KERNEL_TOLERANCE[dtype]
-    if not get_target(em.kernels).is_gpu:  # a CPU library: every call at once, in the emulator
+    preset = get_target(em.kernels)
+    t0 = time.time()
+    if not preset.is_gpu:  # a CPU library: every call at once, in the emulator
         from . import aarch64
 
-        progress(f"replaying {len(calls)} kernel calls with the {em.kernels} library under qemu")
-        t0 = time.time()
-        done = aarch64.replay(work / "model", calls, progress=progress)
-        rows = []
-        for call, ran in zip(calls, done):
-            errs = [rp.compare(a, r) for a, r in zip(ran.after, call.after) if isinstance(r, np.ndarray)]
-            max_rel = max((e[0] for e in errs), default=0.0)
-            rows.append({"index": call.index, "kernel": call.name, "step": call.step, "via": call.via,
-                         "device_kernel": call.name, "max_rel": max_rel, "max_abs": max((e[1] for e in errs), default=0.0),
-                         "status": "pass" if max_rel <= tolerance else "fail"})
-        progress(f"replay: {len(calls)} calls in {time.time() - t0:.0f} s")
-        summary = rp.summarize(rows, tolerance)
-        summary["pass"] = not summary["failing_kernels"] and summary["replayed"] > 0
-        return {"summary": summary, "calls": rows,
-                "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
-
-    preset = get_target(em.kernels)
-    progress(f"device kernels ({preset.name}): scheduling")
-    device_mod = pipeline.export(config, quant, preset).mod
-    kernels = device_kernels(device_mod, preset)
-    if break_kernel:
-        if break_kernel not in kernels:
-            raise UserError(f"--break-kernel: no kernel '{break_kernel}' in the {preset.name} build")
-        kernels[break_kernel] = rp.break_kernel(kernels[break_kernel])
-    names = {}
-    for builtin, func in cap._STATE_BUILTINS.items():
-        via = "kv_cache" if "kv_cache" in builtin else "rnn_state"
-        names[via] = (cap.kernel_names(twin_mod, func, builtin), cap.kernel_names(device_mod, func, builtin))
-    twin_names = {via: pair[0] for via, pair in names.items()}
-    dev_names = {via: pair[1] for via, pair in names.items()}
-
-    progress(f"replaying {len(calls)} kernel calls on the {em.name} emulator")
-    rows = rp.replay(
-        calls, kernels, lambda c: rp.device_name(c, twin_names, dev_names, kernels),
-        _runner(em.name, get_target(em.kernel_host or em.kernels)),
-        dtype=dtype, tolerance=tolerance, progress=progress,
-    )
-    summary = rp.summarize(rows, tolerance)
-    summary["pass"] = not summary["failing_kernels"] and summary["replayed"] > 0
-    summary["kernel_tolerance_basis"] = rp.__doc__.strip().splitlines()[0] if rp.__doc__ else ""
-    return {"summary": summary, "calls": rows, "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
+        progress(f"replaying {len(calls)} kernel calls with the {preset.name} library under qemu")
+        rows = rp.compare_calls(calls, aarch64.replay(work / "model", calls, progress=progress), tolerance)
+    else:
+        progress(f"device kernels ({preset.name}): scheduling")
+        device_mod = cap.export_from_manifest(artifact, preset.name)
+        kernels = device_kernels(device_mod, preset)
+        if break_kernel:
+            if break_kernel not in kernels:
+                raise UserError(f"--break-kernel: no kernel '{break_kernel}' in the {preset.name} build")
+            kernels[break_kernel] = rp.break_kernel(kernels[break_kernel])
+        twin_names, dev_names = cap.state_kernel_names(twin_mod), cap.state_kernel_names(device_mod)
+        progress(f"replaying {len(calls)} kernel calls on the {em.name} emulator")
+        rows = rp.replay(
+            calls, kernels, lambda c: rp.device_name(c, twin_names, dev_names, kernels),
+            _runner(em.name, get_target(em.kernel_host or em.kernels)), dtype=manifest["dtype"],
+            tolerance=tolerance, progress=progress,
+        )
+    progress(f"replay: {len(calls)} calls in {time.time() - t0:.0f} s")
+    return {"summary": rp.summarize(rows, tolerance), "calls": rows,
+            "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
 
 
 def _syntax_check(em, reference: Path, manifest: dict, work: Path, progress) -> dict:
@@ -232,7 +199,7 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
             tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
             ids = tok.encode(DEFAULT_PROMPTS[2], add_special_tokens=False).ids[:REPLAY_TOKENS]
             t1 = time.time()
-            out["kernels"] = _kernel_check(em, reference, manifest, chat, work, ids, break_kernel, progress)
+            out["kernels"] = _kernel_check(em, artifact, reference, manifest, chat, work, ids, break_kernel, progress)
             out["kernels"]["seconds"] = round(time.time() - t1, 1)
             verdicts.append(out["kernels"]["summary"]["pass"])
         if em.syntax:

@@ -486,8 +486,6 @@ class _Host:
         self.env: dict = {}
         self.slots: list[dict] = []  # {"size": bytes, "array": np.ndarray | None, "dtype", "shape"}
         self.dispatches: list[dict] = []
-        import tvm
-
         self._binops = {
             tirx.Add: lambda a, b: a + b,
             tirx.Sub: lambda a, b: a - b,
@@ -619,7 +617,6 @@ class _Host:
         self.slots.append({"size": n * dtype.itemsize, "array": None, "name": buf.name})
 
     def _call(self, call):
-        t = self.t
         if not _is_call(call):
             return
         if _op_name(call) == "tirx.call_ffi_kernel":

@@ -42,8 +42,7 @@ def load_opencl_runtime() -> None:
     global _loaded
     if _loaded is not None:
         return
-    import tvm
-    from tvm.base import _LOADED_LIBS
+    from tvm.base import _LOADED_LIBS  # importing tvm first: the add-on links against its runtime
 
     if _registered():  # TVM autoloaded one (LD_LIBRARY_PATH) or someone loaded it before
         _loaded = _LOADED_LIBS.get("tvm_runtime_opencl") or ctypes.CDLL(None)
@@ -75,3 +74,16 @@ def opencl_device_count() -> int:
     if f is not None:
         return int(f())
     return 1 if tvm.opencl(0).exist else 0
+
+
+def why_unavailable() -> str | None:
+    """None when the add-on loads and sees an OpenCL device, else why not."""
+    try:
+        load_opencl_runtime()
+        if opencl_device_count() == 0:
+            return "no OpenCL device is visible; install an OpenCL driver (PoCL: run scripts/setup_emulators.sh)"
+    except UserError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - any driver failure means: not available
+        return f"OpenCL does not work here: {err}"
+    return None
