@@ -6,28 +6,41 @@
 #            the aarch64 CPU code under qemu (--emulator aarch64);
 #   ios      q0f16: Metal syntax check (--emulator metal), fp16 aarch64 under qemu;
 #   webgpu   q0f16: every WGSL kernel on Dawn over lavapipe (--emulator webgpu).
-# Reports: <artifact>/parity.json and parity-<emulator>.json + .png.
+# Each emulator is set up (idempotent) right before its first step.  Reports:
+# <artifact>/parity.json and parity-<emulator>.json + .png; a table at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 bash scripts/setup.sh
-bash scripts/setup_emulators.sh
 export HF_HUB_OFFLINE=1
 q=.venv/bin/qwen35-mobile
 out=${DEMO_DIR:-demo}
 ckpt="$out/tiny-checkpoint"
 mkdir -p "$out"
+step() { echo; echo "=== demo: $* ($((SECONDS - started)) s)"; }
+emulator() { bash scripts/setup_emulators.sh "$1"; }
+
 [ -d "$ckpt" ] || $q make-checkpoint --preset tiny "$ckpt"
 for quant in q0f32 q0f16; do
+  step "host $quant: compile, generate, parity against transformers"
   $q compile --model "$ckpt" --target host --quant $quant -o "$out/tiny-$quant" --force
   $q run "$out/tiny-$quant" --prompt "Give me a short introduction to large language models." --max-new-tokens 24 --seed 0
   $q parity "$out/tiny-$quant" --reference "$ckpt" --new-tokens 32
 done
+step "android q0f32: compile; OpenCL on PoCL; aarch64 under qemu"
 $q compile --model "$ckpt" --target android --quant q0f32 -o "$out/tiny-android-q0f32" --force
+emulator opencl
 $q parity "$out/tiny-android-q0f32" --reference "$ckpt" --emulator opencl
+emulator aarch64
 $q parity "$out/tiny-android-q0f32" --reference "$ckpt" --emulator aarch64
+step "ios q0f16: compile; Metal syntax check; fp16 aarch64 under qemu"
 $q compile --model "$ckpt" --target ios --quant q0f16 -o "$out/tiny-ios-q0f16" --force
+emulator metal
 $q parity "$out/tiny-ios-q0f16" --reference "$ckpt" --emulator metal
 $q parity "$out/tiny-ios-q0f16" --reference "$ckpt" --emulator aarch64
+step "webgpu q0f16: compile; every WGSL kernel on Dawn"
 $q compile --model "$ckpt" --target webgpu --quant q0f16 -o "$out/tiny-webgpu-q0f16" --force
+emulator webgpu
 $q parity "$out/tiny-webgpu-q0f16" --reference "$ckpt" --emulator webgpu
-echo "demo: every target compiled and checked; reports under $out/*/parity*.json"
+echo
+.venv/bin/python scripts/parity_table.py "$out" --seconds $((SECONDS - started))

@@ -16,13 +16,8 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || bash scripts/setup.sh
 
 say() { echo "setup_emulators/aarch64: $*"; }
-export DEBIAN_FRONTEND=noninteractive
-UPDATED=0
-apt_update() { [ "$UPDATED" = 1 ] || { apt-get update -qq >/dev/null 2>&1; UPDATED=1; }; }
-apt_install() {  # apt-get update only when the install fails without it
-  apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
-    || { apt_update && apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
-}
+# shellcheck source=../lib/apt.sh
+. scripts/lib/apt.sh
 
 # The versions the sysroot must match (what the host .venv runs).
 hostver() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
@@ -31,7 +26,10 @@ FFI_VER=$(hostver apache-tvm-ffi)
 NUMPY_VER=$(hostver numpy)
 MLD_VER=$(hostver ml_dtypes)
 TE_VER=$(hostver typing_extensions)
-WANT="tvm=$TVM_VER ffi=$FFI_VER numpy=$NUMPY_VER ml_dtypes=$MLD_VER typing_extensions=$TE_VER v1"
+# Keyed by the wheels, this script and the checkout's path: the sysroot's
+# qwen35_mobile is a symlink to this checkout, so a moved checkout must relink.
+WANT="tvm=$TVM_VER ffi=$FFI_VER numpy=$NUMPY_VER ml_dtypes=$MLD_VER typing_extensions=$TE_VER script=$(sha256sum "$0" | cut -c1-16) root=$ROOT"
+WHEELS="tvm=$TVM_VER ffi=$FFI_VER numpy=$NUMPY_VER ml_dtypes=$MLD_VER typing_extensions=$TE_VER"
 STAMP=$SYSROOT/.stamp
 
 # 1. Host tools.
@@ -43,10 +41,10 @@ command -v aarch64-linux-gnu-objdump >/dev/null 2>&1 || need+=(binutils-aarch64-
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { echo "setup_emulators/aarch64: as root, run: apt-get install -y ${need[*]}" >&2; exit 1; }
   say "apt-get install ${need[*]}"
-  apt_install "${need[@]}"
+  apt_install "${need[@]}" || exit 1
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -L "$SITE/qwen35_mobile" ]; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ "$(readlink "$SITE/qwen35_mobile")" = "$ROOT" ]; then
   exit 0
 fi
 
@@ -62,7 +60,7 @@ if [ ! -x "$SYSROOT/usr/bin/python3.11" ] || [ ! -f "$SYSROOT/.debs" ] || [ "$(c
   say "unpacking Debian arm64 python3.11 into $SYSROOT"
   if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     dpkg --add-architecture arm64
-    UPDATED=0
+    APT_UPDATED=0
     apt_update
   fi
   dl=$(mktemp -d)
@@ -77,7 +75,7 @@ if [ ! -x "$SYSROOT/usr/bin/python3.11" ] || [ ! -f "$SYSROOT/.debs" ] || [ "$(c
 fi
 
 # 3. The aarch64 wheels matching the host's versions.
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+if [ ! -f "$SYSROOT/.wheels" ] || [ "$(cat "$SYSROOT/.wheels")" != "$WHEELS" ]; then
   say "pip install aarch64 wheels (apache-tvm $TVM_VER, apache-tvm-ffi $FFI_VER, numpy $NUMPY_VER) into the sysroot"
   rm -rf "$SITE"
   mkdir -p "$SITE"
@@ -86,6 +84,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
     "apache-tvm==$TVM_VER" "apache-tvm-ffi==$FFI_VER" "numpy==$NUMPY_VER" "ml_dtypes==$MLD_VER" \
     "typing_extensions==$TE_VER" 2> >(grep -v "^WARNING: Location" >&2)
+  printf '%s\n' "$WHEELS" > "$SYSROOT/.wheels"
 fi
 
 # 4. The project itself, by a symlink (never a copy).

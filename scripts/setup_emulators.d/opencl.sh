@@ -9,24 +9,21 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 
+# shellcheck source=../lib/apt.sh
+. scripts/lib/apt.sh
 need=()
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 dpkg -s ocl-icd-opencl-dev >/dev/null 2>&1 || [ -f /usr/include/CL/cl.h ] || need+=(ocl-icd-opencl-dev)
 dpkg -s ocl-icd-libopencl1 >/dev/null 2>&1 || need+=(ocl-icd-libopencl1)
 dpkg -s pocl-opencl-icd >/dev/null 2>&1 || need+=(pocl-opencl-icd)
 command -v clinfo >/dev/null 2>&1 || need+=(clinfo)
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "setup_emulators/opencl: apt-get install ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
-  else
-    echo "setup_emulators/opencl: as root, run: apt-get install -y ${need[*]}" >&2
-  fi
+  echo "setup_emulators/opencl: apt-get install ${need[*]}"
+  apt_install "${need[@]}" || exit 1
 fi
 if [ ! -f /usr/include/CL/cl.h ]; then
-  echo "setup_emulators/opencl: no OpenCL headers (/usr/include/CL/cl.h); the OpenCL runtime add-on is not built" >&2
-  exit 0
+  echo "setup_emulators/opencl: no OpenCL headers (/usr/include/CL/cl.h); the OpenCL runtime add-on cannot be built" >&2
+  exit 1
 fi
 
 src=bindings/opencl_runtime/opencl_runtime.cc
@@ -42,7 +39,8 @@ print(f"tvm {tvm.__version__} tvm_ffi {tvm_ffi.__version__}")
 PY
 )
 tvm_inc=${info[0]} ffi_inc=${info[1]} tvm_lib=${info[2]} ffi_lib=${info[3]} vers=${info[4]}
-want="$vers src $(sha256sum "$src" | cut -c1-16) script $(sha256sum "$0" | cut -c1-16)"
+# Keyed by content and by the checkout's path (the library's rpath points into .venv).
+want="$vers src $(sha256sum "$src" | cut -c1-16) script $(sha256sum "$0" | cut -c1-16) at $PWD"
 if [ -f "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/../.."
 src=bindings/emulators/dawn
 dst=.emulators/node
 stamp=.emulators/webgpu.stamp
-want="$(cat "$src/package.json" "$src/package-lock.json" | sha256sum | cut -d' ' -f1)"
+# The stamp: the lock, this script and the checkout's path (node_modules live in it).
+want="$(cat "$src/package.json" "$src/package-lock.json" "$0" scripts/lib/apt.sh | sha256sum | cut -d' ' -f1) $PWD"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
    && [ -d "$dst/node_modules/webgpu" ] && ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   echo "webgpu emulator: up to date"
@@ -29,16 +30,12 @@ if ! mesa_ok; then
     echo "  apt-get install -y -t bookworm-backports mesa-vulkan-drivers libvulkan1" >&2
     exit 1
   fi
-  # Follow the mirror the system's Debian sources already use.
-  mirror="$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
-             /etc/apt/sources.list.d/*.list 2>/dev/null | grep -v -- '-security' | head -n1 || true)"
-  mirror="${mirror%/}"
-  [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
-  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
+  # bookworm-backports from the mirror the system's Debian sources use (deb822
+  # URIs first, comment lines ignored); an entry an earlier run wrote is repaired.
+  # shellcheck source=../lib/apt.sh
+  . scripts/lib/apt.sh
+  ensure_backports bookworm
+  apt_update
   apt-get install -y -qq --no-install-recommends -t bookworm-backports mesa-vulkan-drivers libvulkan1 >/dev/null
   mesa_ok || { echo "webgpu emulator: Mesa >= 24 not installed" >&2; exit 1; }
 fi
