@@ -14,14 +14,14 @@ QWEN35_OLD_BACKPORTS_LIST=$APT_ETC/sources.list.d/bookworm-backports.list
 
 apt_update() {
   [ "$APT_UPDATED" = 1 ] && return 0
-  apt-get update -qq >/dev/null || return 1
+  apt-get update -o DPkg::Lock::Timeout=600 -qq >/dev/null || return 1
   APT_UPDATED=1
 }
 
 apt_install() {
   [ "$(id -u)" = 0 ] || { echo "as root, run: apt-get install -y $*" >&2; return 1; }
-  apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
-    || { apt_update && apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+  apt-get install -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { apt_update && apt-get install -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends "$@" >/dev/null; }
 }
 
 # Non-comment source lines of the system, our own backports file excluded.
