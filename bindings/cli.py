@@ -10,6 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +31,85 @@ def _presets_help() -> str:
         f"emulation targets (built by `parity --emulator`): {', '.join(n for n, t in TARGETS.items() if t.emulation)}\n"
         f"quantizations: {', '.join(QUANTIZATIONS)}"
     )
+
+
+EXIT_STATUS = """\
+exit status:
+  0    success
+  1    a check failed (parity FAIL); also an unexpected internal error (with a traceback)
+  2    bad input or environment, said in one line on stderr: a wrong path or option, a corrupt
+       checkpoint or artifact, OUT already exists, OUT is being written by another compile
+       (fail-fast: no waiting for its lock), no space left on the disk (ENOSPC, EFBIG, EDQUOT)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM); 129 hung up (SIGHUP): clean-up done,
+       no partial output left"""
+
+# Signals that stop a command: KeyboardInterrupt, so the clean-up of Ctrl-C runs.
+_STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}
+_AGAIN_SECONDS = 0.5
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt(received: list[int]):
+    """While the block runs, Ctrl-C (SIGINT), SIGTERM and SIGHUP raise
+    KeyboardInterrupt (and are recorded in ``received``).  Once stopped, the
+    interrupt is raised again every 0.5 s (SIGALRM) until the block ends: TVM
+    swallows it in places (a bare ``except:`` in its TVMScript parser).  It is
+    never raised while an exception is being handled, so the clean-up that the
+    first one started (``finally`` blocks: the partial directory's removal)
+    runs to its end.  Outside the main thread signals stay as they are."""
+
+    def interrupt(signum, frame):
+        if signum != signal.SIGALRM:
+            received.append(signum)
+            if len(received) == 1:
+                signal.setitimer(signal.ITIMER_REAL, _AGAIN_SECONDS, _AGAIN_SECONDS)
+        if sys.exc_info()[1] is None:
+            raise KeyboardInterrupt
+
+    previous = {}
+    try:
+        for sig in (*_STOP_SIGNALS, signal.SIGALRM):
+            previous[sig] = signal.signal(sig, interrupt)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        if previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, old in previous.items():
+            if old is not None:
+                signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _muted_stderr():
+    """Send file descriptor 2 (where TVM's C++ logs) to /dev/null for a while."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _stopped(received: list[int], exc: BaseException) -> int:
+    """One line for an interrupt.  The interrupted work is freed first, with
+    stderr muted: TVM warns from the destructors of what it left half-built
+    ("BlockBuilder destroyed with remaining blocks")."""
+    with _muted_stderr():
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            exc.__traceback__ = None  # the frames of the interrupted work, and their objects
+            exc = exc.__cause__ or exc.__context__
+        gc.collect()
+    signum = received[0] if received else signal.SIGINT
+    print(f"qwen35-mobile: {_STOP_SIGNALS[signum]}", file=sys.stderr)
+    return 128 + signum
 
 
 def cmd_make_checkpoint(args) -> None:
@@ -123,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen35-mobile",
         description="Compile Qwen3.5 models with Apache TVM, run them, and prove parity with transformers.",
-        epilog=_presets_help(),
+        epilog=_presets_help() + "\n\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -142,8 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a model for a target into an artifact directory",
                        description="Compile a Qwen3.5 model (a preset's shapes, or a checkpoint directory) for one "
                                    "target. Writes OUT atomically: the model library, the weights as an MLC tensor "
-                                   "cache, mlc-chat-config.json, tokenizer files and manifest.json.",
-                       epilog=_presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   "cache, mlc-chat-config.json, tokenizer files and manifest.json. While it runs, a second compile "
+                                   "into the same OUT fails at once (exit 2) naming its pid (the lock is an flock on "
+                                   ".OUT.lock beside OUT, freed when the process dies, however it dies). A compile "
+                                   "that is interrupted (Ctrl-C, SIGTERM) or fails (a full disk) removes what it "
+                                   "wrote; directories left by a killed one (.OUT.partial-*) are removed by the next "
+                                   "compile into OUT.",
+                       epilog=_presets_help() + "\n\n" + EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="preset name or Hugging Face checkpoint directory")
     p.add_argument("--target", default="host", help="target preset (default: host)")
     p.add_argument("--quant", default="q0f32", help="quantization (default: q0f32)")
@@ -197,14 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    received: list[int] = []
     try:
-        args.func(args)
+        with _stop_signals_interrupt(received):
+            args.func(args)
     except UserError as e:
         print(f"qwen35-mobile: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qwen35-mobile: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _stopped(received, e)
+    except Exception as e:
+        if received:  # the signal's KeyboardInterrupt came back through TVM as another error
+            return _stopped(received, e)
+        raise
     return 0
 
 

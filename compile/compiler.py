@@ -120,6 +120,7 @@ def compile_model(
     with artifact.atomic_directory(Path(out), force=force) as tmp:
         progress(f"[1/4] exporting the Relax model ({config.num_hidden_layers} layers, {dtype})")
         exported = pipeline.export(config, quant, preset)
+        artifact.check_space(Path(out), _bytes_to_write(exported, ckpt_dir))
         library = preset.output
         progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")
         t0 = time.time()
@@ -175,6 +176,21 @@ def compile_model(
         )
     progress(f"wrote {out} in {time.time() - started:.1f} s")
     return manifest
+
+
+def _bytes_to_write(exported: pipeline.Exported, ckpt_dir: Path | None) -> int:
+    """About what an artifact takes besides its library: the weights (when
+    converted) and the tokenizer files (12 MB when generated)."""
+    import math
+
+    import numpy as np
+
+    if ckpt_dir is None:
+        return 12 << 20
+    weights = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in exported.params)
+    if not (Path(ckpt_dir) / "tokenizer.json").exists():
+        return weights + (12 << 20)
+    return weights + sum((Path(ckpt_dir) / n).stat().st_size for n in TOKENIZER_FILES if (Path(ckpt_dir) / n).exists())
 
 
 def _copy_tokenizer(ckpt_dir: Path | None, out: Path) -> list[str]:

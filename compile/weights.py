@@ -20,6 +20,7 @@ each shard's size and md5.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -310,6 +311,14 @@ class _ShardWriter:
             self._close()
         return self.shards
 
+    def abort(self) -> None:
+        """Close the open shard after a failed write (a full disk), dropping
+        what its buffer still holds, so that the error is raised once."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
+
     def _open(self) -> None:
         self._file = open(self.out_dir / f"{SHARD_PREFIX}{len(self.shards)}.bin", "wb")
         self._md5 = hashlib.md5()
@@ -413,23 +422,27 @@ def convert_checkpoint(
 
     writer = _ShardWriter(out, shard_bytes)
     num_params = nbytes = 0
-    for done, (param, hf, target) in enumerate(plan, start=1):
-        array = ckpt.get(hf)
-        if quantize_map is not None and param in quantize_map.param_map:
-            try:
-                stored = quantize_map.convert(param, array)
-            except (OverflowError, ValueError) as e:
-                raise UserError(f"tensor '{hf}': cannot quantize ({e})") from None
-        else:
-            stored = [(param, _cast(array, target, hf))]
-        for name, data in stored:
-            writer.add(name, data)
-            nbytes += data.nbytes
-        num_params += array.size
-        del array, stored  # free them before the next tensor is loaded
-        if progress is not None:
-            progress(done, len(plan), param)
-    shards = writer.finish()
+    try:  # a failed write (ENOSPC, EFBIG) propagates as the OSError it is; the caller reports it
+        for done, (param, hf, target) in enumerate(plan, start=1):
+            array = ckpt.get(hf)
+            if quantize_map is not None and param in quantize_map.param_map:
+                try:
+                    stored = quantize_map.convert(param, array)
+                except (OverflowError, ValueError) as e:
+                    raise UserError(f"tensor '{hf}': cannot quantize ({e})") from None
+            else:
+                stored = [(param, _cast(array, target, hf))]
+            for name, data in stored:
+                writer.add(name, data)
+                nbytes += data.nbytes
+            num_params += array.size
+            del array, stored  # free them before the next tensor is loaded
+            if progress is not None:
+                progress(done, len(plan), param)
+        shards = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
     metadata = {
         "ParamSize": len(plan),
