@@ -5,6 +5,7 @@
     qwen35-mobile run out/ --prompt "Hello"
     qwen35-mobile parity out/ --reference ckpt/
     qwen35-mobile parity out-android/ --reference ckpt/ --emulator opencl
+    qwen35-mobile verify out/
 """
 
 from __future__ import annotations
@@ -200,6 +201,21 @@ def cmd_sizes(args) -> None:
     print(size_table(args.preset or None))
 
 
+def cmd_verify(args) -> None:
+    from .artifact import verify
+
+    result = verify(Path(args.artifact), check_runnable=True)
+    if result.problems:
+        for line in result.problems:
+            print(line)
+        raise SystemExit(1)
+    m = result.manifest
+    print(f"OK {args.artifact}: {len(m['files'])} files match manifest.json ({m['model']}, target {m['target']}, "
+          f"{m['quantization']}, {len(m['parameters'])} parameters, format {m['format_version']})")
+    if result.runs_here:
+        print(f"info: {args.artifact}: {result.runs_here} (verifying does not need to run it)")
+
+
 def cmd_release(args) -> None:
     from .release import release
 
@@ -287,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the exported parameter list (no weights needed).")
     p.add_argument("preset", nargs="*", help="presets (default: the four real sizes)")
     p.set_defaults(func=cmd_sizes)
+
+    p = sub.add_parser("verify", help="check an artifact against its manifest (sha256 of every file, weights, contract)",
+                       description="Check an artifact directory against its manifest.json: every listed file (size "
+                                   "and sha256, weight shards included), files present but not listed (except "
+                                   "build-info.json, parity reports and release-inputs.json, written after the "
+                                   "build), the tensor cache against the manifest's parameters (names, shapes, "
+                                   "dtypes), the JSON files, and the runtime contract as far as it concerns "
+                                   "integrity (format version, TVM and tvm-ffi versions recorded, a known target "
+                                   "and its library). A device build is verifiable anywhere: whether this machine "
+                                   "can run it is an info line, not a problem. Exit 0 with one OK line, or 1 with "
+                                   "one line per problem, each naming the file.")
+    p.add_argument("artifact")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("release", help="build models x targets x quantizations into one folder with an index.json",
                        description=RELEASE_HELP, epilog=_presets_help(),

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..compile.artifact import FORMAT_VERSION, read_manifest, sha256_file, versions
 from ..errors import UserError
-from ..targets import get_target
+from ..targets import PRESETS, get_target
+from .artifact import content_problems, header_problems, read_manifest, versions
 
 
 # Devices the bindings run libraries on: the CPU, and OpenCL through the
@@ -15,46 +15,55 @@ from ..targets import get_target
 RUNNABLE_DEVICES = ("cpu", "opencl")
 
 
-def check_contract(artifact: Path) -> dict:
-    """Return the manifest of a runnable artifact, or raise UserError."""
-    manifest = read_manifest(artifact)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{artifact}: artifact format {manifest.get('format_version')} is not {FORMAT_VERSION}; recompile it"
-        )
+def why_not_runnable(manifest: dict) -> str | None:
+    """None if this machine's runtime can run the artifact; else why not, in
+    one line: another TVM or tvm-ffi, a target the bindings do not run here
+    (a device build), OpenCL missing, another CPU."""
     runtime = versions()
     built = manifest.get("versions", {})
     for key in ("tvm", "tvm_ffi"):
         if built.get(key) != runtime[key]:
-            raise UserError(
-                f"{artifact}: the library was built with {key} {built.get(key)} but this runtime has "
-                f"{runtime[key]}; recompile it or install {key} {built.get(key)}"
-            )
+            return (f"the library was built with {key} {built.get(key)} but this runtime has "
+                    f"{runtime[key]}; recompile it or install {key} {built.get(key)}")
     target = manifest.get("target")
-    preset = get_target(target) if isinstance(target, str) else None
+    preset = PRESETS.get(target) if isinstance(target, str) else None
     if (
         preset is None
         or preset.device not in RUNNABLE_DEVICES
         or preset.host_triple != get_target("host").host_triple
     ):
-        raise UserError(
-            f"{artifact}: built for target '{target}', which this machine cannot run "
-            f"(the Python bindings run 'host' builds)"
-        )
+        return f"built for target '{target}', which this machine cannot run (the Python bindings run 'host' builds)"
     if preset.device == "opencl":
         from .opencl_runtime import why_unavailable
 
         reason = why_unavailable()
         if reason:
-            raise UserError(f"{artifact}: built for target '{target}' (OpenCL), which cannot run here: {reason}")
+            return f"built for target '{target}' (OpenCL), which cannot run here: {reason}"
     built_cpu = manifest.get("tvm_target", {}).get("mcpu")
     if built_cpu and built_cpu != preset.resolved().get("mcpu"):
-        raise UserError(
-            f"{artifact}: the library was compiled for CPU '{built_cpu}', this machine is "
-            f"'{preset.resolved().get('mcpu')}'; recompile it here"
-        )
-    library = Path(artifact) / manifest["library"]
-    expected = manifest["files"].get(manifest["library"], {}).get("sha256")
-    if not library.exists() or sha256_file(library) != expected:
-        raise UserError(f"{library}: missing or altered since the build (sha256 does not match the manifest)")
+        return (f"the library was compiled for CPU '{built_cpu}', this machine is "
+                f"'{preset.resolved().get('mcpu')}'; recompile it here")
+    return None
+
+
+def _raise_first(artifact: Path, problems: list[str]) -> None:
+    if problems:
+        more = (f" (and {len(problems) - 1} more problems: `qwen35-mobile verify {artifact}` lists them)"
+                if len(problems) > 1 else "")
+        raise UserError(problems[0] + more)
+
+
+def check_contract(artifact: Path) -> dict:
+    """Return the manifest of a runnable, intact artifact, or raise a
+    UserError that says in one line what is wrong: the manifest (corrupt, of
+    another format, a key missing), then the runtime (versions, target, CPU),
+    then the files (the cheap part of ``qwen35-mobile verify``: the library
+    and the small files by sha256, the weight shards by size, whose md5 the
+    loader checks, and the tensor cache against the manifest's parameters)."""
+    manifest = read_manifest(artifact)
+    _raise_first(artifact, header_problems(artifact, manifest))
+    reason = why_not_runnable(manifest)
+    if reason:
+        raise UserError(f"{artifact}: {reason}")
+    _raise_first(artifact, content_problems(artifact, manifest, full=False))
     return manifest

@@ -54,7 +54,11 @@ class Model:
         tok_file = artifact_dir / "tokenizer.json"
         if not tok_file.exists():
             raise UserError(f"{artifact_dir}: no tokenizer.json in the artifact")
-        return cls(engine, Tokenizer.from_file(str(tok_file)))
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
+            raise UserError(f"{tok_file}: not a tokenizer this runtime can read ({' '.join(str(e).split())})") from None
+        return cls(engine, tokenizer)
 
     @property
     def manifest(self) -> dict:

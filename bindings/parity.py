@@ -152,7 +152,7 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
     else:  # the library runs elsewhere: only the manifest and the tokenizer here
         from tokenizers import Tokenizer
 
-        from ..compile.artifact import read_manifest
+        from .artifact import read_manifest
 
         model, manifest = None, read_manifest(artifact)
         tokenizer = Tokenizer.from_file(str(Path(artifact) / "tokenizer.json"))

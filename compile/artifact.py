@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -24,8 +23,10 @@ from typing import Iterator
 
 from ..errors import UserError
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# What reads an artifact lives on the runtime side (bindings/artifact.py); re-exported here.
+from ..bindings.artifact import (  # noqa: F401
+    BUILD_INFO, FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, versions, written_after_build,
+)
 
 
 # Errors that mean the disk (or a limit on it) is full, and the words by which
@@ -209,6 +210,9 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
             for stale in stale_siblings(target):
                 _remove(stale)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; an artifact is as readable as any folder
             try:
                 yield tmp
                 if not os.path.lexists(target):
@@ -231,45 +235,22 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
         raise UserError(f"{out}: no space left ({reason}{where}); nothing was written ({advice} and try again)") from None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path, manifest: dict) -> dict:
-    """Add the sha256 and size of every file (but the manifest) and write it."""
+    """Add the sha256 and size of every file (but the manifest and the files
+    written after the build, such as ``build-info.json``) and write it."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(directory).as_posix()
+        if written_after_build(rel):
+            continue
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def read_manifest(directory: Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
-        raise UserError(f"{directory}: no such artifact directory")
-    if not path.exists():
-        raise UserError(f"{directory}: not an artifact (no {MANIFEST}); compile one with `qwen35-mobile compile`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt manifest ({e})") from None
-
-
-def versions() -> dict[str, str]:
-    """Versions of the tools that build (or run) an artifact."""
-    from importlib.metadata import version
-
-    from .. import __version__
-
-    return {
-        "qwen35_mobile": __version__,
-        "tvm": version("apache-tvm"),
-        "tvm_ffi": version("apache-tvm-ffi"),
-    }
+def write_build_info(directory: Path, info: dict) -> None:
+    """``build-info.json``: the facts of this one build (time, host, paths,
+    durations), which would make two builds of the same inputs differ, so
+    the manifest neither holds nor lists them."""
+    (directory / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -151,7 +154,9 @@ def compile_model(
         manifest = artifact.write_manifest(
             tmp,
             {
-                "model": model if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
+                # path-free, so that the same inputs anywhere give the same manifest
+                "model": model if model in PRESETS else Path(model).resolve().name,
+                "checkpoint": _checkpoint_identity(ckpt_dir),
                 "target": preset.name,
                 "tvm_target": preset.resolved(dtype),
                 "host_triple": preset.host_triple,
@@ -170,12 +175,32 @@ def compile_model(
                     "model.visual.*": "vision tower: weights skipped, not compiled yet",
                     "mtp.*": "multi-token-prediction head: weights skipped, not compiled yet",
                 },
-                "compile_seconds": round(build_seconds, 2),
                 "library_bytes": (tmp / library).stat().st_size,
             },
         )
+        # What differs between two builds of the same inputs: not in the manifest, not listed by it.
+        artifact.write_build_info(tmp, {
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "compile_seconds": round(time.time() - started, 2),  # the whole compile, up to here
+            "library_compile_seconds": round(build_seconds, 2),  # the build step: passes, codegen, export
+            "build_host": socket.gethostname(),
+            "checkpoint_path": None if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
+            "output_path": str(Path(out).resolve()),
+        })
     progress(f"wrote {out} in {time.time() - started:.1f} s")
     return manifest
+
+
+def _checkpoint_identity(ckpt_dir: Path | None) -> dict | None:
+    """The checkpoint without its path: its directory's name and the sha256
+    of its config.json (the weights themselves are in the manifest's files)."""
+    if ckpt_dir is None:
+        return None
+    config = Path(ckpt_dir) / "config.json"
+    return {
+        "name": Path(ckpt_dir).resolve().name,
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+    }
 
 
 def _bytes_to_write(exported: pipeline.Exported, ckpt_dir: Path | None) -> int:

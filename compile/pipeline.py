@@ -113,15 +113,17 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
         from .schedule_cpu import cpu_pipeline
 
         relax_pipeline = cpu_pipeline(target)
+    from .reproducible import canonical_shape_funcs, deterministic_tar
+
+    # The same inputs give the same bytes (compile/reproducible.py): shape functions in slot order.
+    relax_pipeline = tvm.transform.Sequential([relax_pipeline, canonical_shape_funcs()])
     # system_lib=False: the module attribute set above already makes a system
     # library; TVM 0.27's auto-detection (on for wasm hosts) reads that attribute
     # back through IRModule.get_attr, which fails for strings of up to 7 bytes
     # ("Cannot convert from type `ffi.SmallStr`"), e.g. "qwen35_".
     executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline, system_lib=False)
     if static:
-        from tvm.support import tar
-
-        executable.export_library(str(path), fcompile=tar.tar)
+        executable.export_library(str(path), fcompile=deterministic_tar)
     elif preset.linker:  # a .so for another machine: link with its cross compiler
         from tvm.support import cc
 

@@ -7,8 +7,9 @@
 
 Each build is ``qwen35-mobile compile --model PRESET --target T --quant Q`` without
 weights (the library only); its artifact directory is OUT/<model>-<target>-<quant>.
-The compile time and the library size are printed and recorded in the build's
-manifest (``compile_seconds``, ``library_bytes``); a summary goes to
+The compile time and the library size are printed; the build records them in
+``build-info.json`` (``library_compile_seconds``) and the manifest
+(``library_bytes``); a summary goes to
 OUT/matrix.json (merged with earlier runs).  Builds that already exist are
 skipped unless --force.  Exit status 1 if any build failed.
 """
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from qwen35_mobile.compile.artifact import read_manifest
+    from qwen35_mobile.bindings.artifact import read_build_info, read_manifest
     from qwen35_mobile.compile.compiler import compile_model
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -108,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
                     traceback.print_exc(limit=3)
                     continue
+                seconds = (read_build_info(out) or {}).get("library_compile_seconds", float("nan"))
                 summary[name] = {
                     "ok": True,
                     "model": model,
                     "target": target,
                     "quantization": quant,
-                    "compile_seconds": manifest["compile_seconds"],
+                    "compile_seconds": seconds,
                     "library_bytes": manifest["library_bytes"],
                     "library": str(out / manifest["library"]),
                 }
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     summary[name]["checks"] = check = _static_checks(out / manifest["library"], target, quant)
                     note = f"{note} {check}".strip()
                 print(
-                    f"{name:36s} compile {manifest['compile_seconds']:7.1f} s  library "
+                    f"{name:36s} compile {seconds:7.1f} s  library "
                     f"{_size(manifest['library_bytes']):>10s}  {note}",
                     flush=True,
                 )
