@@ -12,12 +12,17 @@
 * :func:`check_wgsl_dawn` -- every WGSL kernel creates a shader module on Dawn
   (npm ``webgpu`` over Mesa lavapipe: ``scripts/setup_emulators.d/webgpu.sh``).
 
-A check whose tool is missing raises :class:`CheckUnavailable` (callers skip);
-a failing check raises :class:`UserError` with the compiler's log.
+A check whose tool is not installed raises :class:`CheckUnavailable` (tests
+skip with its message, or fail under ``CI=true``); a tool that is installed and
+does not work (pyopencl finds no platform although a driver is installed, clang
+cannot compile a known-good Metal kernel against the stub) raises
+:class:`~..bindings.emulators.BrokenTool`, which always fails; a failing check
+raises :class:`UserError` with the compiler's log.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import tarfile
@@ -77,18 +82,37 @@ def kernel_sources(source: str) -> dict[str, str]:
     return units
 
 
-def check_opencl(source: str) -> str:
-    """Build ``source`` (OpenCL C) on the first OpenCL device; returns a one-line report."""
+def opencl_devices():
+    """``(pyopencl, devices)``: the OpenCL devices pyopencl sees.
+
+    :class:`CheckUnavailable` when pyopencl or every OpenCL driver (ICD, e.g.
+    PoCL) is not installed; :class:`BrokenTool` when a driver is installed and
+    pyopencl finds no platform or no device."""
+    from ..bindings.emulators import BrokenTool
+    from ..bindings.opencl_runtime import opencl_icds
+
     try:
         import pyopencl as cl
-    except ImportError as err:
-        raise CheckUnavailable("pyopencl is not installed") from err
+    except ModuleNotFoundError as err:
+        if err.name == "pyopencl":
+            raise CheckUnavailable("pyopencl is not installed (scripts/setup_static_checks.sh: pip install pyopencl)") from err
+        raise
+    icds = opencl_icds()
+    if not icds:
+        raise CheckUnavailable("no OpenCL driver is installed (no ICD in /etc/OpenCL/vendors or $OCL_ICD_VENDORS; "
+                               "Debian: pocl-opencl-icd, scripts/setup_static_checks.sh)")
     try:
         devices = [d for p in cl.get_platforms() for d in p.get_devices()]
     except cl.Error as err:
-        raise CheckUnavailable(f"no OpenCL platform: {err}") from err
+        raise BrokenTool(f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but pyopencl finds no platform: {err}") from err
     if not devices:
-        raise CheckUnavailable("no OpenCL device")
+        raise BrokenTool(f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but pyopencl finds no device")
+    return cl, devices
+
+
+def check_opencl(source: str) -> str:
+    """Build ``source`` (OpenCL C) on the first OpenCL device; returns a one-line report."""
+    cl, devices = opencl_devices()
     if "cl_khr_fp16" in source and "cl_khr_fp16" not in devices[0].extensions:
         raise CheckUnavailable(f"{devices[0].name} has no cl_khr_fp16 (fp16 kernels)")
     ctx = cl.Context(devices[:1])
@@ -193,32 +217,97 @@ def _clang() -> str:
     raise CheckUnavailable("no clang on PATH (Debian: apt-get install clang)")
 
 
-def check_metal(source: str) -> str:
-    """clang syntax check of every Metal kernel (each is its own compilation unit)."""
+_METAL_FLAGS = ["--target=aarch64-linux-gnu", "-x", "c++", "-std=c++17", "-fsyntax-only",
+                "-Wno-unknown-attributes", "-Wno-user-defined-literals", "-Wno-c99-extensions"]
+#: A kernel the syntax check must pass (address spaces, attributes, vectors, half literals, math).
+_METAL_PROBE = (
+    "#include <metal_stdlib>\nusing namespace metal;\n"
+    "kernel void probe_kernel(device float* a [[ buffer(0) ]], uint3 t [[ thread_position_in_grid ]]) {\n"
+    "  float4 v = float4(a[0], a[1], a[2], a[3]);\n"
+    "  a[t.x] = exp(v.x) + (float)((half)1.0h) + max(v.y, v.z);\n"
+    "  threadgroup_barrier(mem_flags::mem_threadgroup);\n}\n"
+)
+
+
+def _syntax_errors(clang: str, units: list[str]) -> list[str | None]:
+    """clang's messages per unit (None: passes), each unit its own compilation."""
     import subprocess
     import tempfile
 
-    clang = _clang()
-    units = ["#include <metal_stdlib>" + u for u in source.split("#include <metal_stdlib>")[1:]]
-    if not units:
-        raise UserError("no Metal kernels in the source")
+    out: list[str | None] = []
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "metal_stdlib").write_text(metal_stdlib_stub())
-        files = []
-        for i, unit in enumerate(units):
+        for i, unit in enumerate(units):  # one unit per call: each kernel redefines TVM's helper types
             path = Path(tmp) / f"k{i}.metal"
             path.write_text(unit)
-            files.append(str(path))
-        flags = ["--target=aarch64-linux-gnu", "-x", "c++", "-std=c++17", "-fsyntax-only", "-I", tmp,
-                 "-Wno-unknown-attributes", "-Wno-user-defined-literals", "-Wno-c99-extensions"]
-        errors = []
-        for path in files:  # one unit per call: each kernel redefines TVM's helper types
-            proc = subprocess.run([clang, *flags, path], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                errors.append(proc.stderr)
-    if errors:
-        raise UserError(f"{len(errors)} of {len(units)} Metal kernels fail the clang syntax check:\n" + errors[0][:4000])
-    return f"{len(units)} Metal kernels pass the clang syntax check ({clang}, stub metal_stdlib)"
+            proc = subprocess.run([clang, *_METAL_FLAGS, "-I", tmp, str(path)], capture_output=True, text=True, check=False)
+            out.append(None if proc.returncode == 0 else (proc.stderr or f"{clang} exited {proc.returncode}"))
+    return out
+
+
+@functools.cache
+def _metal_probe(clang: str) -> None:
+    from ..bindings.emulators import BrokenTool
+
+    (err,) = _syntax_errors(clang, [_METAL_PROBE])
+    if err is not None:
+        raise BrokenTool(f"{clang} fails a known-good Metal kernel against the stub metal_stdlib "
+                         f"(the check itself is broken):\n{err[:2000]}")
+
+
+def metal_clang() -> str:
+    """The clang of the Metal syntax check, after it passed a known-good kernel:
+    :class:`CheckUnavailable` without clang, ``BrokenTool`` when it fails the probe."""
+    clang = _clang()
+    _metal_probe(clang)
+    return clang
+
+
+def _metal_units(source: str) -> list[str]:
+    return ["#include <metal_stdlib>" + u for u in source.split("#include <metal_stdlib>")[1:]]
+
+
+def _metal_failures(source: str) -> tuple[int, list[tuple[list[str], str]]]:
+    """(number of units, [(kernels of a failing unit, clang's messages)])."""
+    units = _metal_units(source)
+    if not units:
+        raise UserError("no Metal kernels in the source")
+    failing = [(re.findall(r"kernel void (\w+)\(", unit) or ["(a unit without a kernel)"], err)
+               for unit, err in zip(units, _syntax_errors(metal_clang(), units)) if err is not None]
+    return len(units), failing
+
+
+def metal_syntax_errors(source: str) -> dict[str, str]:
+    """``{Metal kernel: clang's messages}`` for every kernel whose unit fails the syntax check."""
+    return {name: err for names, err in _metal_failures(source)[1] for name in names}
+
+
+def check_metal(source: str) -> str:
+    """clang syntax check of every Metal kernel (each is its own compilation unit);
+    raises UserError naming each failing kernel, with the first one's messages."""
+    total, failing = _metal_failures(source)
+    if failing:
+        names = sorted(name for names, _ in failing for name in names)
+        raise UserError(f"{len(failing)} of {total} Metal kernels fail the clang syntax check "
+                        f"({', '.join(names)}):\n" + failing[0][1][:4000])
+    return f"{total} Metal kernels pass the clang syntax check ({metal_clang()}, stub metal_stdlib)"
+
+
+def break_metal_kernel(source: str, name: str, prefix: str = "") -> tuple[str, list[str]]:
+    """``source`` with the Metal kernels of ``name`` made invalid on purpose (a
+    call of an undeclared function opens their body), and their names: a
+    negative control of the syntax check.  ``name``: a Metal kernel, or the
+    TIR function whose kernels are ``[prefix]name_kernel[_N]``."""
+    kernels = re.findall(r"kernel void (\w+)\(", source)
+    pattern = re.compile(rf"(?:{re.escape(prefix)})?{re.escape(name)}(?:_kernel(?:_\d+)?)?")
+    chosen = [k for k in kernels if k == name] or [k for k in kernels if pattern.fullmatch(k)]
+    if not chosen:
+        raise UserError(f"--break-kernel: no Metal kernel '{name}' (nor '{prefix}{name}_kernel') in the source")
+    for kernel in chosen:
+        start = source.index(f"kernel void {kernel}(")
+        brace = source.index("{", start)
+        source = source[: brace + 1] + " qwen35_broken_on_purpose();" + source[brace + 1 :]
+    return source, sorted(chosen)
 
 
 # --------------------------------------------------------------------------

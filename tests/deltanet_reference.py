@@ -4,10 +4,11 @@ produces them, and transformers' reference functions."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
-torch = pytest.importorskip("torch")
+from conftest import need_module  # noqa: E402  (tests/ is on sys.path, as for this module)
+
+hf = need_module("transformers.models.qwen3_5.modeling_qwen3_5")
+torch = need_module("torch")
 
 
 def gdn_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int, seed: int) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """The android (aarch64) model library links with the Debian cross toolchain
 (binutils-aarch64-linux-gnu, installed by scripts/setup_static_checks.sh),
 leaving nothing undefined but what the TVM runtime and libc/libm provide
-(compile/static_checks.py: check_aarch64_link).  Skips when the cross binutils
-are absent."""
+(compile/static_checks.py: check_aarch64_link).  Without the cross binutils
+the tests skip, or fail under CI=true (tests/conftest.py: need)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,20 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 from qwen35_mobile.compile.static_checks import CheckUnavailable, check_aarch64_link
 from qwen35_mobile.errors import UserError
 
-needs_cross_binutils = pytest.mark.skipif(
-    shutil.which("aarch64-linux-gnu-ld") is None or shutil.which("aarch64-linux-gnu-as") is None,
-    reason="no aarch64 cross binutils (Debian: apt-get install binutils-aarch64-linux-gnu)",
-)
+
+@pytest.fixture(scope="module")
+def cross_binutils():
+    missing = [t for t in ("ld", "as", "nm") if shutil.which(f"aarch64-linux-gnu-{t}") is None]
+    need(missing and f"no aarch64-linux-gnu-{'/'.join(missing)} (Debian: apt-get install binutils-aarch64-linux-gnu)",
+         "the aarch64 cross binutils")
+
+
+needs_cross_binutils = pytest.mark.usefixtures("cross_binutils")
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from qwen35_mobile.compile import checkpoint as ckpt  # noqa: E402
 from qwen35_mobile.compile.config import PRESETS  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import need_module  # noqa: E402
+
+torch = need_module("torch")
+transformers = need_module("transformers")
 
 TEST_PRESETS = ["tiny", "tiny-gva", "tiny-untied"]
 MTP_NAMES = {

@@ -23,10 +23,12 @@ from tvm.relax.frontend import nn
 
 from qwen35_mobile.compile.kernels import block_cols_for_target, causal_conv1d, gated_delta_rule
 
-torch = pytest.importorskip("torch")
+from conftest import need_module  # noqa: E402
+
+torch = need_module("torch")
 from deltanet_reference import assert_close, conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
 
-hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
+hf = need_module("transformers.models.qwen3_5.modeling_qwen3_5")
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 FP32_TOL = 1e-5

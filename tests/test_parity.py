@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qwen35_mobile.bindings.cli import main
-from qwen35_mobile.bindings.parity import DEFAULT_PROMPTS, run_parity
+from qwen35_mobile.bindings.parity import CRITERIA, DEFAULT_PROMPTS, run_parity
 
 
 def _check(report, tol, exact=True):
@@ -15,7 +15,7 @@ def _check(report, tol, exact=True):
     if exact:
         assert s["greedy_agreement"] and s["top1_agreement"] == 1.0
     else:
-        assert s["top1_agreement"] >= 0.9
+        assert s["top1_agreement"] >= CRITERIA["float16"]["min_top1"]
     cases = {c["case"] for c in report["cases"]}
     assert cases == {"prefill", "continued_prefill", "greedy", "batch_decode"}
     for c in report["cases"]:
@@ -61,7 +61,13 @@ def test_q4_parity_against_dequantized_weights(quant, tol, exact, artifact, chec
     report = run_parity(art, checkpoint("tiny"), new_tokens=32, progress=lambda _: None)
     _check(report, tol, exact)
     cost = report["quantization_cost"]
-    assert cost["positions"] > 64 and 0 <= cost["top1_agreement"] <= 1 and cost["kl_mean"] > 0
+    # every prompt position, against the ORIGINAL weights: on random weights 4 bits change the
+    # function entirely (docs/surprises.md: top-1 ~1-6 %, KL ~5-9 nats), so a cost computed by
+    # mistake against the dequantized weights (top-1 ~1, KL ~0) fails here
+    assert cost["against"].startswith("transformers on the original (unquantized) weights")
+    assert cost["positions"] == sum(len(c["steps"]) for c in report["cases"] if c["case"] == "prefill") > 64
+    assert cost["top1_agreement"] <= 0.2, cost
+    assert 2.0 <= cost["kl_mean"] <= cost["kl_max"], cost
     manifest = json.loads((art / "manifest.json").read_text())
     dtypes = {p["dtype"] for p in manifest["parameters"]}
     assert "uint32" in dtypes  # really quantized: packed weights in the library's parameters

@@ -133,7 +133,9 @@ def test_decode_round_trip(tok, qwen):
 
 
 def test_transformers_auto_tokenizer_offline(tok, tok_dir, qwen):
-    transformers = pytest.importorskip("transformers")
+    from conftest import need_module
+
+    transformers = need_module("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     assert type(auto).__name__ == "Qwen3_5Tokenizer"
     for text in STRINGS + _fuzz_strings(qwen, 500, seed=2):

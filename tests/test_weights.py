@@ -191,7 +191,9 @@ def test_float16_target_matches_numpy_cast(single, text, tmp_path):
 
 
 def test_tvmjs_reads_our_cache(single, text, tmp_path):
-    tvm = pytest.importorskip("tvm")
+    from conftest import need_module
+
+    tvm = need_module("tvm")
     from tvm.contrib import tvmjs
 
     W.convert_checkpoint(W.open_checkpoint(single), _expected(text, "float16"), tmp_path)

@@ -13,6 +13,14 @@ for, and which of three checks it runs:
 
 bindings/emulators/run.py drives them; one module per emulator holds what is
 specific to it (aarch64.py, opencl.py, webgpu.py).
+
+Availability has two outcomes that are never confused: an emulator (or a
+check's tool) that is *not installed* -- a missing binary, package or file --
+is a reason string (``available()`` returns it; tests skip with it, or fail
+under ``CI=true``); one that is installed but *does not work* -- our Dawn
+launcher exits or prints a traceback, the OpenCL add-on loads but registers
+nothing, qemu cannot start the sysroot's Python -- raises :class:`BrokenTool`,
+which always fails.
 """
 
 from __future__ import annotations
@@ -20,6 +28,12 @@ from __future__ import annotations
 import dataclasses
 
 from ...errors import UserError
+
+
+class BrokenTool(UserError):
+    """An emulator or check tool is installed but does not work: our own code
+    (launcher, add-on, sysroot) or the installed driver failed.  Never a
+    reason to skip."""
 
 
 @dataclasses.dataclass(frozen=True)

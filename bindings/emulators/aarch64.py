@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ...errors import UserError
+from . import BrokenTool
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (= the package qwen35_mobile)
 SETUP_SCRIPT = ROOT / "scripts" / "setup_emulators.d" / "aarch64.sh"
@@ -44,9 +45,18 @@ def python() -> Path:
     return sysroot() / "usr" / "bin" / "python3.11"
 
 
+_PROBED: dict[tuple[str, str], str | None] = {}  # (qemu, sysroot) -> None, or why qemu cannot run its Python
+_PROBE = "import platform, qwen35_mobile.bindings.emulators.worker; print(platform.machine())"
+
+
 def available() -> str | None:
-    """None when an aarch64 library can run here, else why not."""
-    if shutil.which(QEMU) is None:
+    """None when an aarch64 library can run here, else why not: qemu, the
+    sysroot's Python or one of its packages is not installed.  When all of it
+    is installed and qemu still cannot run the sysroot's Python (a probe, once
+    per process: starts Python, imports the project's worker) that is a broken
+    emulator: :class:`BrokenTool` is raised."""
+    qemu = shutil.which(QEMU)
+    if qemu is None:
         return f"{QEMU} not found (Debian: apt-get install qemu-user-static; or run {SETUP_SCRIPT})"
     root = sysroot()
     if not python().exists():
@@ -54,6 +64,22 @@ def available() -> str | None:
     for name in ("tvm", "tvm_ffi", "numpy", "qwen35_mobile"):
         if not (root / _SITE / name).exists():
             return f"{root} lacks the package '{name}' (run {SETUP_SCRIPT})"
+    key = (qemu, str(root))
+    cmd = [QEMU, "-L", str(root), str(python()), "-c", _PROBE]
+    if key not in _PROBED:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
+                                  env=_env(1, None), cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL)
+            ok = done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == ["aarch64"]
+            _PROBED[key] = None if ok else (
+                f"exit {done.returncode}: " + " | ".join((done.stdout + done.stderr).strip().splitlines()[-8:]))
+        except (OSError, subprocess.TimeoutExpired) as err:
+            _PROBED[key] = f"{type(err).__name__}: {err}"
+    if _PROBED[key]:
+        raise BrokenTool(
+            f"the aarch64 emulator is installed but does not work: {' '.join(cmd[:4])} -c '{_PROBE}' "
+            f"failed ({_PROBED[key]}); rebuild the sysroot with {SETUP_SCRIPT}"
+        )
     return None
 
 
@@ -185,14 +211,48 @@ if __name__ == "__main__":  # python -m qwen35_mobile.bindings.emulators.aarch64
     sys.exit(1 if reason else 0)
 
 
-def replay(artifact: Path, calls: list, *, timeout: float | None = 1800, progress=None) -> list:
+def replay(artifact: Path, calls: list, *, timeout: float | None = 1800, progress=None,
+           override: tuple[Path, list[str]] | None = None) -> list:
     """Run captured kernel calls (:mod:`.capture`) with ``artifact``'s aarch64
-    library under qemu, in one process; returns the calls with what it wrote."""
+    library under qemu, in one process; returns the calls with what it wrote.
+    ``override``: (a library, kernel names) the replay takes those kernels from
+    (:func:`broken_kernel_library`)."""
     from .capture import load_calls, save_calls
 
     with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-replay-") as tmp:
         calls_path, job, out = Path(tmp) / "calls.npz", Path(tmp) / "job.json", Path(tmp) / "out.npz"
         save_calls(calls, calls_path)
-        job.write_text(json.dumps({"replay": str(calls_path)}))
+        spec: dict = {"replay": str(calls_path)}
+        if override:
+            spec["override"] = {"library": str(Path(override[0]).resolve()), "kernels": list(override[1])}
+        job.write_text(json.dumps(spec))
         run_in_qemu(WORKER, [str(Path(artifact).resolve()), str(job), str(out)], timeout=timeout, progress=progress)
         return load_calls(out)
+
+
+def broken_kernel_library(mod, dtype: str, name: str, out: Path) -> Path:
+    """The aarch64 build's kernel ``name`` broken on purpose
+    (:func:`.replay.break_kernel`: every float store into an argument * 1.5 +
+    0.25), alone in a library cross-linked like the model's: ``--break-kernel``
+    for the aarch64 replay.  ``mod``: the exported Relax module of the
+    ``aarch64`` preset; the kernel is taken after the same CPU pipeline the
+    model library is built with."""
+    import tvm
+    from tvm.support import cc
+
+    from ...compile.schedule_cpu import cpu_pipeline
+    from ...targets import get_target
+    from .replay import break_kernel
+
+    preset = get_target("aarch64")
+    target = preset.tvm_target(dtype)
+    with target:
+        lowered = cpu_pipeline(target)(mod)
+    funcs = {gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    if name not in funcs:
+        raise UserError(f"--break-kernel: no kernel '{name}' in the aarch64 build")
+    broken = break_kernel(funcs[name]).with_attr("global_symbol", name)
+    lib = tvm.tirx.build(tvm.IRModule({name: broken}), target=target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lib.export_library(str(out), fcompile=cc.cross_compiler(preset.linker))
+    return out

@@ -221,17 +221,22 @@ def load_calls(path: Path) -> list[Call]:
     return calls
 
 
-def run_calls(library: Path, calls: list[Call], progress=None) -> list[Call]:
+def run_calls(library: Path, calls: list[Call], progress=None, *, override: Path | None = None,
+              override_kernels: list[str] = ()) -> list[Call]:
     """Run each call's kernel from the (CPU) library ``library`` on the call's
-    ``before`` tensors; the returned calls hold what that library wrote."""
+    ``before`` tensors; the returned calls hold what that library wrote.  The
+    kernels named in ``override_kernels`` come from the library ``override``
+    instead (``--break-kernel``: one built broken on purpose)."""
     import tvm
 
     lib = tvm.runtime.load_module(str(library))
+    other = tvm.runtime.load_module(str(override)) if override else None
     out = []
     for n, call in enumerate(calls):
         if progress and n % 100 == 0:
             progress(f"replay: {n}/{len(calls)} calls")
-        func = lib.get_function(call.name, query_imports=True)
+        source = other if other is not None and call.name in override_kernels else lib
+        func = source.get_function(call.name, query_imports=True)
         args = [tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in call.before]
         func(*args)
         after = [a.numpy() if isinstance(a, tvm.runtime.Tensor) else None for a in args]

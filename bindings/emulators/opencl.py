@@ -16,7 +16,8 @@ import numpy as np
 
 
 def available() -> str | None:
-    """None when PoCL and the add-on work here, else why not."""
+    """None when PoCL and the add-on work here, else why not (what is not
+    installed); raises :class:`~.BrokenTool` when they are installed and fail."""
     from ..opencl_runtime import why_unavailable
 
     return why_unavailable()

@@ -29,11 +29,11 @@ REPLAY_DECODE_STEPS = 2
 
 
 def _why_unavailable(name: str) -> str | None:
-    if name == "metal":  # a static check: its tool is clang
-        from ...compile.static_checks import CheckUnavailable, _clang
+    if name == "metal":  # a static check: its tool is clang (probed with a known-good kernel)
+        from ...compile.static_checks import CheckUnavailable, metal_clang
 
         try:
-            _clang()
+            metal_clang()
         except CheckUnavailable as err:
             return str(err)
         return None
@@ -41,7 +41,8 @@ def _why_unavailable(name: str) -> str | None:
 
 
 def available(name: str) -> str | None:
-    """None when emulator ``name`` can run here, else why not (what to install)."""
+    """None when emulator ``name`` can run here, else why not (what to install).
+    Raises :class:`~.BrokenTool` when it is installed and does not work."""
     reason = _why_unavailable(get_emulator(name).name)
     return f"{reason} (scripts/setup_emulators.sh installs every emulator)" if reason else None
 
@@ -95,8 +96,15 @@ def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dic
     if not preset.is_gpu:  # a CPU library: every call at once, in the emulator
         from . import aarch64
 
+        override = None
+        if break_kernel:
+            progress(f"building {break_kernel} of the {preset.name} build broken on purpose")
+            lib = aarch64.broken_kernel_library(cap.export_from_manifest(artifact, preset.name), manifest["dtype"],
+                                                break_kernel, work / "broken" / "kernel.so")
+            override = (lib, [break_kernel])
         progress(f"replaying {len(calls)} kernel calls with the {preset.name} library under qemu")
-        rows = rp.compare_calls(calls, aarch64.replay(work / "model", calls, progress=progress), tolerance)
+        done = aarch64.replay(work / "model", calls, progress=progress, override=override)
+        rows = rp.compare_calls(calls, done, tolerance)
     else:
         progress(f"device kernels ({preset.name}): scheduling")
         device_mod = cap.export_from_manifest(artifact, preset.name)
@@ -117,10 +125,10 @@ def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dic
             "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
 
 
-def _syntax_check(em, reference: Path, manifest: dict, work: Path, progress) -> dict:
+def _syntax_check(em, reference: Path, manifest: dict, work: Path, break_kernel: str | None, progress) -> dict:
     from ...compile import pipeline
     from ...compile.config import Qwen35Config
-    from ...compile.static_checks import check_metal, device_source
+    from ...compile.static_checks import break_metal_kernel, device_source, metal_clang, metal_syntax_errors
     from ...targets import get_target
 
     preset = get_target(em.syntax)
@@ -129,13 +137,18 @@ def _syntax_check(em, reference: Path, manifest: dict, work: Path, progress) -> 
     path = work / preset.output
     pipeline.build(pipeline.export(config, manifest["quantization"], preset), preset, path)
     source = device_source(path)
-    kernels = source.count("kernel void")
-    try:
-        message, ok = check_metal(source), True
-    except UserError as err:
-        message, ok = str(err), False
-    return {"kind": "syntax check (clang, stub metal_stdlib), not parity", "kernels": kernels, "pass": ok,
-            "message": message}
+    out = {"kind": "syntax check (clang, stub metal_stdlib), not parity", "kernels": source.count("kernel void")}
+    if break_kernel:
+        source, broken = break_metal_kernel(source, break_kernel, preset.system_lib_prefix or "")
+        out["broken_on_purpose"] = broken
+    errors = metal_syntax_errors(source)
+    out["pass"] = not errors
+    out["failing_kernels"] = sorted(errors)
+    out["message"] = (f"{out['kernels']} Metal kernels pass the clang syntax check ({metal_clang()}, stub metal_stdlib)"
+                      if not errors else
+                      f"{len(errors)} of {out['kernels']} Metal kernels fail the clang syntax check: "
+                      f"{', '.join(sorted(errors))}\n{next(iter(errors.values()))[:4000]}")
+    return out
 
 
 def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int = 32,
@@ -154,10 +167,6 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
         raise UserError(f"the {name} emulator cannot run {dtype} builds: {em.why_not_dtypes}")
     if not (reference / "config.json").exists():
         raise UserError(f"{reference}: no config.json; --reference must be the checkpoint the artifact came from")
-    from ...targets import get_target
-
-    if break_kernel and not (em.kernels and get_target(em.kernels).is_gpu):
-        raise UserError(f"--break-kernel works with the emulators that replay GPU kernels (opencl, webgpu), not {name}")
     reason = available(name)
     if reason:
         raise UserError(f"the {name} emulator is not installed here: {reason}")
@@ -203,7 +212,7 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
             out["kernels"]["seconds"] = round(time.time() - t1, 1)
             verdicts.append(out["kernels"]["summary"]["pass"])
         if em.syntax:
-            out["syntax"] = _syntax_check(em, reference, manifest, work, progress)
+            out["syntax"] = _syntax_check(em, reference, manifest, work, break_kernel, progress)
             verdicts.append(out["syntax"]["pass"])
     out["seconds"] = round(time.time() - t0, 1)
     out["pass"] = bool(verdicts) and all(verdicts)

@@ -48,7 +48,10 @@ from typing import Any
 
 import numpy as np
 
+from . import BrokenTool
+
 __all__ = [
+    "BrokenTool",
     "DawnError",
     "KernelPlan",
     "adapter_info",
@@ -86,8 +89,21 @@ def lavapipe_icd() -> str | None:
     return None
 
 
+#: The Node.js binary: ``$QWEN35_NODE`` (a path or a name on PATH), else ``node``.
+NODE_ENV = "QWEN35_NODE"
+
+
 def _node() -> str | None:
-    return shutil.which("node")
+    return shutil.which(os.environ.get(NODE_ENV) or "node")
+
+
+def _node_major(node: str) -> int:
+    """Node's major version (``node --version``: ``v20.19.2``)."""
+    done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    m = re.match(r"v(\d+)\.", done.stdout.strip())
+    if done.returncode != 0 or not m:
+        raise BrokenTool(f"{node} --version failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[:500]}")
+    return int(m.group(1))
 
 
 class _Runner:
@@ -170,6 +186,7 @@ class _Runner:
 _RUNNER: _Runner | None = None
 _RUNNER_LOCK = threading.Lock()
 _UNAVAILABLE: str | None = None
+_BROKEN: str | None = None  # why the installed emulator does not work (re-raised on every check)
 _CHECKED = False
 
 
@@ -194,22 +211,39 @@ atexit.register(shutdown)
 
 
 def available() -> str | None:
-    """``None`` when Dawn can run kernels here, else why not (with the fix)."""
-    global _UNAVAILABLE, _CHECKED
+    """``None`` when Dawn can run kernels here, else why not (what to install).
+
+    Only something missing is a reason: no Node.js (or one older than 18), no
+    npm ``webgpu`` package, no lavapipe ICD.  When all of it is there and our
+    launcher (``dawn/run_wgsl.mjs``) still cannot create a device -- it exits,
+    prints a traceback, finds no adapter -- that is a failure of the installed
+    emulator, not a missing one: :class:`BrokenTool` is raised (every call)."""
+    global _UNAVAILABLE, _BROKEN, _CHECKED
     if _CHECKED:
+        if _BROKEN:
+            raise BrokenTool(_BROKEN)
         return _UNAVAILABLE
     why = None
-    if _node() is None:
-        why = "node (Node.js >= 18) is not installed"
+    node = _node()
+    if node is None:
+        why = f"node (Node.js >= 18) is not installed ({os.environ.get(NODE_ENV) or 'node'} not found)"
     elif not WEBGPU_MODULE.exists():
         why = f"npm package webgpu (Dawn) is not installed in {NODE_PREFIX}: run {SETUP}"
     elif lavapipe_icd() is None and not os.environ.get("QWEN35_VK_ICD"):
         why = f"Mesa lavapipe (mesa-vulkan-drivers >= 24 from bookworm-backports) is not installed: run {SETUP}"
     else:
         try:
-            _runner()
-        except (DawnError, OSError, json.JSONDecodeError) as err:
-            why = f"Dawn cannot create a WebGPU device here: {err}"
+            major = _node_major(node)
+            if major < 18:
+                why = f"{node} is Node.js {major}; the Dawn launcher needs Node.js >= 18"
+            else:
+                _runner()
+        except Exception as err:  # noqa: BLE001 - everything is installed: any failure is ours to fix
+            _BROKEN, _CHECKED = (
+                f"the WebGPU emulator is installed but does not work: {RUNNER.name} ({node}) "
+                f"could not create a WebGPU device: {type(err).__name__}: {err}"
+            ), True
+            raise BrokenTool(_BROKEN) from err
     _UNAVAILABLE, _CHECKED = why, True
     return why
 

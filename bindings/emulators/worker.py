@@ -8,7 +8,8 @@ with the project's :class:`~..engine.Engine`, runs
 :func:`..parity.collect_ours` and saves its arrays to OUT.npz.  Or
 ``{"replay": CALLS.npz}``: runs every captured kernel call of CALLS.npz
 (:func:`.capture.save_calls`) with ARTIFACT's library and saves what the
-kernels wrote (:func:`.capture.run_calls`).  Progress goes
+kernels wrote (:func:`.capture.run_calls`); with ``"override": {"library":
+LIB.so, "kernels": [names]}`` those kernels come from LIB.so (``--break-kernel``).  Progress goes
 to stderr; the last line of stdout is a JSON object of timings.
 """
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .capture import load_calls, run_calls, save_calls
 
         library = Path(artifact) / read_manifest(Path(artifact))["library"]
-        calls = run_calls(library, load_calls(Path(job["replay"])), progress)
+        override = job.get("override") or {}
+        calls = run_calls(library, load_calls(Path(job["replay"])), progress,
+                          override=Path(override["library"]) if override else None,
+                          override_kernels=override.get("kernels", []))
         t3 = time.time()
         save_calls(calls, Path(out_path), with_after=True)
         print(json.dumps({"machine": platform.machine(), "import_s": round(t1 - t0, 2), "run_s": round(t3 - t1, 2)}))

@@ -8,6 +8,11 @@ and libraries built for an OpenCL target load and run.
 
 TVM itself picks the add-on up at ``import tvm`` when its directory is on
 ``LD_LIBRARY_PATH``; the explicit load here needs no environment.
+
+:func:`why_unavailable` tells "not installed" (the add-on file, the OpenCL ICD
+loader or any OpenCL driver is missing: a reason string) from "broken" (the
+add-on file is not a loadable library, loads but registers no device API, or
+drivers are installed and no device shows up: :class:`BrokenTool` is raised).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 from pathlib import Path
 
 from ...errors import UserError
+from ..emulators import BrokenTool
 
 ENV = "QWEN35_OPENCL_RUNTIME"
 LIBRARY = "libtvm_runtime_opencl.so"
@@ -30,6 +36,20 @@ def runtime_path() -> Path:
     return Path(os.environ[ENV]) if os.environ.get(ENV) else DEFAULT_PATH
 
 
+class AddOnMissing(UserError):
+    """The add-on, or a library it needs (the OpenCL ICD loader), is not installed."""
+
+
+def opencl_icds() -> list[Path]:
+    """The OpenCL drivers (ICD files) the ICD loader will find: ``$OCL_ICD_VENDORS``
+    (a directory or one file) or ``$OPENCL_VENDOR_PATH``, else ``/etc/OpenCL/vendors``."""
+    where = os.environ.get("OCL_ICD_VENDORS") or os.environ.get("OPENCL_VENDOR_PATH") or "/etc/OpenCL/vendors"
+    path = Path(where)
+    if path.is_file():
+        return [path]
+    return sorted(path.glob("*.icd")) if path.is_dir() else []
+
+
 def _registered() -> bool:
     import tvm
 
@@ -38,7 +58,9 @@ def _registered() -> bool:
 
 def load_opencl_runtime() -> None:
     """Make TVM's OpenCL device and module loader available in this process
-    (idempotent).  Raises UserError when the add-on is not built."""
+    (idempotent).  Raises :class:`AddOnMissing` (a UserError) when the add-on
+    or a library it links is not installed, :class:`BrokenTool` when it is
+    there and does not load or registers nothing."""
     global _loaded
     if _loaded is not None:
         return
@@ -49,18 +71,30 @@ def load_opencl_runtime() -> None:
         return
     path = runtime_path()
     if not path.is_file():
-        raise UserError(
+        raise AddOnMissing(
             f"the OpenCL runtime add-on is not built ({path} is missing): run scripts/setup_emulators.sh "
             f"(or scripts/setup_emulators.d/opencl.sh), or point {ENV} at a libtvm_runtime_opencl.so"
         )
     try:
         lib = ctypes.CDLL(str(path), ctypes.RTLD_GLOBAL)
     except OSError as e:
-        raise UserError(
-            f"{path}: cannot load the OpenCL runtime add-on ({e}); rebuild it with scripts/setup_emulators.sh"
+        # "libOpenCL.so.1: cannot open shared object file": a library it links is not installed;
+        # anything else (not an ELF file, wrong machine, undefined symbols) is a broken add-on.
+        first = str(e).split(":", 1)[0].strip()
+        if "cannot open shared object file" in str(e) and Path(first).name != path.name:
+            raise AddOnMissing(
+                f"{path} needs {first}, which is not installed (libOpenCL.so.1: the OpenCL ICD loader, "
+                f"Debian ocl-icd-libopencl1; scripts/setup_emulators.sh installs it)"
+            ) from e
+        raise BrokenTool(
+            f"{path}: the OpenCL runtime add-on exists but does not load ({e}); rebuild it with "
+            f"scripts/setup_emulators.d/opencl.sh"
         ) from e
     if not _registered():
-        raise UserError(f"{path} loaded but registered no OpenCL runtime; rebuild it with scripts/setup_emulators.sh")
+        raise BrokenTool(
+            f"{path} loaded but registered no OpenCL device API (ffi.Module.load_from_bytes.opencl); "
+            f"rebuild it with scripts/setup_emulators.d/opencl.sh"
+        )
     _LOADED_LIBS["tvm_runtime_opencl"] = lib
     _loaded = lib
 
@@ -77,13 +111,25 @@ def opencl_device_count() -> int:
 
 
 def why_unavailable() -> str | None:
-    """None when the add-on loads and sees an OpenCL device, else why not."""
+    """None when the add-on loads and sees an OpenCL device; a reason when
+    something is not installed (the add-on, the ICD loader, any OpenCL driver
+    such as PoCL).  Raises :class:`BrokenTool` when all of it is installed and
+    does not work: the add-on does not load or registers nothing, drivers are
+    installed and no device shows up, or anything else fails."""
     try:
         load_opencl_runtime()
-        if opencl_device_count() == 0:
-            return "no OpenCL device is visible; install an OpenCL driver (PoCL: run scripts/setup_emulators.sh)"
-    except UserError as err:
+    except AddOnMissing as err:
         return str(err)
-    except Exception as err:  # noqa: BLE001 - any driver failure means: not available
-        return f"OpenCL does not work here: {err}"
+    icds = opencl_icds()
+    if not icds:
+        return ("no OpenCL driver is installed (no ICD file in /etc/OpenCL/vendors or $OCL_ICD_VENDORS); "
+                "install PoCL: scripts/setup_emulators.sh (Debian: pocl-opencl-icd)")
+    try:
+        count = opencl_device_count()
+    except Exception as err:  # noqa: BLE001 - installed, so any failure is a finding
+        raise BrokenTool(f"the OpenCL runtime add-on failed to list devices: {type(err).__name__}: {err}") from err
+    if count == 0:
+        raise BrokenTool(
+            f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but the add-on sees no OpenCL device"
+        )
     return None
