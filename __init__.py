@@ -2,7 +2,7 @@
 
 Pipeline: checkpoint -> config (compile.config) -> Relax model (compile.model)
 -> passes and per-target build (compile.pipeline, targets) -> artifact
-(compile.artifact) -> bindings (bindings.model) -> parity report (bindings.parity).
+(compile.artifact) -> bindings (bindings.model) -> parity report (parity.report).
 """
 
 __version__ = "0.1.0"

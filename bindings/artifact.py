@@ -45,6 +45,9 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "format_version": int,
     "model": str,
     "target": str,
+    "device": str,
+    "host_triple": str,
+    "native_cpu": bool,
     "tvm_target": dict,
     "quantization": str,
     "dtype": str,
@@ -159,19 +162,23 @@ def _kind_name(kind) -> str:
     return " or ".join(names[k] for k in kinds)
 
 
-def _contract_problems(manifest: dict) -> list[tuple[str, str]]:
-    """The runtime contract, as far as it concerns integrity (any machine)."""
-    from ..targets import PRESETS
+#: The TVM devices a library of this tool runs on (the manifest's ``device``).
+KNOWN_DEVICES = ("cpu", "opencl", "metal", "webgpu", "cuda", "vulkan")
+#: A library is a shared object (loaded by the runtime) or a static archive (linked into an app).
+LIBRARY_KINDS = (".so", ".tar")
 
+
+def _contract_problems(manifest: dict) -> list[tuple[str, str]]:
+    """The runtime contract, as far as it concerns integrity (any machine);
+    read from the manifest alone (the runtime knows no compiler presets)."""
     problems = []
-    target = manifest.get("target")
-    preset = PRESETS.get(target) if isinstance(target, str) else None
-    if isinstance(target, str) and preset is None:
-        problems.append((MANIFEST, f"names target '{target}', which is no target preset of this tool"))
+    device = manifest.get("device")
+    if isinstance(device, str) and device not in KNOWN_DEVICES:
+        problems.append((MANIFEST, f"names device '{device}', which is none of {', '.join(KNOWN_DEVICES)}"))
     library = manifest.get("library")
     if isinstance(library, str):
-        if preset is not None and library != preset.output:
-            problems.append((MANIFEST, f"names the library '{library}', but target '{target}' builds '{preset.output}'"))
+        if not library.endswith(LIBRARY_KINDS):
+            problems.append((MANIFEST, f"names the library '{library}', which is neither a .so nor a .tar"))
         if isinstance(manifest.get("files"), dict) and library not in manifest["files"]:
             problems.append((library, "the library is not listed under the manifest's 'files'"))
         if library.endswith(".tar") and not isinstance(manifest.get("system_lib_prefix"), str):

@@ -5,14 +5,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import platform
+
 from ..errors import UserError
-from ..targets import PRESETS, get_target
 from .artifact import content_problems, header_problems, read_manifest, versions
 
 
 # Devices the bindings run libraries on: the CPU, and OpenCL through the
 # project's runtime add-on (bindings/opencl_runtime; PoCL on this machine).
 RUNNABLE_DEVICES = ("cpu", "opencl")
+
+
+def host_triple() -> str:
+    """This machine's triple, as the compiler's presets name it."""
+    machine = platform.machine()
+    return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(machine, machine)
+
+
+def system_cpu() -> str:
+    """This machine's CPU as LLVM names it (what ``mcpu=native`` compiles for)."""
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_cpu()
 
 
 def why_not_runnable(manifest: dict) -> str | None:
@@ -25,24 +39,19 @@ def why_not_runnable(manifest: dict) -> str | None:
         if built.get(key) != runtime[key]:
             return (f"the library was built with {key} {built.get(key)} but this runtime has "
                     f"{runtime[key]}; recompile it or install {key} {built.get(key)}")
-    target = manifest.get("target")
-    preset = PRESETS.get(target) if isinstance(target, str) else None
-    if (
-        preset is None
-        or preset.device not in RUNNABLE_DEVICES
-        or preset.host_triple != get_target("host").host_triple
-    ):
+    target, device = manifest.get("target"), manifest.get("device")
+    if device not in RUNNABLE_DEVICES or manifest.get("host_triple") != host_triple():
         return f"built for target '{target}', which this machine cannot run (the Python bindings run 'host' builds)"
-    if preset.device == "opencl":
+    if device == "opencl":
         from .opencl_runtime import why_unavailable
 
         reason = why_unavailable()
         if reason:
             return f"built for target '{target}' (OpenCL), which cannot run here: {reason}"
     built_cpu = manifest.get("tvm_target", {}).get("mcpu")
-    if built_cpu and built_cpu != preset.resolved().get("mcpu"):
+    if manifest.get("native_cpu") and built_cpu != system_cpu():
         return (f"the library was compiled for CPU '{built_cpu}', this machine is "
-                f"'{preset.resolved().get('mcpu')}'; recompile it here")
+                f"'{system_cpu()}'; recompile it here")
     return None
 
 

@@ -33,13 +33,12 @@ class Engine:
         import tvm
         from tvm import relax
 
-        from ..compile.weights import load_tensor_cache
-        from ..targets import get_target
         from .contract import check_contract
+        from .tensor_cache import load_tensor_cache
 
         self.artifact = Path(artifact)
         self.manifest = check_contract(self.artifact)
-        chat = json.loads((self.artifact / "mlc-chat-config.json").read_text())
+        chat = self.chat = json.loads((self.artifact / "mlc-chat-config.json").read_text())
         self.vocab_size = int(chat["vocab_size"])
         self.hidden_size = int(chat["model_config"]["hidden_size"])
         self.dtype = self.manifest["dtype"]
@@ -48,7 +47,7 @@ class Engine:
         self.max_batch_size = int(max_batch_size or chat.get("max_batch_size", 4))
 
         # "cpu", or "opencl" through the runtime add-on, which check_contract loaded
-        self.device = tvm.device(get_target(self.manifest["target"]).device, 0)
+        self.device = tvm.device(self.manifest["device"], 0)
         lib = tvm.runtime.load_module(str(self.artifact / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         names = [p["name"] for p in self.manifest["parameters"]]

@@ -7,7 +7,6 @@ from typing import Iterator
 
 import numpy as np
 
-from ..compile.config import STOP_TOKEN_IDS
 from ..errors import UserError
 from .engine import Engine
 
@@ -43,7 +42,10 @@ class Model:
     def __init__(self, engine: Engine, tokenizer):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.stop_ids = set(STOP_TOKEN_IDS)
+        chat = engine.chat  # mlc-chat-config.json: stop ids and sampling defaults
+        eos = chat.get("eos_token_id")
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.sampling = {key: chat[key] for key in ("temperature", "top_p", "top_k")}
 
     @classmethod
     def load(cls, artifact_dir: str | Path, *, context_window: int | None = None, max_batch_size: int | None = None) -> "Model":
@@ -75,15 +77,19 @@ class Model:
         self,
         prompt: str,
         max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 0.8,
-        top_k: int = 20,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         *,
         chat: bool = True,
         thinking: bool = False,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Yield the reply piece by piece as tokens are generated."""
+        """Yield the reply piece by piece as tokens are generated.  Sampling
+        options left at None take the artifact's defaults (mlc-chat-config.json)."""
+        temperature = self.sampling["temperature"] if temperature is None else temperature
+        top_p = self.sampling["top_p"] if top_p is None else top_p
+        top_k = self.sampling["top_k"] if top_k is None else top_k
         ids = self.encode(chat_prompt(prompt, thinking=thinking) if chat else prompt)
         if max_new_tokens < 0:
             raise UserError("max_new_tokens must be >= 0")
@@ -97,8 +103,8 @@ class Model:
                 yield text[len(shown):]
                 shown = text
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.8,
-                 top_k: int = 20, **kwargs) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, **kwargs) -> str:
         """The whole reply (without the stop token)."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, **kwargs))
 

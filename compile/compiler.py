@@ -158,7 +158,9 @@ def compile_model(
                 "model": model if model in PRESETS else Path(model).resolve().name,
                 "checkpoint": _checkpoint_identity(ckpt_dir),
                 "target": preset.name,
+                "device": preset.device,  # the TVM device the runtime opens: cpu, opencl, metal, webgpu, cuda
                 "tvm_target": preset.resolved(dtype),
+                "native_cpu": preset.target.get("mcpu") == "native",  # compiled for the build machine's CPU
                 "host_triple": preset.host_triple,
                 "system_lib_prefix": preset.system_lib_prefix,  # static (app-linked) libraries only
                 "usage": list(preset.notes),  # how an app consumes the library

@@ -48,7 +48,7 @@ def main() -> None:
         convert(*args.child)
         return
 
-    from qwen35_mobile.compile.checkpoint import ensure_checkpoint
+    from qwen35_mobile.parity.checkpoint import ensure_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
     t = time.perf_counter()

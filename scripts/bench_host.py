@@ -61,7 +61,7 @@ def time_ours(artifact: Path, prompt: list[int], steps: int) -> tuple[float, flo
 def time_reference(checkpoint: Path, prompt: list[int], steps: int) -> tuple[float, float, int]:
     import torch
 
-    from qwen35_mobile.bindings.reference import Reference
+    from qwen35_mobile.parity.reference import Reference
 
     ref = Reference(checkpoint)
     ref.logits(prompt[:8])  # warm-up
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep the checkpoint and artifact here (default: a temp dir)")
     args = parser.parse_args()
 
-    from qwen35_mobile.compile.checkpoint import ensure_checkpoint
+    from qwen35_mobile.parity.checkpoint import ensure_checkpoint
     from qwen35_mobile.compile.compiler import compile_model
     from qwen35_mobile.compile.config import preset
 

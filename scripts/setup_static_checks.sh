@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent: the tools of the device-build static checks (compile/static_checks.py):
+# Idempotent: the tools of the device-build static checks (parity/static_checks.py):
 #   PoCL + pyopencl  (OpenCL C of fp32 android builds compiles),
 #   clang            (Metal kernels pass a syntax check against a stub metal_stdlib),
 #   llvm (llvm-nm)   (objects leave nothing undefined but the TVM runtime's symbols),

@@ -45,7 +45,7 @@ def need_tool(check, what: str):
     """``check()``'s result; a :class:`CheckUnavailable` it raises (its tool is
     not installed) goes through :func:`need`.  Anything else it raises
     (``BrokenTool``, a failing check) propagates: the test fails."""
-    from qwen35_mobile.compile.static_checks import CheckUnavailable
+    from qwen35_mobile.parity.static_checks import CheckUnavailable
 
     try:
         return check()
@@ -68,7 +68,7 @@ def need_module(name: str, what: str | None = None):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(preset, **write_checkpoint options) -> directory."""
-    from qwen35_mobile.compile.checkpoint import write_checkpoint
+    from qwen35_mobile.parity.checkpoint import write_checkpoint
     from qwen35_mobile.compile.config import preset
 
     root = tmp_path_factory.mktemp("checkpoints")

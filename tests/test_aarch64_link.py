@@ -1,7 +1,7 @@
 """The android (aarch64) model library links with the Debian cross toolchain
 (binutils-aarch64-linux-gnu, installed by scripts/setup_static_checks.sh),
 leaving nothing undefined but what the TVM runtime and libc/libm provide
-(compile/static_checks.py: check_aarch64_link).  Without the cross binutils
+(parity/static_checks.py: check_aarch64_link).  Without the cross binutils
 the tests skip, or fail under CI=true (tests/conftest.py: need)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import need
 
-from qwen35_mobile.compile.static_checks import CheckUnavailable, check_aarch64_link
+from qwen35_mobile.parity.static_checks import CheckUnavailable, check_aarch64_link
 from qwen35_mobile.errors import UserError
 
 

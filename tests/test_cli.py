@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qwen35_mobile.bindings.cli import main
+from qwen35_mobile.cli import main
 from qwen35_mobile.errors import UserError
 
 LAYER0 = "model.language_model.layers.0.mlp.up_proj.weight"

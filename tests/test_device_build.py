@@ -339,12 +339,12 @@ def test_link_wasm_explains_missing_web_runtime(device_build, tmp_path, monkeypa
 
 
 # --------------------------------------------------------------------------
-# Static checks of the device code (compile/static_checks.py)
+# Static checks of the device code (parity/static_checks.py)
 # --------------------------------------------------------------------------
 
 
 def test_webgpu_storage_buffers_per_kernel(device_build):
-    from qwen35_mobile.compile.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, device_source, wgsl_storage_buffers
+    from qwen35_mobile.parity.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, device_source, wgsl_storage_buffers
 
     counts = wgsl_storage_buffers(device_source(device_build("webgpu", "q0f16") / "model.tar"))
     assert len(counts) > 20 and "gated_delta_rule_kernel" in counts
@@ -354,7 +354,7 @@ def test_webgpu_storage_buffers_per_kernel(device_build):
 
 def test_opencl_kernels_build_on_pocl(device_build):
     """The whole model's OpenCL C (fp32: PoCL has no fp16) builds with a real OpenCL compiler."""
-    from qwen35_mobile.compile.static_checks import check_opencl, device_source, kernel_sources
+    from qwen35_mobile.parity.static_checks import check_opencl, device_source, kernel_sources
 
     source = device_source(device_build("android", "q0f32") / "model.tar")
     kernels = kernel_sources(source)  # one "// Function:" section per kernel (102 for tiny q0f32)
@@ -366,7 +366,7 @@ def test_opencl_kernels_build_on_pocl(device_build):
 @pytest.mark.parametrize("quant", ["q0f16", "q0f32"])
 def test_metal_kernels_pass_clang_syntax_check(device_build, quant):
     """Every Metal kernel of the model parses and type-checks with clang against a stub metal_stdlib."""
-    from qwen35_mobile.compile.static_checks import CheckUnavailable, check_metal, device_source
+    from qwen35_mobile.parity.static_checks import CheckUnavailable, check_metal, device_source
 
     source = device_source(device_build("ios", quant) / "model.tar")
     units = source.count("#include <metal_stdlib>")
@@ -376,7 +376,7 @@ def test_metal_kernels_pass_clang_syntax_check(device_build, quant):
 
 
 def test_metal_check_catches_errors():
-    from qwen35_mobile.compile.static_checks import check_metal, metal_clang
+    from qwen35_mobile.parity.static_checks import check_metal, metal_clang
     from qwen35_mobile.errors import UserError
 
     need_tool(metal_clang, "clang (Metal syntax check)")
@@ -390,7 +390,7 @@ def test_a_metal_kernel_broken_on_purpose_is_named(device_build):
     """The syntax check's negative control (``--break-kernel`` of the metal
     emulator): the Metal kernel of one TIR function made invalid, and only it
     fails, by name; an unknown name is refused."""
-    from qwen35_mobile.compile.static_checks import break_metal_kernel, device_source, metal_syntax_errors
+    from qwen35_mobile.parity.static_checks import break_metal_kernel, device_source, metal_syntax_errors
     from qwen35_mobile.errors import UserError
 
     source = device_source(device_build("ios", "q0f16") / "model.tar")
@@ -407,7 +407,7 @@ def test_a_metal_kernel_broken_on_purpose_is_named(device_build):
 @pytest.mark.parametrize("target", STATIC_TARGETS)
 def test_objects_need_only_the_tvm_runtime(device_build, target):
     """What an app links: no symbol left undefined but the TVM runtime's (tvm-ffi C API)."""
-    from qwen35_mobile.compile.static_checks import check_symbols, undefined_symbols
+    from qwen35_mobile.parity.static_checks import check_symbols, undefined_symbols
 
     tar = device_build(target, "q0f16") / "model.tar"
     report = need_tool(lambda: check_symbols(tar), "llvm-nm")

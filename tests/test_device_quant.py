@@ -3,7 +3,7 @@
 import pytest
 
 from qwen35_mobile.compile.compiler import compile_model
-from qwen35_mobile.compile.static_checks import device_source, kernel_sources
+from qwen35_mobile.parity.static_checks import device_source, kernel_sources
 
 
 @pytest.mark.parametrize("target", ["android", "ios", "webgpu"])

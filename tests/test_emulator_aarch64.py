@@ -1,6 +1,6 @@
 """The tiny model compiled for the ``aarch64`` preset (NEON; +fullfp16 in fp16
 builds), cross-linked with aarch64-linux-gnu-g++, runs under qemu-user in
-Debian's arm64 Python through the project's Engine (bindings/emulators), and
+Debian's arm64 Python through the project's Engine (parity/emulators), and
 its logits match transformers' and the host build's.
 
 Sets the emulator up with scripts/setup_emulators.d/aarch64.sh when needed;
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import need
 
-from qwen35_mobile.bindings.emulators import aarch64
-from qwen35_mobile.bindings.parity import CRITERIA
+from qwen35_mobile.parity.emulators import aarch64
+from qwen35_mobile.parity.report import CRITERIA
 from qwen35_mobile.errors import UserError
 
 NEW_TOKENS = 16
@@ -76,7 +76,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _reference(checkpoint, artifact):
-    from qwen35_mobile.bindings.reference import Reference
+    from qwen35_mobile.parity.reference import Reference
     from qwen35_mobile.compile.artifact import read_manifest
 
     manifest = read_manifest(artifact)
@@ -115,7 +115,7 @@ def test_emulated_logits_match_transformers(quant, emulated, aarch64_build, chec
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
 def test_emulated_matches_host_build(quant, emulated, artifact, prompts):
     from qwen35_mobile.bindings.engine import Engine
-    from qwen35_mobile.bindings.parity import collect_ours
+    from qwen35_mobile.parity.report import collect_ours
 
     got, _ = emulated(quant)
     host = collect_ours(Engine(artifact("tiny", quant)), prompts, NEW_TOKENS)

@@ -100,7 +100,7 @@ def test_device_api_copies_with_offsets():
     with a byte offset."""
     import tvm
 
-    from qwen35_mobile.compile.static_checks import opencl_devices
+    from qwen35_mobile.parity.static_checks import opencl_devices
 
     dev = tvm.opencl(0)
     _, devices = opencl_devices()  # what the OpenCL driver itself reports, through pyopencl

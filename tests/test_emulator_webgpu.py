@@ -1,5 +1,5 @@
 """TVM's WGSL kernels run on Dawn (npm ``webgpu``) over Mesa lavapipe
-(bindings/emulators/webgpu.py; set up by scripts/setup_emulators.d/webgpu.sh).
+(parity/emulators/webgpu.py; set up by scripts/setup_emulators.d/webgpu.sh).
 
 * the launcher: dlight-scheduled matmul / GEMV / reduction kernels, a function of
   two kernels sharing a scratch buffer with a dynamic shape and a grid past 65535
@@ -23,7 +23,7 @@ from conftest import need
 from tvm import te
 from tvm.script import tirx as T
 
-from qwen35_mobile.bindings.emulators import webgpu
+from qwen35_mobile.parity.emulators import webgpu
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -314,7 +314,7 @@ def webgpu_build(tmp_path_factory):
 
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
 def test_tiny_model_webgpu_kernels_create_shader_modules(webgpu_build, quant):
-    from qwen35_mobile.compile.static_checks import check_wgsl_dawn, device_source
+    from qwen35_mobile.parity.static_checks import check_wgsl_dawn, device_source
 
     tar = webgpu_build(quant) / "model.tar"
     kernels = webgpu.split_wgsl(device_source(tar))

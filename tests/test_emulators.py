@@ -20,8 +20,8 @@ import pytest
 from conftest import need
 from PIL import Image
 
-from qwen35_mobile.bindings.emulators import BrokenTool
-from qwen35_mobile.bindings.emulators.run import available, run_emulator
+from qwen35_mobile.parity.emulators import BrokenTool
+from qwen35_mobile.parity.emulators.run import available, run_emulator
 from qwen35_mobile.errors import UserError
 
 
@@ -162,7 +162,7 @@ def test_bad_requests_are_refused(artifact, checkpoint, tmp_path):
 @pytest.fixture
 def fresh_webgpu(monkeypatch):
     """webgpu.py with its cached verdict and runner set aside (restored after)."""
-    from qwen35_mobile.bindings.emulators import webgpu
+    from qwen35_mobile.parity.emulators import webgpu
 
     for name, value in (("_CHECKED", False), ("_UNAVAILABLE", None), ("_BROKEN", None), ("_RUNNER", None)):
         monkeypatch.setattr(webgpu, name, value)
@@ -261,7 +261,7 @@ def test_pyopencl_with_a_bogus_driver_is_broken(tmp_path):
     except ModuleNotFoundError:
         need("pyopencl is not installed", "pyopencl")
     (tmp_path / "bogus.icd").write_text(str(tmp_path / "libnot-a-driver.so") + "\n")
-    probe = ("from qwen35_mobile.compile.static_checks import opencl_devices\n"
+    probe = ("from qwen35_mobile.parity.static_checks import opencl_devices\n"
              "try:\n    opencl_devices()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     env = {"OCL_ICD_VENDORS": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
@@ -272,7 +272,7 @@ def test_pyopencl_with_a_bogus_driver_is_broken(tmp_path):
 
 
 def test_aarch64_without_qemu_is_not_installed_and_a_broken_sysroot_is_broken(monkeypatch, tmp_path):
-    from qwen35_mobile.bindings.emulators import aarch64
+    from qwen35_mobile.parity.emulators import aarch64
 
     monkeypatch.setattr(aarch64, "_PROBED", {})
     real_qemu = aarch64.QEMU

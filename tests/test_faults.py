@@ -28,7 +28,7 @@ WAIT = 600  # seconds: the longest any compile here may take on a loaded machine
 
 
 def cli(*args) -> list[str]:
-    head = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "qwen35_mobile.bindings.cli"]
+    head = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "qwen35_mobile.cli"]
     return head + [str(a) for a in args]
 
 

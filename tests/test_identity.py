@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qwen35_mobile.bindings.artifact import BUILD_INFO, verify
-from qwen35_mobile.bindings.cli import main
+from qwen35_mobile.cli import main
 
 
 def digests(artifact: Path) -> dict[str, str]:
@@ -68,7 +68,7 @@ def builds(twin_checkpoints, artifact, tmp_path_factory):
                 compile_model(str(first), target, "q0f32", one, progress=lambda _: None)
             two = root / target / "two" / "another-name"
             # In another process: TVM's hash-map orders differ between processes, not within one.
-            subprocess.run([sys.executable, "-m", "qwen35_mobile.bindings.cli", "compile", "--model", str(second),
+            subprocess.run([sys.executable, "-m", "qwen35_mobile.cli", "compile", "--model", str(second),
                             "--target", target, "--quant", "q0f32", "-o", str(two)],
                            check=True, capture_output=True, timeout=1200)
             made[target] = one, two

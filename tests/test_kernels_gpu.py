@@ -152,7 +152,7 @@ def test_gpu_kernels_build(kind, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_webgpu_kernels_bind_at_most_10_storage_buffers(dtype):
     """TVM's web runtime asks the adapter for 10 storage buffers per shader stage."""
-    from qwen35_mobile.compile.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, wgsl_storage_buffers
+    from qwen35_mobile.parity.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, wgsl_storage_buffers
 
     module, spec = _GatedDeltaRule(None, None, False), _gdn_spec(2, 4, 128, 128, dtype)
     source = _device_sources(module, spec, GPU_TARGETS["webgpu"]())
@@ -325,7 +325,7 @@ def _opencl_context():
     """A PoCL (or any) OpenCL context: pyopencl and an OpenCL driver are set-up
     tools (scripts/setup_static_checks.sh), so without them the test skips, or
     fails under CI=true; installed and broken, it fails."""
-    from qwen35_mobile.compile.static_checks import opencl_devices
+    from qwen35_mobile.parity.static_checks import opencl_devices
 
     cl, devices = need_tool(opencl_devices, "pyopencl with an OpenCL driver (PoCL)")
     ctx = cl.Context(devices[:1])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qwen35_mobile.bindings.cli import main
-from qwen35_mobile.bindings.parity import CRITERIA, DEFAULT_PROMPTS, run_parity
+from qwen35_mobile.cli import main
+from qwen35_mobile.parity.report import CRITERIA, DEFAULT_PROMPTS, run_parity
 
 
 def _check(report, tol, exact=True):

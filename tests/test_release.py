@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qwen35_mobile.bindings import release as rel
-from qwen35_mobile.bindings.cli import main
+from qwen35_mobile.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qwen35_mobile.bindings.artifact import BUILD_INFO, verify
-from qwen35_mobile.bindings.cli import main
+from qwen35_mobile.cli import main
 from qwen35_mobile.errors import UserError
 
 
@@ -166,7 +166,7 @@ def test_other_format_version(capsys, copy):
 def test_verify_in_a_process(copy):
     """The installed command: one line per problem on stdout, exit 1, no traceback."""
     rewrite(copy / "mlc-chat-config.json", lambda d: b"{" + d)
-    cli = [sys.executable, "-m", "qwen35_mobile.bindings.cli"]
+    cli = [sys.executable, "-m", "qwen35_mobile.cli"]
     done = subprocess.run([*cli, "verify", str(copy)], capture_output=True, text=True, timeout=300)
     lines = done.stdout.splitlines()
     assert done.returncode == 1 and len(lines) == 1, done

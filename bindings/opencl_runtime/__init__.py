@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from ...errors import UserError
-from ..emulators import BrokenTool
+from ...errors import BrokenTool
 
 ENV = "QWEN35_OPENCL_RUNTIME"
 LIBRARY = "libtvm_runtime_opencl.so"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent: the aarch64 emulator of bindings/emulators/aarch64.py.
+# Idempotent: the aarch64 emulator of parity/emulators/aarch64.py.
 #   - qemu-user-static and the aarch64 cross compiler (Debian packages);
 #   - a sysroot .emulators/aarch64-sysroot with Debian bookworm's arm64 Python 3.11
 #     (unpacked .debs, never installed) and the aarch64 wheels of the host's

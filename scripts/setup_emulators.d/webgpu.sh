@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Idempotent: the WebGPU emulator of bindings/emulators/webgpu.py.
+# Idempotent: the WebGPU emulator of parity/emulators/webgpu.py.
 #   Mesa 25 lavapipe (mesa-vulkan-drivers from bookworm-backports: Mesa 22 of
 #   bookworm fails Dawn's adapter creation and has no shader-f16) + libvulkan1,
-#   npm `webgpu` (Dawn for Node), pinned by bindings/emulators/dawn/package-lock.json,
+#   npm `webgpu` (Dawn for Node), pinned by parity/emulators/dawn/package-lock.json,
 #   installed into .emulators/node/.
 # A stamp (.emulators/webgpu.stamp, holding the lock's hash) skips all of it when done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-src=bindings/emulators/dawn
+src=parity/emulators/dawn
 dst=.emulators/node
 stamp=.emulators/webgpu.stamp
 # The stamp: the lock, this script and the checkout's path (node_modules live in it).
@@ -49,7 +49,7 @@ cp "$src/package.json" "$src/package-lock.json" "$dst/"
 # --- Verify: an adapter on lavapipe with shader-f16 --------------------------
 .venv/bin/python -c "
 import sys
-from qwen35_mobile.bindings.emulators import webgpu
+from qwen35_mobile.parity.emulators import webgpu
 why = webgpu.available()
 if why: sys.exit('webgpu emulator: ' + why)
 print('webgpu emulator:', webgpu.adapter_info())

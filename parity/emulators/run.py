@@ -2,7 +2,7 @@
 
 From the artifact it takes the model (config), the quantization and the
 runtime sizes; from the reference checkpoint the weights.  It compiles what
-the emulator runs (bindings/emulators/__init__.py says which presets) into a
+the emulator runs (parity/emulators/__init__.py says which presets) into a
 scratch directory, runs it, and writes ``parity-<emulator>.json`` and a PNG
 plot next to the artifact (or where ``report`` says).
 """
@@ -30,7 +30,7 @@ REPLAY_DECODE_STEPS = 2
 
 def _why_unavailable(name: str) -> str | None:
     if name == "metal":  # a static check: its tool is clang (probed with a known-good kernel)
-        from ...compile.static_checks import CheckUnavailable, metal_clang
+        from ..static_checks import CheckUnavailable, metal_clang
 
         try:
             metal_clang()
@@ -128,7 +128,7 @@ def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dic
 def _syntax_check(em, reference: Path, manifest: dict, work: Path, break_kernel: str | None, progress) -> dict:
     from ...compile import pipeline
     from ...compile.config import Qwen35Config
-    from ...compile.static_checks import break_metal_kernel, device_source, metal_clang, metal_syntax_errors
+    from ..static_checks import break_metal_kernel, device_source, metal_clang, metal_syntax_errors
     from ...targets import get_target
 
     preset = get_target(em.syntax)
@@ -156,7 +156,7 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
                  progress=print) -> dict:
     """Run emulator ``name`` for ``artifact``; write and return the report."""
     from ...compile.artifact import read_manifest
-    from ..parity import DEFAULT_PROMPTS, run_parity
+    from ..report import DEFAULT_PROMPTS, run_parity
     from .plot import greedy_series, plot
 
     em = get_emulator(name)

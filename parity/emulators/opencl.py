@@ -18,7 +18,7 @@ import numpy as np
 def available() -> str | None:
     """None when PoCL and the add-on work here, else why not (what is not
     installed); raises :class:`~.BrokenTool` when they are installed and fail."""
-    from ..opencl_runtime import why_unavailable
+    from ...bindings.opencl_runtime import why_unavailable
 
     return why_unavailable()
 
@@ -29,7 +29,7 @@ class KernelRunner:
     def __init__(self, target):
         import tvm
 
-        from ..opencl_runtime import load_opencl_runtime
+        from ...bindings.opencl_runtime import load_opencl_runtime
 
         load_opencl_runtime()
         self.target, self.device, self.built = target, tvm.opencl(0), {}

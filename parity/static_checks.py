@@ -16,7 +16,7 @@ A check whose tool is not installed raises :class:`CheckUnavailable` (tests
 skip with its message, or fail under ``CI=true``); a tool that is installed and
 does not work (pyopencl finds no platform although a driver is installed, clang
 cannot compile a known-good Metal kernel against the stub) raises
-:class:`~..bindings.emulators.BrokenTool`, which always fails; a failing check
+:class:`~..parity.emulators.BrokenTool`, which always fails; a failing check
 raises :class:`UserError` with the compiler's log.
 """
 
@@ -88,7 +88,7 @@ def opencl_devices():
     :class:`CheckUnavailable` when pyopencl or every OpenCL driver (ICD, e.g.
     PoCL) is not installed; :class:`BrokenTool` when a driver is installed and
     pyopencl finds no platform or no device."""
-    from ..bindings.emulators import BrokenTool
+    from .emulators import BrokenTool
     from ..bindings.opencl_runtime import opencl_icds
 
     try:
@@ -130,14 +130,14 @@ def wgsl_storage_buffers(source: str) -> dict[str, int]:
 
 def check_wgsl_dawn(source_or_artifact: str | Path) -> str:
     """Create a shader module for every WGSL kernel on Dawn (npm ``webgpu`` over Mesa
-    lavapipe, bindings/emulators/webgpu.py); returns a one-line report.
+    lavapipe, parity/emulators/webgpu.py); returns a one-line report.
 
     ``source_or_artifact``: WGSL source (TVM's ``// Function:`` sections), a webgpu
     ``model.tar`` or the artifact folder holding it.  Raises :class:`CheckUnavailable`
     without Dawn/lavapipe (scripts/setup_emulators.d/webgpu.sh installs them) and
     :class:`UserError` naming each kernel Dawn refuses, with its messages.
     """
-    from ..bindings.emulators import webgpu
+    from .emulators import webgpu
 
     if isinstance(source_or_artifact, str) and "@compute" in source_or_artifact:
         source = source_or_artifact
@@ -247,7 +247,7 @@ def _syntax_errors(clang: str, units: list[str]) -> list[str | None]:
 
 @functools.cache
 def _metal_probe(clang: str) -> None:
-    from ..bindings.emulators import BrokenTool
+    from .emulators import BrokenTool
 
     (err,) = _syntax_errors(clang, [_METAL_PROBE])
     if err is not None:

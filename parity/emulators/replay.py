@@ -1,7 +1,7 @@
 """Replay captured kernel calls on an emulated device and compare each with
 its host twin.
 
-Every call of a real run (bindings/emulators/capture.py) is run again with
+Every call of a real run (parity/emulators/capture.py) is run again with
 the device build of the same kernel, on the very tensors the twin saw before
 the call; each tensor the kernel writes is compared with what the twin wrote.
 A wrong kernel therefore shows up by name, with no error carried over from

@@ -32,7 +32,7 @@ from . import BrokenTool
 ROOT = Path(__file__).resolve().parents[2]  # the repository (= the package qwen35_mobile)
 SETUP_SCRIPT = ROOT / "scripts" / "setup_emulators.d" / "aarch64.sh"
 QEMU = "qemu-aarch64-static"
-WORKER = "qwen35_mobile.bindings.emulators.worker"
+WORKER = "qwen35_mobile.parity.emulators.worker"
 _SITE = Path("usr/lib/python3/dist-packages")
 
 
@@ -46,7 +46,7 @@ def python() -> Path:
 
 
 _PROBED: dict[tuple[str, str], str | None] = {}  # (qemu, sysroot) -> None, or why qemu cannot run its Python
-_PROBE = "import platform, qwen35_mobile.bindings.emulators.worker; print(platform.machine())"
+_PROBE = "import platform, qwen35_mobile.parity.emulators.worker; print(platform.machine())"
 
 
 def available() -> str | None:
@@ -178,7 +178,7 @@ def run_job(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Run the parity job (``bindings.parity.collect_ours``) on ``artifact``
+    """Run the parity job (``parity.report.collect_ours``) on ``artifact``
     under qemu in one process.  Returns its arrays and the worker's timings
     (``import_s``, ``load_s``, ``run_s``) plus ``wall_s`` of the whole call."""
     t0 = time.time()
@@ -205,7 +205,7 @@ def ours(artifact: Path, **options) -> Callable[[list[list[int]], int], dict[str
     return collect
 
 
-if __name__ == "__main__":  # python -m qwen35_mobile.bindings.emulators.aarch64: say whether it can run
+if __name__ == "__main__":  # python -m qwen35_mobile.parity.emulators.aarch64: say whether it can run
     reason = available()
     print(reason or f"ready: {' '.join(command('MODULE', []))}")
     sys.exit(1 if reason else 0)

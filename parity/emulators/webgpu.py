@@ -2,7 +2,7 @@
 (npm ``webgpu``) on Vulkan, Mesa's lavapipe (a CPU Vulkan driver with ``shader-f16``).
 
 Set up by ``scripts/setup_emulators.d/webgpu.sh`` (Mesa 25 from bookworm-backports,
-the npm package pinned by ``bindings/emulators/dawn/package-lock.json`` into
+the npm package pinned by ``parity/emulators/dawn/package-lock.json`` into
 ``.emulators/node``).  One persistent Node process (``dawn/run_wgsl.mjs``) serves
 every request over JSON lines; array data travels through files in a temp folder.
 

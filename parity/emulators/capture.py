@@ -152,7 +152,7 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
     on the host-twin artifact ``twin`` and return every kernel call.  ``mod``:
     the twin's exported Relax module (re-exported from the manifest if None),
     which names the kernels the caches receive."""
-    from ..engine import Engine
+    from ...bindings.engine import Engine
 
     recorder = Recorder()
     with _wrapped_state_builtins(recorder, state_kernel_names(mod if mod is not None else export_from_manifest(twin))):

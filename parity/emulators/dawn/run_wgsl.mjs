@@ -1,5 +1,5 @@
 // Runs TVM's WGSL compute kernels on Dawn (npm `webgpu`), driven from Python
-// (bindings/emulators/webgpu.py) over JSON lines: one request per stdin line,
+// (parity/emulators/webgpu.py) over JSON lines: one request per stdin line,
 // one reply per stdout line (anything Dawn prints goes to stderr).
 //
 // Requests ({"id": any, "op": ...}; every reply carries the same "id"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import Model, chat_prompt
+from ..bindings.model import Model, chat_prompt
 
 # Pass criteria per model dtype (docs/parity.md has the measurements).
 # fp32: the two sides differ only in summation order and exp/rsqrt rounding:
@@ -152,7 +152,7 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
     else:  # the library runs elsewhere: only the manifest and the tokenizer here
         from tokenizers import Tokenizer
 
-        from .artifact import read_manifest
+        from ..bindings.artifact import read_manifest
 
         model, manifest = None, read_manifest(artifact)
         tokenizer = Tokenizer.from_file(str(Path(artifact) / "tokenizer.json"))

@@ -129,7 +129,7 @@ def checkpoint_fingerprint(ckpt: Path) -> dict:
 def tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from ..compile.artifact import versions
+    from .artifact import versions
 
     out = dict(versions())
     try:
@@ -142,9 +142,9 @@ def tool_versions() -> dict[str, str]:
 def build_inputs(build: Build, *, checkpoint: Path | None, options: dict, sources: dict, versions: dict,
                  fingerprints: dict) -> dict:
     """Everything that decides what a build produces (see the module doc)."""
-    from ..compile.compiler import system_lib_prefix_for
-    from ..compile.config import PRESETS
-    from ..compile.pipeline import model_dtype
+    from .compiler import system_lib_prefix_for
+    from .config import PRESETS
+    from .pipeline import model_dtype
     from ..targets import get_target
 
     preset = get_target(build.target)
@@ -180,7 +180,7 @@ def _read_json(path: Path):
 
 def why_rebuild(folder: Path, digest: str, inputs: dict) -> str | None:
     """None if ``folder`` is a complete build of these inputs, else the reason."""
-    from ..compile.artifact import MANIFEST
+    from .artifact import MANIFEST
 
     if not folder.exists():
         return "new"
@@ -218,7 +218,7 @@ def _folder_files(folder: Path, manifest: dict) -> dict:
     """Every file of a build folder with its sha256 and size: those of the
     manifest as it records them, and the others (the manifest itself,
     release-inputs.json, ...) hashed here.  Hidden files (locks) are left out."""
-    from ..compile.artifact import sha256_file
+    from .artifact import sha256_file
 
     files = {}
     for path in sorted(folder.rglob("*")):
@@ -239,7 +239,7 @@ CONTRACT_FIELDS = ("format_version", "target", "library", "dtype", "tvm_target",
 
 
 def index_entry(release: Path, build: Build) -> dict:
-    from ..compile.artifact import MANIFEST
+    from .artifact import MANIFEST
 
     folder = release / build.path
     manifest = _read_json(folder / MANIFEST) or {}
@@ -367,9 +367,9 @@ def find_checkpoint(weights_dir: Path, model: str) -> Path:
 def plan(models: list[str], targets: list[str], quants: list[str], weights_dir: str | None) -> tuple[list[Build], dict]:
     """Validate the whole request before anything is built: one clear line for
     an unknown model, target or quantization, or a missing checkpoint."""
-    from ..compile.compiler import _check_same_shapes
-    from ..compile.config import PRESETS, load_config
-    from ..compile.pipeline import QUANTIZATIONS
+    from .compiler import _check_same_shapes
+    from .config import PRESETS, load_config
+    from .pipeline import QUANTIZATIONS
     from ..targets import PRESETS as TARGETS
 
     models, targets, quants = _unique(models), _unique(targets), _unique(quants)
@@ -411,7 +411,7 @@ def release(
 ) -> dict:
     """Build the matrix into ``out``; returns the index.  Raises SystemExit(1)
     after the last build if any build failed (the others are kept)."""
-    from ..compile.compiler import compile_model
+    from .compiler import compile_model
 
     builds, checkpoints = plan(models, targets, quants, weights_dir)
     if context_window <= 0 or prefill_chunk <= 0:

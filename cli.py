@@ -18,13 +18,13 @@ import signal
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from .errors import UserError
 
 
 def _presets_help() -> str:
-    from ..compile.config import PRESETS
-    from ..compile.pipeline import QUANTIZATIONS
-    from ..targets import PRESETS as TARGETS
+    from .compile.config import PRESETS
+    from .compile.pipeline import QUANTIZATIONS
+    from .targets import PRESETS as TARGETS
 
     return (
         f"model presets: {', '.join(PRESETS)}\n"
@@ -114,8 +114,8 @@ def _stopped(received: list[int], exc: BaseException) -> int:
 
 
 def cmd_make_checkpoint(args) -> None:
-    from ..compile.checkpoint import write_checkpoint
-    from ..compile.config import preset
+    from .parity.checkpoint import write_checkpoint
+    from .compile.config import preset
 
     config = preset(args.preset)
     max_shard = int(args.max_shard_mb * (1 << 20)) if args.max_shard_mb else None
@@ -124,7 +124,7 @@ def cmd_make_checkpoint(args) -> None:
 
 
 def cmd_compile(args) -> None:
-    from ..compile.compiler import compile_model
+    from .compile.compiler import compile_model
 
     compile_model(
         args.model, args.target, args.quant, Path(args.output), weights=args.weights,
@@ -134,7 +134,7 @@ def cmd_compile(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .model import Model
+    from .bindings.model import Model
 
     model = Model.load(args.artifact)
     for piece in model.stream(
@@ -146,7 +146,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_parity_emulator(args) -> None:
-    from .emulators.run import run_emulator
+    from .parity.emulators.run import run_emulator
 
     report = run_emulator(
         args.emulator, Path(args.artifact), Path(args.reference), new_tokens=args.new_tokens,
@@ -172,7 +172,7 @@ def cmd_parity_emulator(args) -> None:
 
 
 def cmd_parity(args) -> None:
-    from .parity import run_parity, write_report
+    from .parity.report import run_parity, write_report
 
     if args.emulator:
         return cmd_parity_emulator(args)
@@ -196,13 +196,13 @@ def cmd_parity(args) -> None:
 
 
 def cmd_sizes(args) -> None:
-    from ..compile.sizes import size_table
+    from .compile.sizes import size_table
 
     print(size_table(args.preset or None))
 
 
 def cmd_verify(args) -> None:
-    from .artifact import verify
+    from .bindings.artifact import verify
 
     result = verify(Path(args.artifact), check_runnable=True)
     if result.problems:
@@ -217,14 +217,14 @@ def cmd_verify(args) -> None:
 
 
 def cmd_release(args) -> None:
-    from .release import release
+    from .compile.release import release
 
     release(args.models, args.targets, args.quants, Path(args.output), weights_dir=args.weights_dir,
             context_window=args.context_window, prefill_chunk=args.prefill_chunk, force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .emulators import EMULATORS
+    from .parity.emulators import EMULATORS
 
     parser = argparse.ArgumentParser(
         prog="qwen35-mobile",
@@ -274,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--temperature", type=float, help="0 for greedy (default: the artifact's, mlc-chat-config.json)")
+    p.add_argument("--top-p", type=float, help="default: the artifact's")
+    p.add_argument("--top-k", type=int, help="default: the artifact's")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--thinking", action="store_true", help="let the model think first (<think> ... </think>)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")

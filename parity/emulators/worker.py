@@ -1,5 +1,5 @@
 """The emulated side of a parity job: ``python -m
-qwen35_mobile.bindings.emulators.worker ARTIFACT JOB.json OUT.npz``.
+qwen35_mobile.parity.emulators.worker ARTIFACT JOB.json OUT.npz``.
 
 Runs inside the emulator (e.g. the aarch64 Python under qemu, see
 ``aarch64.py``); needs numpy and TVM only, no tokenizer and no transformers.
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t1 = time.time()
     from ...errors import UserError
-    from ..engine import Engine
-    from ..parity import collect_ours
+    from ...bindings.engine import Engine
+    from ..report import collect_ours
 
     if "replay" in job:
         from ...compile.artifact import read_manifest

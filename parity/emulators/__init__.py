@@ -11,7 +11,7 @@ for, and which of three checks it runs:
 * ``syntax``: the device source compiled by a syntax checker; reported as a
   syntax check, never as parity (nothing executes Metal on Linux).
 
-bindings/emulators/run.py drives them; one module per emulator holds what is
+parity/emulators/run.py drives them; one module per emulator holds what is
 specific to it (aarch64.py, opencl.py, webgpu.py).
 
 Availability has two outcomes that are never confused: an emulator (or a
@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...errors import UserError
+from ...errors import BrokenTool, UserError  # noqa: F401 (BrokenTool: re-exported)
 
 
-class BrokenTool(UserError):
-    """An emulator or check tool is installed but does not work: our own code
-    (launcher, add-on, sysroot) or the installed driver failed.  Never a
-    reason to skip."""
 
 
 @dataclasses.dataclass(frozen=True)

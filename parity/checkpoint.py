@@ -49,8 +49,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from . import tokenizer
-from .config import ENDOFTEXT_ID, FULL, STOP_TOKEN_IDS, Qwen35Config, preset
+from ..compile import tokenizer
+from ..compile.config import ENDOFTEXT_ID, FULL, STOP_TOKEN_IDS, Qwen35Config, preset
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 ENSURE_SHARD_BYTES = 2 << 30  # ensure_checkpoint shards the real sizes to bound memory
