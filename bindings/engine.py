@@ -21,9 +21,9 @@ from ..errors import UserError
 # a 2-vCPU machine) unless told otherwise before its first parallel call.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-_BUILTINS = (
-    "add_sequence", "remove_sequence", "fork_sequence", "popn", "begin_forward", "end_forward", "clear",
-)
+# The KV-state builtins the engine calls (one sequence per request, no
+# forking and no rollback: the RNN state keeps max_history = 1).
+_BUILTINS = ("add_sequence", "remove_sequence", "begin_forward", "end_forward")
 
 
 class Engine:

@@ -33,7 +33,8 @@ def _size(n: int) -> str:
 
 
 def _static_checks(library: Path, target: str, quant: str) -> str:
-    from qwen35_mobile.compile import static_checks as sc
+    from qwen35_mobile.errors import UserError
+    from qwen35_mobile.parity import static_checks as sc
     from qwen35_mobile.errors import UserError
 
     if not library.name.endswith(".tar"):
@@ -54,7 +55,8 @@ def _static_checks(library: Path, target: str, quant: str) -> str:
 
 
 def _device_check(source: str, target: str, quant: str) -> str:
-    from qwen35_mobile.compile import static_checks as sc
+    from qwen35_mobile.errors import UserError
+    from qwen35_mobile.parity import static_checks as sc
 
     if target == "android" and quant == "q0f32":  # PoCL has no fp16
         return "opencl: " + sc.check_opencl(source)

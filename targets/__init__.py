@@ -21,8 +21,6 @@ class TargetPreset:
     host_triple: str
     output: str  # library file name inside the artifact
     system_lib_prefix: str | None = None  # static system-lib builds only
-    max_threads_per_block: int | None = None  # device limits, also written into ``target``
-    max_shared_memory_per_block: int | None = None
     description: str = ""
     notes: tuple[str, ...] = ()  # what an app needs to consume the output (README, manifest)
     device: str = "cpu"  # the TVM device the bindings run the library on ("cpu", "opencl", ...)
@@ -94,8 +92,7 @@ def _device(
     per_block_attr: bool = True,
     **attrs: Any,
 ) -> TargetPreset:
-    """A GPU preset: the device limits go both into the preset's fields and into
-    the TVM target dict (``max_num_threads``, which dlight and the hand-written
+    """A GPU preset: the device limits go into the TVM target dict (``max_num_threads``, which dlight and the hand-written
     kernels read, ``max_threads_per_block`` where the target kind knows it, and
     ``max_shared_memory_per_block``)."""
     target: dict[str, Any] = {"kind": kind, **attrs, "max_num_threads": threads}
@@ -109,8 +106,6 @@ def _device(
         host_triple=host["mtriple"],
         output=output,
         system_lib_prefix=system_lib_prefix,
-        max_threads_per_block=threads,
-        max_shared_memory_per_block=shared_memory,
         description=description,
         notes=notes,
         device=kind,
