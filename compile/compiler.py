@@ -147,6 +147,8 @@ def compile_model(
             progress("[3/4] no weights (preset without --weights): library only")
 
         progress("[4/4] writing tokenizer, configs and manifest")
+        from .weights import not_compiled
+
         tokenizer_files = _copy_tokenizer(ckpt_dir, tmp)
         chat = chat_config(config, quant, context_window, prefill_chunk)
         chat["tokenizer_files"] = tokenizer_files
@@ -169,14 +171,17 @@ def compile_model(
                 "library": library,
                 "versions": artifact.versions(),
                 "exported_functions": exported.functions,
+                # the same functions by model function (the text decoder; later the vision
+                # tower), with the parameters each takes, packed in this order
+                "entry_points": {
+                    name: {"functions": e.functions, "parameters": [n for n, _, _ in e.params]}
+                    for name, e in exported.entry_points.items()
+                },
                 "state_kinds": ["paged_kv_cache", "rnn_state"],
                 "parameters": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in exported.params],
                 "config": config.to_json(),
                 "weights": weights_summary,
-                "not_compiled": {
-                    "model.visual.*": "vision tower: weights skipped, not compiled yet",
-                    "mtp.*": "multi-token-prediction head: weights skipped, not compiled yet",
-                },
+                "not_compiled": not_compiled(),  # the skipped rows of the checkpoint name table
                 "library_bytes": (tmp / library).stat().st_size,
             },
         )

@@ -2,16 +2,18 @@
 Hugging Face ``config.json`` (the multimodal ``qwen3_5`` wrapper with a
 ``text_config``, or a bare ``qwen3_5_text``).
 
-Only the text decoder is compiled so far; the vision config is carried along
-verbatim so that the checkpoint writer and the manifest can describe it.
+Only the text decoder is compiled so far; the vision tower's config is parsed
+and checked (:class:`VisionConfig`) so that the checkpoint writer and the
+manifest can describe it, and the tower can be built on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import UserError
 
@@ -29,6 +31,116 @@ TOKENIZER_SIZE = 248077  # ids 0..248076; the embedding is padded to vocab_size
 
 class ConfigError(UserError):
     """A config.json we cannot compile; the message names the field."""
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's hyper-parameters: a ``config.json``'s ``vision_config``,
+    named as in Hugging Face's ``Qwen3_5VisionConfig`` (architecture doc,
+    "Vision tower").  Not compiled yet.
+
+    The sizes that differ between the models (:attr:`REQUIRED`) must be given;
+    the rest default like transformers', to the values the whole family
+    shares.  ``to_json()`` is the ``vision_config`` itself (with its
+    ``model_type``) and :meth:`from_json` reads one back, checking every field.
+    """
+
+    depth: int  # transformers' alias: num_hidden_layers
+    hidden_size: int
+    num_heads: int  # transformers' alias: num_attention_heads
+    intermediate_size: int
+    out_hidden_size: int  # the merger's output: the text decoder's hidden_size
+    hidden_act: str = "gelu_pytorch_tanh"
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304  # a learned square table (48 x 48)
+
+    MODEL_TYPE: ClassVar[str] = "qwen3_5_vision"
+    # Older checkpoints say "qwen3_5"; transformers reads them as "qwen3_5_vision".
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_5_vision", "qwen3_5")
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "intermediate_size",
+        "out_hidden_size",
+    )
+    ACTIVATIONS: ClassVar[tuple[str, ...]] = ("gelu_pytorch_tanh",)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_side(self) -> int:
+        """Side of the learned position table (48 for 2304 entries)."""
+        return math.isqrt(self.num_position_embeddings)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and not _positive_int(value):  # annotations are strings here
+                raise ConfigError(
+                    f"config field 'vision_config.{f.name}' must be a positive integer, "
+                    f"got {value!r}"
+                )
+        act = self.hidden_act
+        if not isinstance(act, str):
+            raise ConfigError(
+                f"config field 'vision_config.hidden_act' must be a string, got {act!r}"
+            )
+        if act not in self.ACTIVATIONS:
+            raise ConfigError(
+                f"config field 'vision_config.hidden_act' is {act!r}; Qwen3.5's vision tower "
+                f"uses {' or '.join(repr(a) for a in self.ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"config field 'vision_config.hidden_size' ({self.hidden_size}) is not a "
+                f"multiple of 'vision_config.num_heads' ({self.num_heads})"
+            )
+        if self.grid_side**2 != self.num_position_embeddings:
+            raise ConfigError(
+                f"config field 'vision_config.num_position_embeddings' "
+                f"({self.num_position_embeddings}) must be a square number: the learned "
+                "position table is a square grid"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """The Hugging Face ``vision_config``."""
+        return {"model_type": self.MODEL_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: object) -> VisionConfig:
+        """Parse a ``vision_config`` (of a ``config.json``, or :meth:`to_json`'s);
+        a :class:`ConfigError` names the field that is missing or wrong.  Fields
+        the tower does not depend on (``initializer_range``...) are ignored."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config field 'vision_config' must be an object, got {raw!r}")
+        model_type = raw.get("model_type", cls.MODEL_TYPE)
+        if model_type not in cls.MODEL_TYPES:
+            raise ConfigError(
+                f"config field 'vision_config.model_type' is {model_type!r}; "
+                f"expected '{cls.MODEL_TYPE}'"
+            )
+        if raw.get("deepstack_visual_indexes"):
+            raise ConfigError(
+                "config field 'vision_config.deepstack_visual_indexes' is not empty; "
+                "Qwen3.5 has no deepstack"
+            )
+        for name in cls.REQUIRED:
+            if name not in raw:
+                raise ConfigError(f"config field 'vision_config.{name}' is missing")
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +170,7 @@ class Qwen35Config:
     attention_bias: bool = False
     attn_output_gate: bool = True
     mtp_num_hidden_layers: int = 1
-    vision: dict | None = None  # the HF vision_config, verbatim
+    vision: VisionConfig | None = None  # the vision tower (a multimodal checkpoint's vision_config)
 
     def __post_init__(self):
         self.validate()
@@ -153,6 +265,16 @@ class Qwen35Config:
             raise ConfigError("config field 'attn_output_gate' is false; only gated attention is supported")
         if not (self.rms_norm_eps > 0) or not (self.rope_theta > 0):
             raise ConfigError("config fields 'rms_norm_eps' and 'rope_theta' must be positive")
+        if self.vision is not None:
+            if not isinstance(self.vision, VisionConfig):
+                kind = type(self.vision).__name__
+                raise ConfigError(f"config field 'vision' must be a VisionConfig, got {kind}")
+            if self.vision.out_hidden_size != self.hidden_size:
+                raise ConfigError(
+                    f"config field 'vision_config.out_hidden_size' ({self.vision.out_hidden_size}) "
+                    f"differs from the text decoder's 'hidden_size' ({self.hidden_size}): image "
+                    "features replace token embeddings"
+                )
 
     # ---- conversion ----------------------------------------------------
     def text_config_dict(self) -> dict[str, Any]:
@@ -205,7 +327,7 @@ class Qwen35Config:
             "vision_end_token_id": 248054,
         }
         if self.vision is not None:
-            out["vision_config"] = dict(self.vision)
+            out["vision_config"] = self.vision.to_json()
         return out
 
     def replace(self, **changes) -> "Qwen35Config":
@@ -214,13 +336,17 @@ class Qwen35Config:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
+        d["vision"] = None if self.vision is None else self.vision.to_json()
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Qwen35Config":
         """The inverse of :meth:`to_json` (an artifact's manifest ``config``)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
+        if values.get("vision") is not None:
+            values["vision"] = VisionConfig.from_json(values["vision"])
+        return cls(**values)
 
 
 def default_layer_types(num_hidden_layers: int, full_attention_interval: int = 4) -> tuple[str, ...]:
@@ -228,21 +354,14 @@ def default_layer_types(num_hidden_layers: int, full_attention_interval: int = 4
     return tuple(FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_hidden_layers))
 
 
-def _vision(depth, hidden, heads, intermediate, out_hidden) -> dict:
-    return {
-        "model_type": "qwen3_5_vision",
-        "depth": depth,
-        "hidden_size": hidden,
-        "num_heads": heads,
-        "intermediate_size": intermediate,
-        "out_hidden_size": out_hidden,
-        "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3,
-        "patch_size": 16,
-        "temporal_patch_size": 2,
-        "spatial_merge_size": 2,
-        "num_position_embeddings": 2304,
-    }
+def _vision(depth, hidden, heads, intermediate, out_hidden) -> VisionConfig:
+    return VisionConfig(
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        out_hidden_size=out_hidden,
+    )
 
 
 def _preset(hidden, inter, layers, heads, kv_heads, lk, lv, tie, vision, **extra) -> Qwen35Config:
@@ -306,6 +425,7 @@ def from_hf_dict(raw: dict[str, Any]) -> Qwen35Config:
         if not isinstance(text, dict):
             raise ConfigError("config field 'text_config' is missing: a 'qwen3_5' config nests the decoder there")
         vision = raw.get("vision_config")
+        vision = None if vision is None else VisionConfig.from_json(vision)
         # transformers ties the head by the top-level flag of the wrapper.
         tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     elif model_type == "qwen3_5_text":

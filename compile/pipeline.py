@@ -16,16 +16,73 @@ from .config import Qwen35Config
 QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16", "q4f32_1": "float32"}
 
 
+TEXT = "text"  # the text decoder's entry point: embed, prefill, decode, the state constructors
+
+Param = tuple[str, tuple[int, ...], str]  # name, shape, dtype
+
+
+@dataclass
+class EntryPoint:
+    """One model function of a library, e.g. the text decoder (:data:`TEXT`)
+    or, later, the vision tower's ``image_embed``: the functions it exports and
+    the parameters they take (packed, in this order)."""
+
+    functions: list[str]
+    params: list[Param]
+
+
 @dataclass
 class Exported:
-    mod: object  # tvm.IRModule
-    params: list[tuple[str, tuple[int, ...], str]]  # name, shape, dtype, in the library's order
-    functions: list[str]  # the exported entry points
+    mod: object  # tvm.IRModule with the functions of every entry point
+    entry_points: dict[str, EntryPoint]  # name -> its functions and parameters; TEXT first
     quantize_map: object | None = None  # compile.quantization.QuantizeMap for q4 formats
     dtype: str | None = None  # the model dtype: fp16 builds get the preset's fp16_mattr
 
+    @property
+    def functions(self) -> list[str]:
+        """Every exported function, entry point after entry point (the
+        manifest's ``exported_functions``)."""
+        return [f for entry in self.entry_points.values() for f in entry.functions]
+
+    @property
+    def params(self) -> list[Param]:
+        """The library's parameters (tensor cache order): every entry point's,
+        in order; one that several entry points take is listed once."""
+        out: dict[str, Param] = {}
+        for entry in self.entry_points.values():
+            for param in entry.params:
+                out.setdefault(param[0], param)
+        return list(out.values())
+
     def expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {name: (shape, dtype) for name, shape, dtype in self.params}
+
+    def add_entry_point(self, name: str, entry: EntryPoint, mod=None) -> None:
+        """Add another model function (the vision tower's ``image_embed``)
+        next to the ones there, leaving theirs as they are.  ``mod`` is its
+        own exported IRModule (None when this export has no module, as from
+        :func:`parameters`), whose functions join :attr:`mod`.  A name already
+        taken (entry point, function, global of the module) or a shared
+        parameter of another shape or dtype is a ValueError."""
+        where = f"entry point '{name}'"
+        if name in self.entry_points:
+            raise ValueError(f"{where} is already exported")
+        taken = set(self.functions).intersection(entry.functions)
+        if taken:
+            raise ValueError(f"{where}: functions {sorted(taken)} are already exported")
+        known = {p[0]: p for p in self.params}
+        clash = [p for p in entry.params if p[0] in known and known[p[0]] != p]
+        if clash:
+            raise ValueError(f"{where}: parameter {clash[0]} differs from {known[clash[0][0]]}")
+        if (mod is None) != (self.mod is None):
+            raise ValueError(f"{where}: a module joins a module, None a parameters-only export")
+        if mod is not None:
+            ours = {gv.name_hint for gv in self.mod.get_global_vars()}
+            both = sorted(ours.intersection(gv.name_hint for gv in mod.get_global_vars()))
+            if both:
+                raise ValueError(f"{where}: the module defines {both}, which are already defined")
+            self.mod.update(mod)
+        self.entry_points[name] = entry
 
 
 def model_dtype(quant: str) -> str:
@@ -48,7 +105,7 @@ def parameters(config: Qwen35Config, quant: str) -> Exported:
         model = quantization.quantize_model(model, quant)
         qmap = model.quantize_map
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in model.named_parameters()]
-    return Exported(None, params, [], qmap)
+    return Exported(None, {TEXT: EntryPoint([], params)}, qmap)
 
 
 def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
@@ -81,7 +138,7 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
         # TVM's GPU attention-state merge races between threads (kernels/merge_state.py).
         mod = replace_merge_state(mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target))
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
-    return Exported(mod, params, list(spec.method_names), qmap, dtype)
+    return Exported(mod, {TEXT: EntryPoint(list(spec.method_names), params)}, qmap, dtype)
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:

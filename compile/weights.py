@@ -41,13 +41,62 @@ INDEX_FILE = "model.safetensors.index.json"
 SHARD_PREFIX = "params_shard_"
 SHARD_BYTES = 32 << 20  # MLC's shard cap: 32 MiB
 
-# Checkpoint tensors the text decoder does not use; counted, not converted.
-VISUAL_PREFIX = "model.visual."
-MTP_PREFIX = "mtp."
-SKIPPED_PREFIXES = (VISUAL_PREFIX, MTP_PREFIX)
 LM_HEAD = "lm_head.weight"
-_MULTIMODAL_PREFIX = "model.language_model."  # Qwen3_5ForConditionalGeneration
-_TEXT_PREFIX = "model."  # Qwen3_5ForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class NameRule:
+    """One row of :data:`NAME_TABLE`.  ``pattern`` names checkpoint tensors:
+    one exact name, or a prefix followed by ``*``.  ``param`` is the compiled
+    parameter they become, exact or with a ``*`` that stands for what the
+    pattern's ``*`` matched; ``None``: the tensors are skipped (counted, not
+    converted) for ``reason``."""
+
+    pattern: str
+    param: str | None
+    reason: str = ""
+
+    @property
+    def prefix(self) -> str:
+        """The pattern without its ``*``: the key of its count in ``skipped``."""
+        return self.pattern.removesuffix("*")
+
+    def matches(self, name: str) -> bool:
+        return name.startswith(self.prefix) if self.pattern.endswith("*") else name == self.pattern
+
+    def param_for(self, name: str) -> str:
+        """The compiled name of checkpoint tensor ``name`` (which matches)."""
+        if not self.pattern.endswith("*"):
+            return self.param
+        return self.param.replace("*", name[len(self.prefix) :])
+
+    def name_for(self, param: str) -> str | None:
+        """The checkpoint name that becomes ``param`` under this row, or None."""
+        if self.param is None:
+            return None
+        if not self.param.endswith("*"):
+            return self.pattern if param == self.param else None
+        head = self.param.removesuffix("*")
+        return self.prefix + param[len(head) :] if param.startswith(head) else None
+
+
+# Every checkpoint tensor, by the first row its name matches: which compiled
+# parameter it becomes, or why it is skipped (the manifest's ``not_compiled``).
+# A tensor no row matches is one the model does not use (an error).  Compiling
+# the vision tower is giving its row a ``param`` (e.g. ``"visual.*"``).
+NAME_TABLE: tuple[NameRule, ...] = (
+    NameRule("model.visual.*", None, "vision tower: weights skipped, not compiled yet"),
+    NameRule("mtp.*", None, "multi-token-prediction head: weights skipped, not compiled yet"),
+    NameRule(LM_HEAD, LM_HEAD),  # top level in both layouts; untied models only
+    NameRule("model.language_model.*", "*"),  # Qwen3_5ForConditionalGeneration
+    NameRule("model.*", "*"),  # Qwen3_5ForCausalLM
+)
+
+
+def not_compiled(table: tuple[NameRule, ...] = NAME_TABLE) -> dict[str, str]:
+    """The skipped rows: checkpoint-name pattern -> why (the manifest's ``not_compiled``)."""
+    return {rule.pattern: rule.reason for rule in table if rule.param is None}
+
 
 # safetensors dtype codes numpy can hold (little-endian, as stored).
 _NUMPY_DTYPES = {
@@ -166,32 +215,32 @@ class Checkpoint:
     """A Hugging Face safetensors checkpoint, opened by its headers only.
 
     ``tensors`` maps every checkpoint tensor name to its :class:`TensorInfo`.
-    The name mapping to our parameter names is computed on opening:
-    ``params`` (our name -> checkpoint name), ``skipped`` (prefix -> count of
-    ``model.visual.*`` / ``mtp.*`` tensors) and ``unmapped`` (names that fit no
-    rule).
+    The name mapping to our parameter names (``table``, :data:`NAME_TABLE`) is
+    applied on opening: ``params`` (our name -> checkpoint name), ``skipped``
+    (a skipped row's prefix, e.g. ``model.visual.``, -> count of its tensors)
+    and ``unmapped`` (names that fit no row).
     """
 
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo]):
+    def __init__(
+        self, path: Path, tensors: dict[str, TensorInfo], table: tuple[NameRule, ...] = NAME_TABLE
+    ):
         self.path = path
         self.tensors = tensors
-        multimodal = any(n.startswith(_MULTIMODAL_PREFIX) for n in tensors)
-        self.prefix = _MULTIMODAL_PREFIX if multimodal else _TEXT_PREFIX
+        self.table = table
         self.params: dict[str, str] = {}
         self.skipped: dict[str, int] = {}
         self.unmapped: list[str] = []
+        self._used: set[NameRule] = set()  # the rows some tensor matched: this checkpoint's layout
         for name in tensors:
-            skip = next((p for p in SKIPPED_PREFIXES if name.startswith(p)), None)
-            if skip is not None:
-                self.skipped[skip] = self.skipped.get(skip, 0) + 1
-                continue
-            if name == LM_HEAD:
-                param = LM_HEAD
-            elif name.startswith(self.prefix):
-                param = name[len(self.prefix):]
-            else:
+            rule = next((r for r in table if r.matches(name)), None)
+            if rule is None:
                 self.unmapped.append(name)
                 continue
+            self._used.add(rule)
+            if rule.param is None:
+                self.skipped[rule.prefix] = self.skipped.get(rule.prefix, 0) + 1
+                continue
+            param = rule.param_for(name)
             if param in self.params:
                 raise UserError(
                     f"{path}: tensors '{self.params[param]}' and '{name}' both map to parameter '{param}'"
@@ -203,8 +252,21 @@ class Checkpoint:
         return list(self.tensors)
 
     def hf_name(self, param: str) -> str:
-        """The checkpoint name under which parameter ``param`` is looked for."""
-        return param if param == LM_HEAD else self.prefix + param
+        """The checkpoint name under which parameter ``param`` is looked for:
+        the tensor that maps to it, else the name the most specific row that
+        can produce it gives (of equals, a row this checkpoint's tensors
+        matched, e.g. ``model.`` for a bare text checkpoint; then table order)."""
+        if param in self.params:
+            return self.params[param]
+        candidates = [(r, name) for r in self.table if (name := r.name_for(param)) is not None]
+        if not candidates:
+            raise UserError(f"no checkpoint tensor maps to parameter '{param}'")
+
+        def rank(candidate: tuple[NameRule, str]) -> tuple[int, bool]:
+            rule = candidate[0]  # specificity: the literal length of its param
+            return len(rule.param) - rule.param.endswith("*"), rule in self._used
+
+        return max(candidates, key=rank)[1]  # the first of equals: table order
 
     def get(self, name: str) -> np.ndarray:
         """Load one tensor by its checkpoint name (a fresh, writable array)."""
@@ -226,9 +288,10 @@ class Checkpoint:
         return buf.view(dtype).reshape(info.shape)
 
 
-def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
+def open_checkpoint(ckpt_dir: str | Path, table: tuple[NameRule, ...] = NAME_TABLE) -> Checkpoint:
     """Open a checkpoint directory holding ``model.safetensors`` or
     ``model.safetensors.index.json`` and its shards; reads headers only.
+    ``table``: the name mapping (:data:`NAME_TABLE`).
 
     Raises :class:`UserError` naming the file for a missing file, an index
     that names a missing shard or a tensor its shard lacks, an invalid header,
@@ -242,7 +305,7 @@ def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         single = path / SINGLE_FILE
         if not single.exists():
             raise UserError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-        return Checkpoint(path, _read_header(single))
+        return Checkpoint(path, _read_header(single), table)
 
     try:
         weight_map = json.loads(index_file.read_text()).get("weight_map")
@@ -263,7 +326,7 @@ def open_checkpoint(ckpt_dir: str | Path) -> Checkpoint:
         if absent:
             raise UserError(f"{index_file}: maps {_some(absent)} to '{file}', which does not contain them")
         tensors.update((n, header[n]) for n in names)
-    return Checkpoint(path, tensors)
+    return Checkpoint(path, tensors, table)
 
 
 # ---------------------------------------------------------------------------
@@ -398,10 +461,11 @@ def convert_checkpoint(
     ``expected`` maps each parameter name to (shape, ``"float32"`` or
     ``"float16"``), in the order the cache is written.  Everything is checked
     before anything is written: a missing tensor, a wrong shape, a non-float
-    dtype, or a checkpoint tensor the model does not use (other than
-    ``model.visual.*``, ``mtp.*``, and ``lm_head.weight`` of a tied model) is
-    a :class:`UserError`.  Tensors are then streamed one at a time;
-    ``progress(done, total, name)`` is called after each.
+    dtype, or a checkpoint tensor the model does not use (other than those
+    :data:`NAME_TABLE` skips, ``model.visual.*`` and ``mtp.*``, and
+    ``lm_head.weight`` of a tied model) is a :class:`UserError`.  Tensors
+    are then streamed one at a time; ``progress(done, total, name)`` is
+    called after each.
 
     With ``quantize_map`` (a :class:`compile.quantization.QuantizeMap`), the
     tensors it lists are checked against their original shapes and stored
@@ -409,7 +473,8 @@ def convert_checkpoint(
 
     Returns a JSON-able summary for the manifest: ``num_tensors``,
     ``num_params`` (elements), ``nbytes``, ``num_shards``, ``skipped``
-    (prefix -> count) and ``ignored`` (checkpoint names not converted).
+    (a skipped row's prefix, ``model.visual.``, -> count) and ``ignored``
+    (checkpoint names not converted).
     """
     originals = expected
     if quantize_map is not None:

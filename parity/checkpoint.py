@@ -50,19 +50,20 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..compile import tokenizer
-from ..compile.config import ENDOFTEXT_ID, FULL, STOP_TOKEN_IDS, Qwen35Config, preset
+from ..compile.config import (
+    ENDOFTEXT_ID,
+    FULL,
+    STOP_TOKEN_IDS,
+    Qwen35Config,
+    VisionConfig,
+    preset,
+)
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 ENSURE_SHARD_BYTES = 2 << 30  # ensure_checkpoint shards the real sizes to bound memory
 _FORMAT_VERSION = 1  # bump when the tensors written for a given seed change
 _LOGIT_STD = 4.0  # std of the logits a tied head produces
 _RESIDUAL_GAIN = 4.0  # residual-branch output projections: _RESIDUAL_GAIN / sqrt(num_layers) / sqrt(fan_in)
-
-# Defaults of transformers' Qwen3_5VisionConfig, for a vision_config that omits a field.
-_VISION_DEFAULTS = {
-    "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "in_channels": 3, "patch_size": 16,
-    "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +135,17 @@ def _decoder_layer(config: Qwen35Config, layer_type: str) -> dict[str, TensorSpe
     return specs
 
 
-def _vision_tower(vision: dict) -> dict[str, TensorSpec]:
+def _vision_tower(v: VisionConfig) -> dict[str, TensorSpec]:
     """``Qwen3_5VisionModel``'s parameters, names relative to ``model.visual``."""
-    v = {**_VISION_DEFAULTS, **vision}
-    h, inter = v["hidden_size"], v["intermediate_size"]
-    patch = (v["in_channels"], v["temporal_patch_size"], v["patch_size"], v["patch_size"])
-    merged = h * v["spatial_merge_size"] ** 2
+    h, inter = v.hidden_size, v.intermediate_size
+    patch = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    merged = h * v.spatial_merge_size**2
     specs = {
         "patch_embed.proj.weight": TensorSpec((h, *patch), std=1 / math.sqrt(math.prod(patch))),
         "patch_embed.proj.bias": _bias(h),
-        "pos_embed.weight": TensorSpec((v["num_position_embeddings"], h), std=0.5),
+        "pos_embed.weight": TensorSpec((v.num_position_embeddings, h), std=0.5),
     }
-    for b in range(v["depth"]):
+    for b in range(v.depth):
         block = {
             **_layer_norm("norm1", h),
             **_layer_norm("norm2", h),
@@ -158,8 +158,8 @@ def _vision_tower(vision: dict) -> dict[str, TensorSpec]:
     specs.update({
         **_layer_norm("merger.norm", h),
         "merger.linear_fc1.weight": _linear(merged, merged), "merger.linear_fc1.bias": _bias(merged),
-        "merger.linear_fc2.weight": _linear(v["out_hidden_size"], merged),
-        "merger.linear_fc2.bias": _bias(v["out_hidden_size"]),
+        "merger.linear_fc2.weight": _linear(v.out_hidden_size, merged),
+        "merger.linear_fc2.bias": _bias(v.out_hidden_size),
     })
     return specs
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qwen35_mobile.compile import checkpoint as ckpt  # noqa: E402
+from qwen35_mobile.parity import checkpoint as ckpt  # noqa: E402
 from qwen35_mobile.compile.config import PRESETS  # noqa: E402
 
 from conftest import need_module  # noqa: E402

@@ -111,6 +111,58 @@ def test_bare_text_checkpoint(tmp_path, text):
     assert ckpt.params == {k: "model." + k for k in text}
     assert ckpt.hf_name("norm.weight") == "model.norm.weight"
     assert ckpt.skipped == {"mtp.": 1}
+    # a parameter the checkpoint lacks is looked for in the layout its tensors use
+    assert ckpt.hf_name("layers.9.mlp.up_proj.weight") == "model.layers.9.mlp.up_proj.weight"
+    assert ckpt.hf_name("lm_head.weight") == "lm_head.weight"
+
+
+# ---- the name table ---------------------------------------------------------------
+
+
+def test_name_table_skips_the_vision_tower_and_mtp_head(single):
+    assert W.not_compiled() == {
+        "model.visual.*": "vision tower: weights skipped, not compiled yet",
+        "mtp.*": "multi-token-prediction head: weights skipped, not compiled yet",
+    }
+    ckpt = W.open_checkpoint(single)
+    # every count in the summary's ``skipped`` is one of not_compiled's rows
+    assert {prefix + "*" for prefix in ckpt.skipped} <= set(W.not_compiled())
+    assert ckpt.hf_name("layers.9.mlp.up_proj.weight") == MM + "layers.9.mlp.up_proj.weight"
+    assert ckpt.hf_name("lm_head.weight") == "lm_head.weight"  # top level, not under MM
+
+
+def test_one_row_maps_the_vision_tower(single, text, tmp_path):
+    """Compiling the vision tower is changing its row: its tensors then map to
+    ``visual.*`` parameters and convert like the decoder's."""
+    table = tuple(
+        W.NameRule("model.visual.*", "visual.*") if r.pattern == "model.visual.*" else r
+        for r in W.NAME_TABLE
+    )
+    assert W.not_compiled(table) == {"mtp.*": W.not_compiled()["mtp.*"]}
+    ckpt = W.open_checkpoint(single, table)
+    assert ckpt.skipped == {"mtp.": 2} and ckpt.unmapped == []
+    visual = {p: h for p, h in ckpt.params.items() if p.startswith("visual.")}
+    assert visual == {
+        "visual.patch_embed.proj.weight": "model.visual.patch_embed.proj.weight",
+        "visual.blocks.0.attn.qkv.weight": "model.visual.blocks.0.attn.qkv.weight",
+        "visual.merger.norm.weight": "model.visual.merger.norm.weight",
+    }
+    assert ckpt.hf_name("visual.blocks.1.mlp.weight") == "model.visual.blocks.1.mlp.weight"
+    with pytest.raises(UserError, match="does not use: .*'model.visual.patch_embed.proj.weight'"):
+        W.convert_checkpoint(ckpt, _expected(text), tmp_path / "text-only")
+    expected = _expected(text)
+    expected.update({p: (ckpt.tensors[h].shape, "float32") for p, h in visual.items()})
+    summary = W.convert_checkpoint(ckpt, expected, tmp_path / "out")
+    assert summary["skipped"] == {"mtp.": 2} and summary["num_tensors"] == len(text) + 3
+    got = W.load_tensor_cache(tmp_path / "out", ["visual.merger.norm.weight"])[0]
+    assert np.array_equal(got, ckpt.get("model.visual.merger.norm.weight"))
+
+
+def test_two_tensors_for_one_parameter_refused(tmp_path, text):
+    tensors = {**_hf(text), "model.norm.weight": np.zeros(16, np.float32)}
+    save_file(tensors, str(tmp_path / W.SINGLE_FILE))
+    with pytest.raises(UserError, match="both map to parameter 'norm.weight'"):
+        W.open_checkpoint(tmp_path)
 
 
 def test_no_checkpoint_files(tmp_path):
