@@ -1,12 +1,17 @@
 """CPU schedules for the model's TIR functions, and the Relax pipeline that applies them.
 
 TVM's default CPU build leaves every TIR function as a serial scalar loop nest.
-This module schedules the functions that legalization and fusion produce:
+This module schedules the functions that legalization and fusion produce with a
+list of rules (:func:`cpu_rules`), applied the way the GPU pipeline applies
+dlight's: each rule's ``apply(func, target)`` returns the scheduled function,
+or None when the function is not of its kind; :func:`schedule_for_cpu` tries
+them in order on every PrimFunc and the first that answers wins.  A new
+schedule is one rule appended to the list.  The rules:
 
-* matmuls (``C[s, i, j] = sum_k A[s, i, k] * B[s, j, k]``, any layout of B,
-  input casts and elementwise epilogues fused in) get two schedules, picked at
-  run time on the number of rows ``M`` (``seq_len`` in prefill, ``batch`` in
-  decode):
+* :class:`Matmul` -- matmuls (``C[s, i, j] = sum_k A[s, i, k] * B[s, j, k]``,
+  any layout of B, input casts and elementwise epilogues fused in) get two
+  schedules, picked at run time on the number of rows ``M`` (``seq_len`` in
+  prefill, ``batch`` in decode):
 
   - GEMM (``M >= GEMV_MAX_ROWS``): parallel over panels of ``NR`` columns of B,
     each panel packed (in B's dtype) into a ``[K, NR]`` buffer, then
@@ -17,14 +22,23 @@ This module schedules the functions that legalization and fusion produce:
     product over K with one vector accumulator per column (B K-contiguous), or
     a vector of columns accumulated along K (B N-contiguous).
 
-* reductions (RMSNorm sums, L2 norms): parallel over rows, the reduction
-  vectorised through an ``rfactor`` over vector lanes, the fused elementwise
-  blocks computed per row and vectorised.
-* elementwise / injective functions: parallel outer loop, vectorised inner loop.
+* :class:`Reduction` -- reductions (RMSNorm sums, L2 norms): parallel over
+  rows, the reduction vectorised through an ``rfactor`` over vector lanes, the
+  fused elementwise blocks computed per row and vectorised.
+* :class:`Elementwise` -- elementwise / injective functions: parallel outer
+  loop, vectorised inner loop.
+* :class:`Serial` -- named kernels that stay as they are, each with its reason
+  (TVM's paged-KV-cache prefill and tree attention kernels).
 
-Functions already scheduled (attr ``tirx.is_scheduled``) and functions that
-match none of the rules (opaque blocks, hand-written kernels) are left as they
-are, which keeps them correct.
+A rule says "not mine" only by returning None (the rules here raise
+``_NoMatch`` internally, which counts the same); any other exception is a bug
+and fails the build naming the rule and the kernel.  Functions already
+scheduled (attr ``tirx.is_scheduled``: the hand-written kernels, TVM's
+pre-scheduled KV-cache kernels) and reshapes (views after
+``RewriteDataflowReshape``) are not offered to the rules.  A function that no
+rule takes and that :func:`needs_schedule` is a build error
+(:class:`UnscheduledKernelError`) naming every such kernel, instead of a
+kernel silently left serial.
 
 Use :func:`cpu_pipeline` as ``relax_pipeline`` of ``tvm.compile`` and
 :func:`cpu_target` for the target (it resolves ``mcpu: native``, which TVM
@@ -36,7 +50,8 @@ uses half the hardware threads on x86 (1 on a 2-vCPU machine) unless
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import traceback
+from collections.abc import Iterable
 
 import tvm
 import tvm_ffi
@@ -44,14 +59,27 @@ from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as _CPU_PASSES
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.gpu.matmul import IterKind, make_iter_fusion_index_map
-from tvm.tirx.analysis import undefined_vars
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_system_cpu, llvm_get_vector_width
+from tvm.tirx.analysis import undefined_vars
+
+from .schedule_gpu import UnscheduledKernelError
 
 __all__ = [
     "GEMV_MAX_ROWS",
+    "KV_CACHE_SERIAL",
+    "TINY_ITERATIONS",
+    "CPURule",
+    "Elementwise",
+    "Matmul",
+    "Reduction",
+    "ScheduleRuleError",
+    "Serial",
+    "UnscheduledKernelError",
     "cpu_pipeline",
+    "cpu_rules",
     "cpu_target",
+    "needs_schedule",
     "schedule_for_cpu",
     "schedule_for_cpu_pass",
 ]
@@ -61,6 +89,10 @@ __all__ = [
 #: 1024 x 3584 weight with 2 threads), which the GEMV does not; measured at the
 #: Qwen3.5-0.8B MLP shapes the GEMV is as fast or faster up to 16 rows.
 GEMV_MAX_ROWS = 16
+
+#: A function none of whose loop nests runs more iterations than this (static
+#: extents) is fine serial: a parallel launch or a vector loop gains nothing.
+TINY_ITERATIONS = 64
 
 #: Output columns one GEMV task accumulates together (one vector register each).
 _GEMV_COLUMNS = 8
@@ -85,28 +117,31 @@ def cpu_target(target: Target | dict | str) -> Target:
     return Target({**dict(target.export()), "mcpu": llvm_get_system_cpu()})
 
 
-def schedule_for_cpu_pass(target: Target) -> tvm.transform.Pass:
-    """A module pass running :func:`schedule_for_cpu` with ``target``."""
+def schedule_for_cpu_pass(
+    target: Target, rules: Iterable[CPURule] | None = None
+) -> tvm.transform.Pass:
+    """A module pass running :func:`schedule_for_cpu` with ``target`` (and ``rules``)."""
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleForCPU")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return schedule_for_cpu(mod, target)
+        return schedule_for_cpu(mod, target, rules)
 
     return _pass
 
 
-def cpu_pipeline(target: Target) -> tvm.transform.Pass:
+def cpu_pipeline(target: Target, rules: Iterable[CPURule] | None = None) -> tvm.transform.Pass:
     """TVM's CPU Relax pipeline with fusion and :func:`schedule_for_cpu`.
 
     ``tvm.compile``'s ``"default"`` pipeline for llvm neither fuses nor
     schedules.  This one runs: library dispatch, ``FuseTransposeMatmul`` (so
     ``x @ W.T`` reads W in place instead of transposing it on every call),
-    legalization and fusion, the CPU schedules, then the default dataflow
-    lowering and finalization passes of ``relax.backend.cpu_generic``
-    (taken from its ``pipeline`` module: TVM 0.27's package does not export
-    ``dataflow_lower_passes``, so ``relax.pipeline.dataflow_lower_passes``
-    fails for llvm).
+    legalization and fusion, the CPU schedules (``rules``, by default
+    :func:`cpu_rules`), then the default dataflow lowering and finalization
+    passes of ``relax.backend.cpu_generic`` (taken from its ``pipeline``
+    module: TVM 0.27's package does not export ``dataflow_lower_passes``, so
+    ``relax.pipeline.dataflow_lower_passes`` fails for llvm).
     """
+    rules = None if rules is None else list(rules)
 
     @tvm.transform.module_pass(opt_level=0, name="CPURelaxPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -115,7 +150,7 @@ def cpu_pipeline(target: Target) -> tvm.transform.Pass:
                 _CPU_PASSES.library_dispatch_passes(target)
                 + [relax.transform.FuseTransposeMatmul()]
                 + _CPU_PASSES.legalize_passes(target)
-                + [schedule_for_cpu_pass(target)]
+                + [schedule_for_cpu_pass(target, rules)]
                 + _CPU_PASSES.dataflow_lower_passes(target)
                 + _CPU_PASSES.finalize_passes(target)
             )
@@ -124,26 +159,149 @@ def cpu_pipeline(target: Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def schedule_for_cpu(mod: tvm.IRModule, target: Target | dict | str) -> tvm.IRModule:
+# --------------------------------------------------------------------------
+# Rules
+# --------------------------------------------------------------------------
+@tvm_ffi.register_error
+class ScheduleRuleError(RuntimeError):
+    """A rule failed (raised) on a kernel: a bug in the rule, never "not mine"."""
+
+
+# Errors raised inside a pass cross TVM's FFI on their way out of ``tvm.compile``,
+# which keeps the message but turns unregistered types into RuntimeError: registered,
+# the build fails with the type raised here (a UserError for the command line).
+tvm_ffi.register_error(UnscheduledKernelError)
+
+
+class _NoMatch(Exception):
+    """Raised inside a rule when the function is not of its kind (same as returning None)."""
+
+
+class CPURule:
+    """A CPU schedule: ``apply(func, target)`` returns ``func`` scheduled, or None
+    when ``func`` is not of its kind.
+
+    Returning ``func`` itself accepts it as it is (nothing changes, and it is
+    not marked scheduled).  ``kernels``, when set, limits the rule to the
+    kernels (global names) it lists.
+    """
+
+    kernels: frozenset[str] | None = None
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class Matmul(CPURule):
+    """GEMM and GEMV schedules of a matmul, chosen at run time on the row count."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        return _unless_no_match(_schedule_matmul, func, target)
+
+
+class Reduction(CPURule):
+    """One row reduction (innermost axes reduced), with fused elementwise blocks."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        return _unless_no_match(_schedule_reduction, func, target)
+
+
+class Elementwise(CPURule):
+    """Spatial-only functions: parallel outer loop, vectorised inner loop."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        return _unless_no_match(_schedule_elementwise, func, target)
+
+
+def _unless_no_match(schedule, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """``schedule(func, target)``, or None where it raises _NoMatch."""
+    try:
+        return schedule(func, target)
+    except _NoMatch:
+        return None
+
+
+class Serial(CPURule):
+    """The named ``kernels`` stay as they are (serial), for ``reason``."""
+
+    def __init__(self, reason: str, kernels: Iterable[str]):
+        self.reason = reason
+        self.kernels = frozenset(kernels)
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        return func
+
+    def __repr__(self) -> str:
+        return f"Serial({', '.join(sorted(self.kernels))})"
+
+
+#: TVM's paged-KV-cache CPU kernels that TVM ships unscheduled
+#: (``tvm.relax.frontend.nn.llm``: ``_attention_prefill_cpu``,
+#: ``_attention_prefill_ragged_cpu``, ``tree_attn_cpu``,
+#: ``tree_attn_with_paged_kv_cache_cpu``); its decode, merge and copy kernels
+#: come marked scheduled.
+KV_CACHE_SERIAL = Serial(
+    "TVM's own paged-KV-cache CPU attention kernels (prefill, ragged prefill, tree attention): "
+    "opaque blocks whose loops run over page tables and ragged index pointers, which none of "
+    "the rules can restructure; TVM ships them serial and the model runs them as TVM wrote "
+    "them (tree attention serves speculative-decoding token trees, which the runtime does not "
+    "use; prefill attention on one core is a known performance limit, not a correctness issue)",
+    (
+        "batch_prefill_paged_kv_cpu",
+        "batch_prefill_paged_kv_cpu_sliding_window",
+        "batch_prefill_ragged_kv",
+        "batch_tree_attn",
+        "tree_attn_paged_kv_cpu",
+    ),
+)
+
+
+def cpu_rules(target: Target | None = None) -> list[CPURule]:
+    """The CPU rules, most specific first (``target``: for rules that depend on it)."""
+    del target  # the same rules for every CPU today
+    return [Matmul(), Reduction(), Elementwise(), KV_CACHE_SERIAL]
+
+
+# --------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------
+def schedule_for_cpu(
+    mod: tvm.IRModule, target: Target | dict | str, rules: Iterable[CPURule] | None = None
+) -> tvm.IRModule:
     """Schedule every unscheduled TIR function of ``mod`` for the CPU ``target``.
 
     Run after ``LegalizeOps``/``FuseOps``/``FuseTIR``.  Each function gets the
-    first rule that applies (matmul, reduction, elementwise); one no rule
-    applies to stays as it is.  Scheduled functions are marked
-    ``tirx.is_scheduled``.
+    first of ``rules`` (default :func:`cpu_rules`) that applies; functions a
+    rule changed are marked ``tirx.is_scheduled``.  A rule that raises fails
+    with :class:`ScheduleRuleError` naming the kernel; functions no rule takes
+    that :func:`needs_schedule` fail with :class:`UnscheduledKernelError`
+    naming them all.
     """
     target = target if isinstance(target, Target) else Target(target)
-    updates = {}
+    rules = cpu_rules(target) if rules is None else list(rules)
+    updates, missing = {}, []
     for gvar, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or bool(func.attrs.get(_SCHEDULED, False)):
+        if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func) or _is_reshape(func):
+            continue  # reshapes: RewriteDataflowReshape turns them into free views
+        name = gvar.name_hint
+        rule, scheduled = _apply_rules(rules, name, func, target)
+        if scheduled is None:
+            if needs_schedule(func):
+                missing.append(name)
             continue
-        if relax.analysis.has_reshape_pattern(func):
-            continue  # RewriteDataflowReshape turns these into free views
-        for rule in (_schedule_matmul, _schedule_reduction, _schedule_elementwise):
-            scheduled = _try(rule, func, target)
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
-                break
+        _LOG.debug("%s: %r", name, rule)
+        if not scheduled.same_as(func):
+            updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
+    if missing:
+        missing.sort()
+        raise UnscheduledKernelError(
+            f"{len(missing)} CPU kernel(s) have no schedule, they would run serially on one "
+            f"core: {', '.join(missing)}; add a rule to cpu_rules() (compile/schedule_cpu.py), "
+            "or list the kernel in a Serial rule with the reason it is fine serial"
+        )
     if not updates:
         return mod
     mod = mod.clone()
@@ -152,21 +310,77 @@ def schedule_for_cpu(mod: tvm.IRModule, target: Target | dict | str) -> tvm.IRMo
     return mod
 
 
-def _try(rule: Callable, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """Apply ``rule``; a rule that does not fit the function answers None.
+def _apply_rules(rules: list[CPURule], name: str, func: tirx.PrimFunc, target: Target):
+    """(rule, result) of the first rule that applies to kernel ``name``, else (None, None)."""
+    for rule in rules:
+        if rule.kernels is not None and name not in rule.kernels:
+            continue
+        try:
+            scheduled = rule.apply(func, target)
+        except _NoMatch:
+            scheduled = None
+        except Exception as err:
+            # The message says it all: the FFI drops __cause__ on the way out of a build.
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            detail = lines[-1].strip()[:300] if lines else ""
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            raise ScheduleRuleError(
+                f"CPU schedule rule {rule!r} failed on kernel '{name}': "
+                f"{type(err).__name__}: {detail} (raised at {frame.filename}:{frame.lineno})"
+            ) from err
+        if scheduled is None:
+            continue
+        if not isinstance(scheduled, tirx.PrimFunc):
+            raise ScheduleRuleError(
+                f"CPU schedule rule {rule!r} returned {type(scheduled).__name__} for kernel "
+                f"'{name}', not a PrimFunc or None"
+            )
+        return rule, scheduled
+    return None, None
 
-    TVM reports a refused schedule primitive as a RuntimeError (ScheduleError),
-    ValueError or IndexError; the function is then left to the next rule.
+
+def needs_schedule(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` would be a slow kernel if no rule scheduled it.
+
+    Everything with loops needs one, except: functions marked
+    ``tirx.is_scheduled`` (the hand-written kernels, TVM's pre-scheduled
+    KV-cache kernels), host functions (``tirx.is_host_func``), reshapes
+    (``RewriteDataflowReshape`` turns them into views), and tiny functions:
+    every loop nest with static extents and at most :data:`TINY_ITERATIONS`
+    iterations (a function without loops is scalar).
     """
-    try:
-        return rule(func, target)
-    except (_NoMatch, RuntimeError, ValueError, IndexError) as err:
-        _LOG.debug("%s does not apply: %s", rule.__name__, str(err).splitlines()[-1:] or "no match")
-        return None
+    if _is_scheduled(func) or _attr(func, "tirx.is_host_func") or _is_reshape(func):
+        return False
+    iterations = _loop_iterations(func)
+    return iterations is None or iterations > TINY_ITERATIONS
 
 
-class _NoMatch(Exception):
-    """Raised inside a rule when the function is not of its kind."""
+def _attr(func: tirx.PrimFunc, key: str) -> bool:
+    return func.attrs is not None and bool(func.attrs.get(key, False))
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return _attr(func, _SCHEDULED)
+
+
+def _is_reshape(func: tirx.PrimFunc) -> bool:
+    """A reshape (TVM's analysis only reads functions with a root block)."""
+    return isinstance(func.body, s_tir.SBlockRealize) and relax.analysis.has_reshape_pattern(func)
+
+
+def _loop_iterations(func: tirx.PrimFunc) -> int | None:
+    """The iterations of ``func``'s largest loop nest; None when an extent is symbolic."""
+    loops = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, loops.append)], order="post")
+    nest = {}  # loop -> iterations of the nest it heads; inner loops come first
+    for loop in loops:
+        extent = _const(loop.extent)
+        if extent is None:
+            return None
+        inner = []
+        tvm_ffi.structural_walk(loop.body, [(tirx.For, inner.append)], order="post")
+        nest[loop] = extent * max((nest[i] for i in inner), default=1)
+    return max(nest.values(), default=1)
 
 
 # --------------------------------------------------------------------------
@@ -308,7 +522,9 @@ def _index_maps(block) -> tuple | None:
         return None
     axes = []
     for region in (block.reads[0], block.reads[1], block.writes[0]):
-        if any(not (isinstance(r.extent, tirx.IntImm) and r.extent.value == 1) for r in region.region):
+        if any(
+            not (isinstance(r.extent, tirx.IntImm) and r.extent.value == 1) for r in region.region
+        ):
             return None
         axes.append({v for r in region.region for v in undefined_vars(r.min)})
     a_axes, b_axes, c_axes = axes
@@ -321,7 +537,12 @@ def _index_maps(block) -> tuple | None:
             kinds[var] = IterKind.kIter_S if var in a_axes else IterKind.kIter_J
         elif iv.iter_type == tirx.IterVar.DataPar and var in a_axes and var in c_axes:
             kinds[var] = IterKind.kIter_I
-        elif iv.iter_type == tirx.IterVar.CommReduce and var in a_axes and var in b_axes and var not in c_axes:
+        elif (
+            iv.iter_type == tirx.IterVar.CommReduce
+            and var in a_axes
+            and var in b_axes
+            and var not in c_axes
+        ):
             kinds[var] = IterKind.kIter_K
         else:
             return None
@@ -480,10 +701,16 @@ def _read_only_as(body: tirx.Stmt, buffer, dtype: str) -> bool:
             loads.append(load)
 
     def on_cast(cast):
-        if cast.ty.dtype == dtype and isinstance(cast.value, tvm.ir.TensorLoad) and cast.value.source.same_as(buffer):
+        if (
+            cast.ty.dtype == dtype
+            and isinstance(cast.value, tvm.ir.TensorLoad)
+            and cast.value.source.same_as(buffer)
+        ):
             casts.append(cast)
 
-    tvm_ffi.structural_walk(body, [(tvm.ir.TensorLoad, on_load), (tirx.Cast, on_cast)], order="post")
+    tvm_ffi.structural_walk(
+        body, [(tvm.ir.TensorLoad, on_load), (tirx.Cast, on_cast)], order="post"
+    )
     return bool(loads) and len(loads) == len(casts)
 
 
@@ -505,7 +732,11 @@ def _retype(func: tirx.PrimFunc, buffer, dtype: str) -> tirx.PrimFunc:
     def on_buffer(buf, _mutator):
         return new if buf.same_as(buffer) else buf
 
-    callbacks = [(tirx.BufferStore, on_store), (tvm.ir.TensorLoad, on_load), (tirx.Buffer, on_buffer)]
+    callbacks = [
+        (tirx.BufferStore, on_store),
+        (tvm.ir.TensorLoad, on_load),
+        (tirx.Buffer, on_buffer),
+    ]
     return tvm_ffi.structural_mutate(func, callbacks)
 
 
@@ -567,7 +798,9 @@ def _dispatch(
     # Intermediates both schedules kept (an epilogue not inlined) are declared once.
     buffers = list(then_root.alloc_buffers)
     buffers += [b for b in else_root.alloc_buffers if not any(b.same_as(x) for x in buffers)]
-    root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=body, alloc_buffers=buffers)
+    root = s_tir.SBlock(
+        iter_vars=[], reads=[], writes=[], name_hint="root", body=body, alloc_buffers=buffers
+    )
     return func.with_body(s_tir.SBlockRealize([], True, root))
 
 
@@ -596,7 +829,8 @@ def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     lanes = _lanes(target)
     _inline_spatial(sch, infos)
     consumers = sch.get_consumers(block)
-    if len(consumers) > 1 or len(sch.get_child_blocks(sch.get_sblock("root"))) != 1 + len(consumers):
+    n_blocks = len(sch.get_child_blocks(sch.get_sblock("root")))
+    if len(consumers) > 1 or n_blocks != 1 + len(consumers):
         raise _NoMatch
 
     n_rows = n_spatial
@@ -653,4 +887,3 @@ def _schedule_elementwise(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         _parallel_vectorize(sch, block, lanes)
     return sch.mod["main"]
-

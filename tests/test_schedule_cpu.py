@@ -5,6 +5,11 @@ The model has what the Qwen3.5 decoder has on the CPU path: an embedding
 fp16 weights accumulated in fp32), silu(gate) * up, a residual add and a
 head; prefill with a symbolic ``seq_len``, decode with a symbolic ``batch``.
 Both builds are compared with numpy.
+
+The rule list (``cpu_rules``): tried in order, first match wins; a rule that
+raises fails the build naming the kernel, and so does a kernel no rule takes
+(negative controls on a hand-made column sum); the real tiny model schedules
+every kernel for host and aarch64 and builds.
 """
 
 from __future__ import annotations
@@ -13,22 +18,40 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from qwen35_mobile.compile.schedule_cpu import (
+    GEMV_MAX_ROWS,
+    KV_CACHE_SERIAL,
+    TINY_ITERATIONS,
+    CPURule,
+    Elementwise,
+    Matmul,
+    Reduction,
+    ScheduleRuleError,
+    Serial,
+    UnscheduledKernelError,
+    _NoMatch,
+    cpu_pipeline,
+    cpu_rules,
+    cpu_target,
+    needs_schedule,
+    schedule_for_cpu,
+)
 from tvm import relax, te
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.script import tirx as T
 
-from qwen35_mobile.compile.schedule_cpu import (
-    GEMV_MAX_ROWS,
-    cpu_pipeline,
-    cpu_target,
-    schedule_for_cpu,
-)
-
 HIDDEN, INTER, VOCAB = 64, 96, 72  # VOCAB: not a multiple of the 32-column panel
 _PARAM_ORDER = (
-    "embed.weight", "norm.weight", "final_norm.weight", "gate.weight", "up.weight", "down.weight", "head.weight", "mix",
+    "embed.weight",
+    "norm.weight",
+    "final_norm.weight",
+    "gate.weight",
+    "up.weight",
+    "down.weight",
+    "head.weight",
+    "mix",
 )
 EPS = 1e-6
 
@@ -163,12 +186,17 @@ def test_matmuls_are_parallel(dtype, target):
     assert all(_has_parallel_loop(branch) for pair in switches for branch in pair)
     # The RMSNorm reductions (alone, or fused with the normalisation) too:
     # parallel over rows, vectorised (a static single row: vectorised only).
-    norms = [f for gv, f in scheduled.functions_items() if "sum" in gv.name_hint or "rms_norm" in gv.name_hint]
+    norms = [
+        f
+        for gv, f in scheduled.functions_items()
+        if "sum" in gv.name_hint or "rms_norm" in gv.name_hint
+    ]
     assert len(norms) >= 4
     for func in norms:
         kinds = _loop_kinds(func.body)
         assert tvm.tirx.ForKind.VECTORIZED in kinds
-        assert tvm.tirx.ForKind.PARALLEL in kinds or "batch" not in func.script() and "seq_len" not in func.script()
+        static = "batch" not in func.script() and "seq_len" not in func.script()
+        assert tvm.tirx.ForKind.PARALLEL in kinds or static
 
 
 def _static_matmul(rows: int, cols: int, depth: int, dtype: str) -> tvm.tirx.PrimFunc:
@@ -188,11 +216,11 @@ def _static_matmul(rows: int, cols: int, depth: int, dtype: str) -> tvm.tirx.Pri
 @pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS + 16, GEMV_MAX_ROWS + 5])
 def test_static_shape_matmul(rows, target):
     """Static row counts: GEMV, GEMM on unpadded rows, GEMM on padded rows."""
-    func = schedule_for_cpu(tvm.IRModule({"main": _static_matmul(rows, 96, 64, "float16")}), target)["main"]
-    updates = []
-    tvm_ffi.structural_walk(
-        func.body, [(tvm.s_tir.SBlock, lambda b: updates.append(b) if b.name_hint.endswith("_update") else None)]
-    )
+    mod = tvm.IRModule({"main": _static_matmul(rows, 96, 64, "float16")})
+    func = schedule_for_cpu(mod, target)["main"]
+    blocks = []
+    tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlock, blocks.append)])
+    updates = [b for b in blocks if b.name_hint.endswith("_update")]
     if rows >= GEMV_MAX_ROWS:  # the GEMM's inner loop reads the packed panel, not W
         assert updates and all(r.source.name != "W" for b in updates for r in b.reads)
     rng = np.random.default_rng(1)
@@ -207,7 +235,9 @@ def test_static_shape_matmul(rows, target):
 
 def test_scheduled_functions_are_left_alone(target):
     @T.prim_func(s_tir=True)
-    def hand_written(a: T.Buffer((T.int64(64), T.int64(64)), "float32"), b: T.Buffer((T.int64(64),), "float32")):
+    def hand_written(
+        a: T.Buffer((T.int64(64), T.int64(64)), "float32"), b: T.Buffer((T.int64(64),), "float32")
+    ):
         T.func_attr({"tirx.is_scheduled": True})
         for i, k in T.grid(T.int64(64), T.int64(64)):
             with T.sblock("sum"):
@@ -226,7 +256,10 @@ def _run(dtype: str, pipeline, target, params, ids, x):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     weights = [tvm.runtime.tensor(params[name]) for name in _PARAM_ORDER]
     prefill = [vm["prefill"](tvm.runtime.tensor(i), *weights).numpy() for i in ids]
-    decode = [vm["decode" if a.shape[0] > 1 else "decode_one"](tvm.runtime.tensor(a), *weights).numpy() for a in x]
+    decode = [
+        vm["decode" if a.shape[0] > 1 else "decode_one"](tvm.runtime.tensor(a), *weights).numpy()
+        for a in x
+    ]
     decode.append(vm["decode"](tvm.runtime.tensor(x[0]), *weights).numpy())
     return prefill, decode
 
@@ -265,7 +298,8 @@ def test_scheduled_model_matches_numpy(dtype, target):
     x = [rng.standard_normal((b, 1, HIDDEN)).astype(dtype) for b in (1, 3, GEMV_MAX_ROWS + 1)]
 
     fp32 = {k: v.astype("float32") for k, v in params.items()}
-    want = [_reference(fp32, fp32["embed.weight"][i], dtype) for i in ids] + [_reference(fp32, a, dtype) for a in x]
+    want = [_reference(fp32, fp32["embed.weight"][i], dtype) for i in ids]
+    want += [_reference(fp32, a, dtype) for a in x]
     want.append(want[len(ids)])  # x[0] once more, through the symbolic-batch decode
     rtol = 1e-5 if dtype == "float32" else 2e-2
 
@@ -273,3 +307,221 @@ def test_scheduled_model_matches_numpy(dtype, target):
         prefill, decode = _run(dtype, pipeline, target, params, ids, x)
         for got, ref in zip(prefill + decode, want, strict=True):
             np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------
+# The rule list: order, failures, kernels left unscheduled
+# --------------------------------------------------------------------------
+def _column_sum(n: int):
+    """``b[j] = sum_i a[i, j]``: a reduction over the outer axis, which no rule knows."""
+
+    @T.prim_func(s_tir=True)
+    def column_sum(a: T.Buffer((n, n), "float32"), b: T.Buffer((n,), "float32")):
+        for i, j in T.grid(n, n):
+            with T.sblock("colsum"):
+                vi, vj = T.axis.remap("RS", [i, j])
+                with T.init():
+                    b[vj] = T.float32(0)
+                b[vj] = b[vj] + a[vi, vj]
+
+    return column_sum
+
+
+def _column_sum_model(n: int) -> tvm.IRModule:
+    """A Relax module whose one kernel is :func:`_column_sum`."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n, n), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            kernel = bb.add_func(_column_sum(n), "column_sum")
+            y = bb.emit(relax.call_tir(kernel, (x,), relax.TensorType((n,), "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+class _Record(CPURule):
+    """Records that it was asked, then answers with ``answer(func)``."""
+
+    def __init__(self, label: str, calls: list, answer):
+        self.label, self.calls, self.answer = label, calls, answer
+
+    def apply(self, func, target):
+        self.calls.append(self.label)
+        return self.answer(func)
+
+    def __repr__(self) -> str:
+        return f"_Record({self.label})"
+
+
+class _Raise(CPURule):
+    """Raises ``error`` on the kernels it is given."""
+
+    def __init__(self, error: Exception, kernels=None):
+        self.error = error
+        self.kernels = None if kernels is None else frozenset(kernels)
+
+    def apply(self, func, target):
+        raise self.error
+
+
+def test_default_rule_list():
+    rules = cpu_rules()
+    assert [type(r) for r in rules] == [Matmul, Reduction, Elementwise, Serial]
+    assert rules[-1] is KV_CACHE_SERIAL and KV_CACHE_SERIAL.reason
+
+
+def test_rules_are_tried_in_order_first_match_wins(target):
+    calls = []
+    rules = [
+        _Record("no", calls, lambda f: None),
+        _Record("first", calls, lambda f: f.with_attr("picked_by", "first")),
+        _Record("second", calls, lambda f: f.with_attr("picked_by", "second")),
+    ]
+    mod = tvm.IRModule({"main": _static_matmul(4, 32, 32, "float32")})
+    func = schedule_for_cpu(mod, target, rules)["main"]
+    assert calls == ["no", "first"]
+    assert func.attrs["picked_by"] == "first" and func.attrs["tirx.is_scheduled"]
+
+    # The real rules: a matmul is also a row reduction (innermost axis reduced),
+    # so the rule listed first decides its schedule.
+    def schedule(rules):
+        return schedule_for_cpu(mod, target, rules)["main"]
+
+    as_matmul, as_reduction = schedule([Matmul(), Reduction()]), schedule([Reduction(), Matmul()])
+    assert tvm_ffi.structural_equal(as_matmul, schedule([Matmul()]))
+    assert tvm_ffi.structural_equal(as_reduction, schedule([Reduction()]))
+    assert not tvm_ffi.structural_equal(as_matmul, as_reduction)
+
+
+def test_no_match_is_does_not_apply(target):
+    """A rule that raises _NoMatch (as the built-in ones do) passes to the next rule."""
+
+    class Refuse(CPURule):
+        def apply(self, func, target):
+            raise _NoMatch
+
+    mod = tvm.IRModule({"main": _static_matmul(4, 32, 32, "float32")})
+    alone = schedule_for_cpu(mod, target)["main"]
+    after = schedule_for_cpu(mod, target, [Refuse(), *cpu_rules()])["main"]
+    assert tvm_ffi.structural_equal(alone, after)
+
+
+@pytest.mark.parametrize(
+    "error",
+    # What a refused TVM schedule primitive raises: these used to count as "does not apply".
+    [RuntimeError("boom"), ValueError("boom"), IndexError("boom"), TypeError("boom")],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_rule_that_raises_fails_the_build_naming_the_kernel(error, target):
+    """Negative control: an exception inside a rule is a build error, not "next rule"."""
+    mod, _ = _export("float32")
+    names = [gv.name_hint for gv, f in _fused(mod, target).functions_items()]
+    kernel = next(n for n in names if "matmul" in n)
+    rules = [_Raise(error, kernels=[kernel]), *cpu_rules()]
+    match = f"rule _Raise failed on kernel '{kernel}': {type(error).__name__}: boom"
+    with pytest.raises(ScheduleRuleError, match=match):
+        tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, rules))
+    with pytest.raises(ScheduleRuleError, match=match) as info:
+        schedule_for_cpu(_fused(mod, target), target, rules)
+    assert info.value.__cause__ is error and "test_schedule_cpu.py:" in str(info.value)
+    # The same rule on the other kernels only: the build goes through.
+    other = [_Raise(error, kernels=["no_such_kernel"]), *cpu_rules()]
+    tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, other))
+
+
+def test_a_rule_answering_something_else_fails(target):
+    rules = [_Record("bad", [], lambda f: "scheduled")]
+    mod = tvm.IRModule({"main": _static_matmul(4, 32, 32, "float32")})
+    with pytest.raises(ScheduleRuleError, match="returned str for kernel 'main'"):
+        schedule_for_cpu(mod, target, rules)
+
+
+def test_a_kernel_no_rule_takes_fails_the_build(target):
+    """Negative control: a reduction the rules do not know is an error naming it
+    (it used to stay serial), in the pass and in a build."""
+    for rule in cpu_rules():
+        assert rule.kernels is not None or rule.apply(_column_sum(64), target) is None, rule
+    mod = _column_sum_model(64)
+    with pytest.raises(UnscheduledKernelError, match=r"1 CPU kernel\(s\) .*: column_sum;"):
+        schedule_for_cpu(tvm.IRModule({"column_sum": _column_sum(64)}), target)
+    with pytest.raises(UnscheduledKernelError, match="column_sum"):
+        tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    # Every kernel left is named, not just the first.
+    two = tvm.IRModule({"sum_a": _column_sum(64), "sum_b": _column_sum(32)})
+    with pytest.raises(UnscheduledKernelError, match="2 CPU kernel.*sum_a, sum_b"):
+        schedule_for_cpu(two, target)
+
+
+def test_serial_rule_allows_a_named_kernel(target):
+    rules = [*cpu_rules(), Serial("a test kernel that is fine serial", ["column_sum"])]
+    func = _column_sum(64)
+    out = schedule_for_cpu(tvm.IRModule({"column_sum": func}), target, rules)
+    assert out["column_sum"].same_as(func)  # as it was: not marked scheduled
+    pipeline = cpu_pipeline(target, rules)
+    ex = tvm.compile(_column_sum_model(64), target=target, relax_pipeline=pipeline)
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype("float32")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, x.sum(0), rtol=1e-5, atol=1e-5)
+    # Only the kernels it names.
+    with pytest.raises(UnscheduledKernelError, match="other_sum"):
+        schedule_for_cpu(tvm.IRModule({"other_sum": func}), target, rules)
+
+
+def test_what_needs_a_schedule():
+    assert needs_schedule(_column_sum(64))
+    assert TINY_ITERATIONS >= 16 and not needs_schedule(_column_sum(4))  # 16 iterations
+    assert not needs_schedule(_column_sum(64).with_attr("tirx.is_scheduled", True))
+    assert not needs_schedule(_column_sum(64).with_attr("tirx.is_host_func", True))
+
+    @T.prim_func(s_tir=True)
+    def scalar(a: T.Buffer((1,), "float32"), b: T.Buffer((1,), "float32")):
+        with T.sblock("copy"):
+            b[0] = a[0] * T.float32(2)
+
+    @T.prim_func(s_tir=True)
+    def symbolic(var_a: T.handle, var_b: T.handle):
+        n = T.int64()
+        a = T.match_buffer(var_a, (n, 2), "float32")
+        b = T.match_buffer(var_b, (2,), "float32")
+        for i, j in T.grid(n, 2):
+            with T.sblock("colsum"):
+                vi, vj = T.axis.remap("RS", [i, j])
+                with T.init():
+                    b[vj] = T.float32(0)
+                b[vj] = b[vj] + a[vi, vj]
+
+    assert not needs_schedule(scalar)
+    assert needs_schedule(symbolic)  # a symbolic extent is never tiny
+
+
+@pytest.mark.parametrize(
+    ("preset", "quant"), [("host", "q4f16_1"), ("aarch64", "q0f16"), ("aarch64", "q4f16_1")]
+)
+def test_tiny_model_every_kernel_scheduled(preset, quant):
+    """The real tiny model: every kernel a rule schedules is marked, the rest
+    is a reshape, hand-written (marked) or in KV_CACHE_SERIAL; it builds."""
+    from qwen35_mobile.compile import pipeline
+    from qwen35_mobile.compile.config import preset as model_preset
+    from qwen35_mobile.targets import get_target
+
+    target_preset = get_target(preset)
+    exported = pipeline.export(model_preset("tiny"), quant, target_preset)
+    target = target_preset.tvm_target(exported.dtype)
+    fused = _fused(exported.mod, target)
+    scheduled = schedule_for_cpu(fused, target)
+    kernels = {gv.name_hint: f for gv, f in scheduled.functions_items()}
+    kernels = {n: f for n, f in kernels.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert set(KV_CACHE_SERIAL.kernels) <= set(kernels)  # the allowlist names real kernels
+    for name, func in kernels.items():
+        if not _marked(func):
+            assert name in KV_CACHE_SERIAL.kernels or relax.analysis.has_reshape_pattern(func), name
+    by_rule = [n for n, f in kernels.items() if _marked(f) and not _marked(fused[n])]
+    matmuls = [n for n in by_rule if "matmul" in n]
+    assert len(by_rule) > 20 and len(matmuls) > 5
+    assert all(_has_parallel_loop(kernels[n].body) for n in matmuls)
+    tvm.relax.build(exported.mod, target, relax_pipeline=cpu_pipeline(target))
+
+
+def _marked(func) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
