@@ -23,15 +23,21 @@ from .errors import UserError
 
 def _presets_help() -> str:
     from .compile.config import PRESETS
-    from .compile.pipeline import QUANTIZATIONS
+    from .compile.quantization import QUANTIZATIONS
     from .targets import PRESETS as TARGETS
 
     return (
         f"model presets: {', '.join(PRESETS)}\n"
         f"targets: {', '.join(n for n, t in TARGETS.items() if not t.emulation)}\n"
         f"emulation targets (built by `parity --emulator`): {', '.join(n for n, t in TARGETS.items() if t.emulation)}\n"
-        f"quantizations: {', '.join(QUANTIZATIONS)}"
+        "quantizations:\n" + "\n".join(f"  {q.name:<9} {q.description}" for q in QUANTIZATIONS.values())
     )
+
+
+def _quant_names() -> str:
+    from .compile.quantization import QUANTIZATIONS
+
+    return ", ".join(QUANTIZATIONS)
 
 
 EXIT_STATUS = """\
@@ -257,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_presets_help() + "\n\n" + EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="preset name or Hugging Face checkpoint directory")
     p.add_argument("--target", default="host", help="target preset (default: host)")
-    p.add_argument("--quant", default="q0f32", help="quantization (default: q0f32)")
+    p.add_argument("--quant", default="q0f32", help=f"quantization: {_quant_names()} (default: q0f32)")
     p.add_argument("--weights", help="checkpoint directory whose weights to convert (default: --model if a directory)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     p.add_argument("--context-window", type=int, default=4096, help="default context window of the runtime (tokens)")
@@ -322,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="MODEL", help="model presets, e.g. qwen3.5-0.8b")
     p.add_argument("--targets", nargs="+", required=True, metavar="TARGET", help="targets, e.g. host android ios webgpu")
-    p.add_argument("--quants", nargs="+", required=True, metavar="QUANT", help="quantizations, e.g. q4f16_1")
+    p.add_argument("--quants", nargs="+", required=True, metavar="QUANT", help=f"quantizations: {_quant_names()}")
     p.add_argument("--weights-dir", metavar="DIR",
                    help="convert weights: the checkpoint of model M is DIR/M (Hugging Face layout: config.json, "
                         "safetensors, tokenizer; DIR/Qwen3.5-0.8B also matches qwen3.5-0.8b). Without it: "

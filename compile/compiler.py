@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..targets import get_target
-from . import artifact, pipeline
+from . import artifact, pipeline, quantization
 from .config import PRESETS, STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
 
 TOKENIZER_FILES = (
@@ -108,7 +108,7 @@ def compile_model(
         import dataclasses
 
         preset = dataclasses.replace(preset, system_lib_prefix=system_lib_prefix_for(preset, model, quant, system_lib_prefix))
-    dtype = pipeline.model_dtype(quant)
+    dtype = quantization.get(quant).model_dtype  # an unknown name: UserError, before the build
     context_window = min(context_window, config.max_position_embeddings)
     if context_window <= 0 or prefill_chunk <= 0:
         raise UserError("--context-window and --prefill-chunk must be positive")

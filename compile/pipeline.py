@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
 from ..targets import TargetPreset
+from . import quantization
 from .config import Qwen35Config
-
-# Quantization name -> model dtype.  q0: no quantization; q4f16_1/q4f32_1:
-# MLC's 4-bit group quantization of every linear weight and the embedding
-# (compile/quantization.py).  A_log and dt_bias stay float32 whatever the
-# dtype, and norms compute in fp32 (docs/design.md).
-QUANTIZATIONS = {"q0f32": "float32", "q0f16": "float16", "q4f16_1": "float16", "q4f32_1": "float32"}
+from .quantization import Quantization, QuantizeMap
 
 
 TEXT = "text"  # the text decoder's entry point: embed, prefill, decode, the state constructors
@@ -35,8 +31,13 @@ class EntryPoint:
 class Exported:
     mod: object  # tvm.IRModule with the functions of every entry point
     entry_points: dict[str, EntryPoint]  # name -> its functions and parameters; TEXT first
-    quantize_map: object | None = None  # compile.quantization.QuantizeMap for q4 formats
-    dtype: str | None = None  # the model dtype: fp16 builds get the preset's fp16_mattr
+    quant: Quantization  # the registry entry (compile/quantization.py)
+    quantize_map: QuantizeMap | None = None  # what quantizing the model did (q4 formats)
+
+    @property
+    def dtype(self) -> str:
+        """The model dtype: fp16 builds get the preset's fp16_mattr."""
+        return self.quant.model_dtype
 
     @property
     def functions(self) -> list[str]:
@@ -85,42 +86,49 @@ class Exported:
         self.entry_points[name] = entry
 
 
-def model_dtype(quant: str) -> str:
-    try:
-        return QUANTIZATIONS[quant]
-    except KeyError:
-        raise UserError(f"unknown quantization '{quant}'; known: {', '.join(QUANTIZATIONS)}") from None
+def _shapes(named) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
+
+
+def _model(config: Qwen35Config, quant: Quantization, target):
+    """The text decoder's ``nn.Module``, built once and quantized as the registry
+    says; returns ``(model, quantize map or None)``.  Its parameters must be
+    what the registry stores for the unquantized model's (names, shapes, dtypes,
+    order), so that conversion, sizes and the parity reference, which read the
+    registry, agree with the library."""
+    from .model.qwen35 import Qwen35LM
+
+    model = Qwen35LM(config, quant.model_dtype, target)
+    originals = _shapes(model.named_parameters())
+    model, qmap = quant.quantize(model)
+    want = [stored for name, shape, _ in originals for stored in quant.stored(name, shape)]
+    got = _shapes(model.named_parameters())
+    if got != want:
+        bad = next((g, w) for g, w in itertools.zip_longest(got, want) if g != w)
+        raise RuntimeError(
+            f"{quant.name}: the model's parameter {bad[0]} is not what compile/quantization.py "
+            f"stores ({bad[1]}): declare its dtype there (FP32_PARAMS) or change the model"
+        )
+    return model, qmap
 
 
 def parameters(config: Qwen35Config, quant: str) -> Exported:
     """The parameter list (and quantization map) without exporting the Relax
     module: cheap, for sizes and weight conversion alone."""
-    from . import quantization
-    from .model.qwen35 import Qwen35LM
     from ..targets import get_target
 
-    model = Qwen35LM(config, model_dtype(quant), get_target("host").tvm_target())
-    qmap = None
-    if quant in quantization.FORMATS:
-        model = quantization.quantize_model(model, quant)
-        qmap = model.quantize_map
-    params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in model.named_parameters()]
-    return Exported(None, {TEXT: EntryPoint([], params)}, qmap)
+    q = quantization.get(quant)
+    model, qmap = _model(config, q, get_target("host").tvm_target())
+    return Exported(None, {TEXT: EntryPoint([], _shapes(model.named_parameters()))}, q, qmap)
 
 
 def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
-    """The Relax module of the text decoder, with its parameter list."""
-    from .model.qwen35 import Qwen35LM
-
-    from . import quantization
-
-    dtype = model_dtype(quant)
+    """The Relax module of the text decoder, with its parameter list; the
+    model is built once."""
+    q = quantization.get(quant)
+    dtype = q.model_dtype
     target = preset.kernel_target(dtype)
-    model = Qwen35LM(config, dtype, target)
-    qmap = None
-    if quant in quantization.FORMATS:
-        model = quantization.quantize_model(model, quant)
-        qmap = model.quantize_map
+    model, qmap = _model(config, q, target)
     spec = model.get_default_spec()
     if preset.graph_of:  # a host twin: the GPU graph, its own kernels on the CPU
         from .model.qwen35 import gpu_kernels_on_cpu
@@ -137,8 +145,7 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
 
         # TVM's GPU attention-state merge races between threads (kernels/merge_state.py).
         mod = replace_merge_state(mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target))
-    params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
-    return Exported(mod, {TEXT: EntryPoint(list(spec.method_names), params)}, qmap, dtype)
+    return Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
 
 
 def build(exported: Exported, preset: TargetPreset, path: Path) -> None:

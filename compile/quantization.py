@@ -30,13 +30,18 @@ The numpy functions work on one tensor at a time, ``ROW_CHUNK`` rows at a time,
 so a converter can stream a checkpoint (peak extra memory: the outputs plus a
 few chunk-sized temporaries).
 
-The ``nn`` modules (:class:`QuantizedLinear`, :class:`QuantizedEmbedding`)
-express dequantization as a TE compute named ``dequantize`` feeding
-``op.matmul``; Relax ``FuseOps``/``FuseTIR`` (run by ``cpu_pipeline``) fuse it
-into the matmul: one PrimFunc reads the packed weight and the scales and
-accumulates in fp32.  :func:`quantize_model` swaps them in for every
-``nn.Linear`` / ``nn.Embedding`` of a model and records how each original
-parameter maps to the quantized ones (:class:`QuantizeMap`).
+The Relax side (``nn`` modules that dequantize inside their matmul, and
+``quantize_model``, the rewrite of a model) is ``compile/model/quantized.py``;
+this module imports no TVM, so that the command line can read the registry.
+
+:data:`QUANTIZATIONS` is the one registry of ``--quant`` values
+(:class:`Quantization`: ``q0f32``, ``q0f16``, ``q4f16_1``, ``q4f32_1``): the
+model dtype, which parameters stay unquantized (:meth:`~Quantization.keeps`),
+every parameter's stored dtype and shape, the conversion of a checkpoint
+tensor, the values the parity reference runs with, and the model rewrite
+(:meth:`~Quantization.quantize`).  Export (``compile/pipeline.py``), weight
+conversion (``compile/weights.py``), sizes, the parity reference and the CLI
+read it and nothing else.
 
 Parameter names: a quantized layer ``X`` holds ``X.weight`` (packed uint32)
 and ``X.scale``.  (MLC names them ``X.q_weight`` / ``X.q_scale``; the bytes
@@ -47,25 +52,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import numpy as np
-from tvm import te, tirx
-from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import op
+
+from ..errors import UserError
 
 __all__ = [
-    "FORMATS",
     "GROUP_SIZE",
-    "QuantFormat",
+    "QUANTIZATIONS",
+    "Quantization",
     "QuantizeMap",
-    "QuantizedEmbedding",
-    "QuantizedLinear",
     "dequantize_weight",
     "fake_quantize",
-    "get_format",
+    "get",
+    "grouped",
     "packed_shape",
-    "quantize_model",
     "quantize_weight",
     "quantized_nbytes",
     "scale_shape",
@@ -81,31 +82,121 @@ STORAGE_DTYPE = "uint32"
 ROW_CHUNK = 4096  # rows quantized per numpy step (bounds the temporaries)
 
 
+# Parameters stored in float32 whatever the model dtype: the reference computes
+# the DeltaNet decay in fp32 (docs/design.md).  Norms are stored in the model
+# dtype and compute in fp32.
+FP32_PARAMS = ("A_log", "dt_bias")
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantFormat:
-    """One group-quantization format: its name and its model (= scale) dtype."""
+class Quantization:
+    """One ``--quant`` value and everything that follows from it: the model
+    dtype, which parameters are group-quantized and how, the dtype of every
+    other parameter, what a checkpoint tensor converts to, and what the parity
+    reference must run with.  :data:`QUANTIZATIONS` holds them all; export,
+    conversion, sizes, the reference and the CLI read nothing else."""
 
     name: str
-    model_dtype: str  # dtype of the scales, of the dequantized weight and of activations
+    model_dtype: str  # float32 / float16: activations, unquantized weights, the scales
+    quantized: bool = False  # MLC's 4-bit group quantization (the layout above), or none (q0*)
+    description: str = ""  # one line for the command line's help
 
     @property
     def scale_dtype(self) -> str:
         return self.model_dtype
 
+    def param_dtype(self, name: str) -> str:
+        """The dtype of parameter ``name`` when it is not quantized (for a
+        quantized one: the dtype it is cast to before quantizing)."""
+        return "float32" if name.rsplit(".", 1)[-1] in FP32_PARAMS else self.model_dtype
 
-FORMATS: dict[str, QuantFormat] = {
-    "q4f16_1": QuantFormat("q4f16_1", "float16"),
-    "q4f32_1": QuantFormat("q4f32_1", "float32"),
+    def keeps(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether parameter ``name`` of ``shape`` stays unquantized: all of them
+        without quantization; else all but the 2-D ``.weight`` tensors (linear
+        weights, the embedding, an untied ``lm_head``), so ``A_log``,
+        ``dt_bias``, norms and ``conv1d`` (3-D) stay."""
+        return not self.quantized or len(shape) != 2 or not name.endswith(".weight")
+
+    def stored(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
+        """What the tensor cache holds for original parameter ``name``: ``[(name,
+        shape, dtype)]``, or for a quantized ``X.weight [N, K]`` ``[(X.weight,
+        packed shape, uint32), (X.scale, scale shape, scale dtype)]``."""
+        shape = tuple(int(d) for d in shape)
+        if self.keeps(name, shape):
+            return [(name, shape, self.param_dtype(name))]
+        n, k = shape
+        return [
+            (name, packed_shape(n, k), STORAGE_DTYPE),
+            (name[: -len("weight")] + "scale", scale_shape(n, k), self.scale_dtype),
+        ]
+
+    def nbytes(self, name: str, shape: tuple[int, ...]) -> int:
+        """Bytes stored for original parameter ``name`` of ``shape``."""
+        return sum(math.prod(s) * np.dtype(d).itemsize for _, s, d in self.stored(name, shape))
+
+    def convert(self, name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """The tensors stored for checkpoint tensor ``name`` (our parameter name),
+        in :meth:`stored`'s order: ``[(X.weight, packed), (X.scale, scale)]`` when
+        it is quantized (raises OverflowError/ValueError as :func:`quantize_weight`),
+        else ``[(name, array)]`` as it is (the caller casts it to the dtype the
+        export lists)."""
+        if self.keeps(name, array.shape):
+            return [(name, array)]
+        packed, scale = quantize_weight(array, self)
+        return [(name, packed), (name[: -len("weight")] + "scale", scale)]
+
+    def reference_weight(self, name: str, array: np.ndarray) -> np.ndarray:
+        """The float32 values a reference (transformers) must run with for
+        parameter ``name`` to compute what the build computes: dequantized
+        quantized weights, fp16-rounded fp16 parameters, the others as they are."""
+        if not self.keeps(name, array.shape):
+            return fake_quantize(array, self)
+        if self.param_dtype(name) == "float16":
+            return array.astype(np.float16).astype(np.float32)
+        return array
+
+    def quantize(self, model, name_prefix: str = ""):
+        """``(model, map)``: ``model`` (built in :attr:`model_dtype`) with every
+        linear layer and embedding that :meth:`keeps` does not keep replaced by
+        its quantized module, in place, and its :class:`QuantizeMap`; ``(model,
+        None)`` without quantization."""
+        if not self.quantized:
+            return model, None
+        from .model.quantized import quantize_model
+
+        model = quantize_model(model, self, name_prefix)
+        return model, model.quantize_map
+
+
+_Q4 = "4-bit in groups of 32 (MLC's layout)"
+QUANTIZATIONS: dict[str, Quantization] = {
+    q.name: q
+    for q in (
+        Quantization("q0f32", "float32", description="float32, no quantization"),
+        Quantization("q0f16", "float16", description="float16, no quantization"),
+        Quantization("q4f16_1", "float16", True, "float16; linear weights and embedding: " + _Q4),
+        Quantization("q4f32_1", "float32", True, "float32; linear weights and embedding: " + _Q4),
+    )
 }
 
 
-def get_format(fmt: str | QuantFormat) -> QuantFormat:
-    if isinstance(fmt, QuantFormat):
-        return fmt
+def get(quant: str | Quantization) -> Quantization:
+    """The registry entry of ``quant``; an unknown name is a UserError."""
+    if isinstance(quant, Quantization):
+        return quant
     try:
-        return FORMATS[fmt]
+        return QUANTIZATIONS[quant]
     except KeyError:
-        raise ValueError(f"unknown group quantization {fmt!r}; known: {', '.join(FORMATS)}") from None
+        known = ", ".join(QUANTIZATIONS)
+        raise UserError(f"unknown quantization '{quant}'; known: {known}") from None
+
+
+def grouped(fmt: str | Quantization) -> Quantization:
+    """The registry entry of ``fmt``, which must be a group quantization (q4*)."""
+    q = get(fmt)
+    if not q.quantized:
+        raise ValueError(f"{q.name} is not a group quantization")
+    return q
 
 
 def num_groups(k: int) -> int:
@@ -160,7 +251,7 @@ def _quantize_rows(w: np.ndarray, dtype: np.dtype, k_pad: int) -> tuple[np.ndarr
     return packed, scale
 
 
-def quantize_weight(w: np.ndarray, fmt: str | QuantFormat) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, fmt: str | Quantization) -> tuple[np.ndarray, np.ndarray]:
     """Group-quantize ``w [N, K]`` (any float dtype, bf16 included).
 
     Returns ``(packed uint32 [N, 4 ceil(K/32)], scale [N, ceil(K/32)])``; the
@@ -169,7 +260,7 @@ def quantize_weight(w: np.ndarray, fmt: str | QuantFormat) -> tuple[np.ndarray, 
     array as it is: no full-size cast copy is made).  Raises OverflowError when
     a value does not fit the model dtype (fp16), ValueError on inf/nan.
     """
-    f = get_format(fmt)
+    f = grouped(fmt)
     if w.ndim != 2:
         raise ValueError(f"quantize_weight expects a 2-D [N, K] tensor, got shape {w.shape}")
     n, k = w.shape
@@ -184,7 +275,7 @@ def quantize_weight(w: np.ndarray, fmt: str | QuantFormat) -> tuple[np.ndarray, 
 
 
 def dequantize_weight(
-    packed: np.ndarray, scale: np.ndarray, fmt: str | QuantFormat, k: int | None = None
+    packed: np.ndarray, scale: np.ndarray, fmt: str | Quantization, k: int | None = None
 ) -> np.ndarray:
     """The float32 ``[N, K]`` weight that the kernels compute with.
 
@@ -192,7 +283,7 @@ def dequantize_weight(
     when 32 divides K).  The product ``(q - 7) * scale`` is rounded to the model
     dtype first, exactly as the compiled dequantization does.
     """
-    f = get_format(fmt)
+    f = grouped(fmt)
     dtype = np.dtype(f.model_dtype)
     n, words = packed.shape
     k_pad = words * ELEMS_PER_WORD
@@ -209,7 +300,7 @@ def dequantize_weight(
     return out
 
 
-def fake_quantize(w: np.ndarray, fmt: str | QuantFormat) -> np.ndarray:
+def fake_quantize(w: np.ndarray, fmt: str | Quantization) -> np.ndarray:
     """``dequantize(quantize(w))`` as float32 ``[N, K]``: the weights a reference
     (transformers) must run with to match the quantized kernels.  For q4f16_1
     the values are exactly representable in fp16."""
@@ -218,139 +309,19 @@ def fake_quantize(w: np.ndarray, fmt: str | QuantFormat) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# TVM nn modules
-# ---------------------------------------------------------------------------
-def _dequant_value(word, scale, k, dtype: str):
-    """``(q - 7) * scale`` for column ``k``, given its packed word and its scale (TIR).
-
-    The value is MLC's (``float(q) - 7`` times the scale, rounded to ``dtype``),
-    computed in fp32 and rounded once: ``q - 7`` and its product with an fp16
-    scale are exact in fp32, so one rounding to fp16 equals MLC's fp16
-    arithmetic bit for bit, without fp16 arithmetic (which CPUs without native
-    fp16 emulate by a convert per operation; measured 2x faster on x86).
-    """
-    shift = ((k % ELEMS_PER_WORD) * BITS).astype(STORAGE_DTYPE)
-    nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << BITS) - 1, STORAGE_DTYPE))
-    value = (nibble.astype("float32") - tirx.const(MAX_INT, "float32")) * scale.astype("float32")
-    return value if dtype == "float32" else value.astype(dtype)
-
-
-def dequantize_te(weight, scale, n, k: int, dtype: str):
-    """TE compute ``[n, k]``: the dequantized weight (the fused kernel's producer)."""
-    return te.compute(
-        (n, k),
-        lambda i, j: _dequant_value(weight[i, j // ELEMS_PER_WORD], scale[i, j // GROUP_SIZE], j, dtype),
-        name="dequantize",
-    )
-
-
-def dequantize_matmul_te(x, weight, scale, n: int, k: int, dtype: str):
-    """TE ``out[..., j] = sum_k f32(x[..., k]) * f32(dequant(W)[j, k])``: one PrimFunc
-    of two blocks, ``dequantize`` (injective, inlined by any schedule) and
-    ``NT_matmul`` (the fp32 reduction)."""
-    # int64 extents, like the other axes: a mixed int32 reduction axis makes the
-    # CPU matmul schedule miss this function (6x slower prefill).
-    n, k = tirx.IntImm("int64", n), tirx.IntImm("int64", k)
-    w = dequantize_te(weight, scale, n, k, dtype)
-    r = te.reduce_axis((tirx.IntImm("int64", 0), k), name="k")
-    return te.compute(
-        (*x.shape[:-1], n),
-        lambda *i: te.sum(x[(*i[:-1], r)].astype("float32") * w[i[-1], r].astype("float32"), axis=r),
-        name="NT_matmul",
-    )
-
-
-class _Quantized(nn.Module):
-    """``weight`` (packed uint32) and ``scale`` parameters of an ``[n, k]`` tensor."""
-
-    def _make_params(self, n: int, k: int, fmt: QuantFormat) -> None:
-        self.fmt = fmt
-        self.weight = nn.Parameter(packed_shape(n, k), STORAGE_DTYPE)
-        self.scale = nn.Parameter(scale_shape(n, k), fmt.scale_dtype)
-
-    def _matmul(self, x, n: int, k: int):
-        """``x @ dequant(W)^T`` in fp32 as ONE TE function (dequantization fused).
-
-        Expressed as a single TE compute rather than ``op.matmul`` of a
-        dequantized tensor: Relax ``FuseOps`` does not fuse an injective producer
-        into a matmul (MLC needs its own ``FuseDequantizeMatmulEwise`` pass for
-        that), so the fusion is made here, for every target and pipeline.
-        """
-        dtype = self.fmt.model_dtype
-        return op.tensor_expr_op(
-            lambda a, w, s: dequantize_matmul_te(a, w, s, n, k, dtype),
-            "dequantize_NT_matmul",
-            [x, self.weight, self.scale],
-        )
-
-
-class QuantizedLinear(_Quantized):
-    """``y = x @ dequant(W)^T`` (no bias), accumulated in fp32, returned in ``out_dtype``.
-
-    ``x`` normally has the format's model dtype (any float dtype works: it is
-    read as fp32).  Dequantization and matmul are one PrimFunc
-    (``dequantize_NT_matmul``); an output cast fuses into it under ``FuseOps``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, fmt: str | QuantFormat, out_dtype: str | None = None):
-        f = get_format(fmt)
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.out_dtype = out_dtype or f.model_dtype
-        self._make_params(self.out_features, self.in_features, f)
-
-    def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}")
-        y = self._matmul(x, self.out_features, self.in_features)
-        return y if self.out_dtype == "float32" else y.astype(self.out_dtype)
-
-
-class QuantizedEmbedding(_Quantized):
-    """Embedding table ``[vocab, hidden]`` quantized along ``hidden``.
-
-    ``forward(ids)`` gathers the packed rows and scales of ``ids`` and
-    dequantizes only those (one TE function, ``dequantize_take``);
-    ``lm_head_forward(x)`` is the tied head ``x @ dequant(table)^T`` in fp32,
-    dequantization fused into the matmul.
-    """
-
-    def __init__(self, num: int, dim: int, fmt: str | QuantFormat):
-        f = get_format(fmt)
-        self.num, self.dim = int(num), int(dim)
-        self._make_params(self.num, self.dim, f)
-
-    def forward(self, ids):
-        dtype, dim = self.fmt.model_dtype, self.dim
-
-        def gather(idx, w, s):
-            return te.compute(
-                (idx.shape[0], dim),
-                lambda i, j: _dequant_value(w[idx[i], j // ELEMS_PER_WORD], s[idx[i], j // GROUP_SIZE], j, dtype),
-                name="dequantize_take",
-            )
-
-        flat = ids if ids.ndim == 1 else op.reshape(ids, [-1])
-        out = op.tensor_expr_op(gather, "dequantize_take", [flat, self.weight, self.scale])
-        return out if ids.ndim == 1 else op.reshape(out, [*ids.shape, dim])
-
-    def lm_head_forward(self, x):
-        """Logits ``x @ dequant(table)^T``, fp32."""
-        return self._matmul(x, self.num, self.dim)
-
-
-# ---------------------------------------------------------------------------
-# Model rewriting
+# The map of a quantized model
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class QuantizeMap:
-    """How a quantized model's parameters derive from the original ones.
+    """How a quantized model's parameters derive from the original ones (what
+    :meth:`Quantization.quantize` did to one model).
 
     ``param_map``: original name -> ``[packed name, scale name]`` for every
     quantized tensor; parameters not listed are unchanged (same name, shape and
-    dtype as before quantization).
+    dtype as before quantization).  ``shapes``: their original ``[N, K]``.
     """
 
-    fmt: QuantFormat
+    quant: Quantization
     param_map: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # original [N, K]
 
@@ -376,15 +347,13 @@ class QuantizeMap:
             if orig is None:
                 plan.append((name, tuple(shape), dtype, [name]))
                 continue
-            packed_name, scale_name = self.param_map[orig]
-            if name == scale_name:
-                continue
-            n, k = self.shapes[orig]
-            want = {packed_name: (packed_shape(n, k), STORAGE_DTYPE), scale_name: (scale_shape(n, k), self.fmt.scale_dtype)}
+            if name != self.param_map[orig][0]:
+                continue  # the scale: written with its packed weight
+            want = {q: (s, d) for q, s, d in self.quant.stored(orig, self.shapes[orig])}
             got = {q: by_name.get(q) for q in want}
-            if got != want:
+            if got != want or list(want) != self.param_map[orig]:
                 raise ValueError(f"parameters of quantized '{orig}' are {got}, expected {want}")
-            plan.append((orig, (n, k), self.fmt.model_dtype, [packed_name, scale_name]))
+            plan.append((orig, self.shapes[orig], self.quant.param_dtype(orig), list(want)))
         return plan
 
     def source_of(self) -> dict[str, str]:
@@ -394,62 +363,13 @@ class QuantizeMap:
     def convert(self, name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """The tensors to store for original parameter ``name``: ``[(packed name,
         packed), (scale name, scale)]`` when it is quantized, else ``[(name, array)]``."""
-        names = self.param_map.get(name)
-        if names is None:
+        if name not in self.param_map:
             return [(name, array)]
-        packed, scale = quantize_weight(array, self.fmt)
-        return [(names[0], packed), (names[1], scale)]
+        return self.quant.convert(name, array)
 
 
-def quantize_model(model, fmt: str | QuantFormat, name_prefix: str = ""):
-    """Replace every ``nn.Linear`` and ``nn.Embedding`` of ``model`` (in place)
-    by :class:`QuantizedLinear` / :class:`QuantizedEmbedding`; returns the model.
-
-    The model must have been built in the format's model dtype.  A Linear's
-    output dtype is kept: the project's ``Linear`` (``compile/model/qwen35.py``)
-    returns ``.out`` (fp32 for residual projections, else the model dtype);
-    a plain ``nn.Linear`` its ``out_dtype`` (or its weight dtype).  Biases are
-    refused (Qwen3.5 has none).  Other parameters (``A_log``, ``dt_bias``,
-    norm and conv weights) are untouched.  A module with attribute
-    ``no_quantization = True`` is left whole.  The name map is stored as
-    ``model.quantize_map`` (:class:`QuantizeMap`).
-    """
-    f = get_format(fmt)
-    qmap = QuantizeMap(f)
-
-    def check_dtype(name: str, param) -> None:
-        if param.dtype != f.model_dtype:
-            raise ValueError(
-                f"{name}.weight is {param.dtype}, but {f.name} needs a model built in {f.model_dtype}"
-            )
-
-    class _Mutator(nn.Mutator):
-        def visit_module(self, name: str, node: Any) -> Any:
-            if getattr(node, "no_quantization", False):
-                return node
-            if isinstance(node, nn.Linear):
-                if getattr(node, "bias", None) is not None:
-                    raise ValueError(f"{name}: Linear with a bias is not supported by quantize_model")
-                check_dtype(name, node.weight)
-                out = getattr(node, "out", None) or node.out_dtype or node.weight.dtype
-                qmap.param_map[f"{name}.weight"] = [f"{name}.weight", f"{name}.scale"]
-                qmap.shapes[f"{name}.weight"] = (int(node.out_features), int(node.in_features))
-                return QuantizedLinear(node.in_features, node.out_features, f, out)
-            if isinstance(node, nn.Embedding):
-                check_dtype(name, node.weight)
-                num, dim = (int(d) for d in node.weight.shape)
-                qmap.param_map[f"{name}.weight"] = [f"{name}.weight", f"{name}.scale"]
-                qmap.shapes[f"{name}.weight"] = (num, dim)
-                return QuantizedEmbedding(num, dim, f)
-            return self.visit(name, node)
-
-    model = _Mutator().visit(name_prefix, model)
-    model.quantize_map = qmap
-    return model
-
-
-def quantized_nbytes(shape: tuple[int, ...], fmt: str | QuantFormat) -> int:
+def quantized_nbytes(shape: tuple[int, ...], fmt: str | Quantization) -> int:
     """Bytes stored for a quantized ``[N, K]`` tensor (packed + scales)."""
-    f = get_format(fmt)
+    f = grouped(fmt)
     n, k = shape
     return math.prod(packed_shape(n, k)) * 4 + math.prod(scale_shape(n, k)) * np.dtype(f.scale_dtype).itemsize

@@ -144,11 +144,11 @@ def build_inputs(build: Build, *, checkpoint: Path | None, options: dict, source
     """Everything that decides what a build produces (see the module doc)."""
     from .compiler import system_lib_prefix_for
     from .config import PRESETS
-    from .pipeline import model_dtype
+    from .quantization import get as get_quantization
     from ..targets import get_target
 
     preset = get_target(build.target)
-    dtype = model_dtype(build.quant)
+    dtype = get_quantization(build.quant).model_dtype
     config = PRESETS[build.model]
     prefix = system_lib_prefix_for(preset, build.model, build.quant) if preset.system_lib_prefix is not None else None
     return {
@@ -369,7 +369,7 @@ def plan(models: list[str], targets: list[str], quants: list[str], weights_dir: 
     an unknown model, target or quantization, or a missing checkpoint."""
     from .compiler import _check_same_shapes
     from .config import PRESETS, load_config
-    from .pipeline import QUANTIZATIONS
+    from .quantization import get as get_quantization
     from ..targets import PRESETS as TARGETS
 
     models, targets, quants = _unique(models), _unique(targets), _unique(quants)
@@ -381,8 +381,7 @@ def plan(models: list[str], targets: list[str], quants: list[str], weights_dir: 
         if t not in shipping:
             raise UserError(f"unknown target '{t}'; release targets: {', '.join(shipping)}")
     for q in quants:
-        if q not in QUANTIZATIONS:
-            raise UserError(f"unknown quantization '{q}'; known: {', '.join(QUANTIZATIONS)}")
+        get_quantization(q)  # an unknown one: UserError naming the known ones
     checkpoints: dict[str, Path] = {}
     if weights_dir is not None:
         root = Path(weights_dir)

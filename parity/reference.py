@@ -14,7 +14,10 @@ from ..errors import UserError
 class Reference:
     """``Qwen3_5ForConditionalGeneration`` (or ``Qwen3_5ForCausalLM`` for a bare
     text checkpoint) in fp32, with optional rounding of its weights to the
-    compiled model's dtype so that parity measures the kernels, not the cast."""
+    values the compiled model computes with, so that parity measures the
+    kernels, not the cast or the quantization: ``round_to`` names the build's
+    parameters (the manifest's; a mapping or any collection of names) and
+    ``quant`` is its quantization (compile/quantization.py's registry)."""
 
     def __init__(self, checkpoint: str | Path, round_to: dict[str, str] | None = None, quant: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,19 +45,24 @@ class Reference:
         if round_to:
             self._round_weights(round_to, quant)
 
-    def _round_weights(self, dtypes: dict[str, str], quant: str | None) -> None:
-        """Give each parameter the values our build stores (by our name): rounded
-        to fp16, or group-quantized and dequantized (stored as packed uint32)."""
-        from ..compile.quantization import fake_quantize
+    def _round_weights(self, params, quant: str) -> None:
+        """Give each parameter our build holds (``params``: the manifest's
+        parameter names) the values the build computes with, as the
+        quantization registry says (``Quantization.reference_weight``): rounded
+        to fp16, or group-quantized and dequantized."""
+        from ..compile import quantization
 
+        q = quantization.get(quant)
         torch = self.torch
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 ours = name.removeprefix("model.language_model.").removeprefix("model.")
-                if dtypes.get(ours) == "uint32":
-                    param.copy_(torch.from_numpy(fake_quantize(param.numpy(), quant)))
-                elif dtypes.get(ours) == "float16":
-                    param.copy_(param.half().float())
+                if ours not in params:
+                    continue  # not in the build (vision tower, mtp)
+                array = param.numpy()
+                value = q.reference_weight(ours, array)
+                if value is not array:
+                    param.copy_(torch.from_numpy(value))
 
     def logits(self, token_ids, cache=None):
         """Logits [n, V] of ``token_ids`` appended to ``cache`` (None: a fresh

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bindings.model import Model, chat_prompt
+from ..compile import quantization
 
 # Pass criteria per model dtype (docs/parity.md has the measurements).
 # fp32: the two sides differ only in summation order and exp/rsqrt rounding:
@@ -195,7 +196,8 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
             "greedy_agree": our_tokens == ref_tokens,
         })
 
-    cost = _quantization_cost(model, reference, encoded) if "uint32" in dtypes.values() and model else None
+    quantized = quantization.get(quant).quantized
+    cost = _quantization_cost(model, reference, encoded) if quantized and model else None
 
     worst = max(c["max_rel"] for c in cases)
     greedy_ok = all(c.get("greedy_agree", True) for c in cases)

@@ -71,7 +71,8 @@ def build(fmt: str, k: int, n: int, target, cold_bytes: int):
     from tvm import relax
     from tvm.relax.frontend import nn
 
-    from qwen35_mobile.compile.quantization import QuantizedLinear, dequantize_weight, quantize_weight
+    from qwen35_mobile.compile.model.quantized import QuantizedLinear
+    from qwen35_mobile.compile.quantization import dequantize_weight, quantize_weight
     from qwen35_mobile.compile.schedule_cpu import cpu_pipeline
 
     dtype = "float16" if fmt in ("q4f16_1", "q0f16") else "float32"

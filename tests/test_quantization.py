@@ -1,4 +1,5 @@
-"""Group quantization q4f16_1 / q4f32_1 (compile/quantization.py).
+"""Group quantization q4f16_1 / q4f32_1 (compile/quantization.py,
+compile/model/quantized.py) and the registry of quantizations.
 
 numpy: round-trip error bound, the exact packing layout on a hand example,
 bit-exact agreement with MLC's quantization arithmetic (re-expressed in TE and
@@ -20,24 +21,22 @@ import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 
+from qwen35_mobile.compile.model.quantized import QuantizedEmbedding, QuantizedLinear, quantize_model
 from qwen35_mobile.compile.quantization import (
-    FORMATS,
     GROUP_SIZE,
-    QuantizedEmbedding,
-    QuantizedLinear,
+    QUANTIZATIONS,
     dequantize_weight,
     packed_shape,
-    quantize_model,
     quantize_weight,
     scale_shape,
 )
 from qwen35_mobile.compile.schedule_cpu import cpu_pipeline, cpu_target
 
-FMTS = list(FORMATS)
+FMTS = [name for name, q in QUANTIZATIONS.items() if q.quantized]
 
 
 def _model_dtype(fmt):
-    return FORMATS[fmt].model_dtype
+    return QUANTIZATIONS[fmt].model_dtype
 
 
 def _weights(n, k, seed=0):
@@ -415,3 +414,98 @@ def _modules(module, prefix=""):
         elif isinstance(value, nn.Module):
             yield f"{prefix}{key}", value
             yield from _modules(value, f"{prefix}{key}.")
+
+
+# ---------------------------------------------------------------- the registry
+def test_registry_entries_and_unknown_name():
+    from qwen35_mobile.compile.quantization import get
+    from qwen35_mobile.errors import UserError
+
+    assert {n: (q.model_dtype, q.quantized) for n, q in QUANTIZATIONS.items()} == {
+        "q0f32": ("float32", False), "q0f16": ("float16", False),
+        "q4f16_1": ("float16", True), "q4f32_1": ("float32", True),
+    }
+    assert all(q.name == n and q.description for n, q in QUANTIZATIONS.items())
+    assert get("q4f16_1") is QUANTIZATIONS["q4f16_1"] and get(QUANTIZATIONS["q0f16"]) is QUANTIZATIONS["q0f16"]
+    with pytest.raises(UserError, match=r"unknown quantization 'q3f7'; known: q0f32, q0f16, q4f16_1, q4f32_1"):
+        get("q3f7")
+    with pytest.raises(ValueError, match="not a group quantization"):
+        quantize_weight(_weights(4, 32), "q0f16")
+
+
+def test_registry_keeps_dtypes_stored_and_converts():
+    lin, emb = "layers.0.mlp.down_proj.weight", "embed_tokens.weight"
+    kept = {"layers.0.linear_attn.A_log": (4,), "layers.0.linear_attn.dt_bias": (4,), "norm.weight": (64,),
+            "layers.0.linear_attn.conv1d.weight": (96, 1, 4), "layers.3.self_attn.q_norm.weight": (32,)}
+    for name, q in QUANTIZATIONS.items():
+        for param, shape in kept.items():
+            assert q.keeps(param, shape)
+            want = "float32" if param.endswith(("A_log", "dt_bias")) else q.model_dtype
+            assert q.stored(param, shape) == [(param, shape, want)], (name, param)
+        assert q.keeps(lin, (64, 80)) == q.keeps(emb, (1000, 64)) == q.keeps("lm_head.weight", (1000, 64)) == (
+            not q.quantized
+        )
+    q = QUANTIZATIONS["q4f16_1"]
+    assert q.stored(lin, (64, 80)) == [
+        (lin, packed_shape(64, 80), "uint32"), ("layers.0.mlp.down_proj.scale", scale_shape(64, 80), "float16")
+    ]
+    assert q.nbytes(lin, (64, 80)) == 64 * 12 * 4 + 64 * 3 * 2
+    w = _weights(64, 80)
+    out = q.convert(lin, w)
+    assert [(n, a.shape, str(a.dtype)) for n, a in out] == q.stored(lin, w.shape)
+    np.testing.assert_array_equal(out[0][1], quantize_weight(w, q)[0])
+    norm = np.ones(64, np.float32)
+    assert q.convert("norm.weight", norm) == [("norm.weight", norm)]  # kept: as it is, cast by the converter
+    # The reference's values: dequantized, fp16-rounded, or untouched.
+    np.testing.assert_array_equal(q.reference_weight(lin, w), dequantize_weight(*quantize_weight(w, q), q, k=80))
+    a_log = np.full(4, 0.1, np.float32)
+    assert QUANTIZATIONS["q0f16"].reference_weight("layers.0.linear_attn.A_log", a_log) is a_log
+    half = QUANTIZATIONS["q0f16"].reference_weight(lin, w)
+    np.testing.assert_array_equal(half, w.astype(np.float16).astype(np.float32))
+    assert QUANTIZATIONS["q0f32"].reference_weight(lin, w) is w
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-untied"])
+def test_parameters_are_what_the_registry_stores(name):
+    """Every quantization's parameter list is the registry's ``stored`` of the
+    unquantized model's, and the sizes follow from the registry alone."""
+    from qwen35_mobile.compile import pipeline
+    from qwen35_mobile.compile.config import preset
+
+    originals = pipeline.parameters(preset(name), "q0f32").params
+    for quant, q in QUANTIZATIONS.items():
+        exported = pipeline.parameters(preset(name), quant)
+        assert exported.quant is q and exported.dtype == q.model_dtype
+        assert exported.params == [s for n, shape, _ in originals for s in q.stored(n, shape)]
+        assert (exported.quantize_map is not None) == q.quantized
+        nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in exported.params)
+        assert nbytes == sum(q.nbytes(n, shape) for n, shape, _ in originals)
+
+
+def test_a_model_the_registry_does_not_describe_is_refused(monkeypatch):
+    from qwen35_mobile.compile import pipeline, quantization
+    from qwen35_mobile.compile.config import preset
+
+    monkeypatch.setattr(quantization, "FP32_PARAMS", ("A_log",))  # forgets dt_bias
+    with pytest.raises(RuntimeError, match=r"dt_bias.*FP32_PARAMS"):
+        pipeline.parameters(preset("tiny"), "q0f16")
+
+
+def test_export_builds_the_model_once(monkeypatch):
+    from qwen35_mobile.compile import pipeline
+    from qwen35_mobile.compile.config import preset
+    from qwen35_mobile.compile.model import qwen35
+    from qwen35_mobile.targets import get_target
+
+    built = []
+
+    class Counting(qwen35.Qwen35LM):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(qwen35, "Qwen35LM", Counting)
+    exported = pipeline.export(preset("tiny"), "q4f16_1", get_target("host"))
+    assert len(built) == 1
+    assert exported.params == pipeline.parameters(preset("tiny"), "q4f16_1").params
+    assert exported.quantize_map.param_map["embed_tokens.weight"] == ["embed_tokens.weight", "embed_tokens.scale"]
