@@ -90,15 +90,16 @@ def _shapes(named) -> list[tuple[str, tuple[int, ...], str]]:
     return [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
 
 
-def _model(config: Qwen35Config, quant: Quantization, target):
-    """The text decoder's ``nn.Module``, built once and quantized as the registry
+def _model(config: Qwen35Config, quant: Quantization, target, kernels):
+    """The text decoder's ``nn.Module`` (KV cache for ``target``, DeltaNet
+    ``kernels``), built once and quantized as the registry
     says; returns ``(model, quantize map or None)``.  Its parameters must be
     what the registry stores for the unquantized model's (names, shapes, dtypes,
     order), so that conversion, sizes and the parity reference, which read the
     registry, agree with the library."""
     from .model.qwen35 import Qwen35LM
 
-    model = Qwen35LM(config, quant.model_dtype, target)
+    model = Qwen35LM(config, quant.model_dtype, target, kernels=kernels)
     originals = _shapes(model.named_parameters())
     model, qmap = quant.quantize(model)
     want = [stored for name, shape, _ in originals for stored in quant.stored(name, shape)]
@@ -116,9 +117,11 @@ def parameters(config: Qwen35Config, quant: str) -> Exported:
     """The parameter list (and quantization map) without exporting the Relax
     module: cheap, for sizes and weight conversion alone."""
     from ..targets import get_target
+    from .kernels import kernel_set_for
 
     q = quantization.get(quant)
-    model, qmap = _model(config, q, get_target("host").tvm_target())
+    host = get_target("host")
+    model, qmap = _model(config, q, host.tvm_target(), kernel_set_for(host))
     return Exported(None, {TEXT: EntryPoint([], _shapes(model.named_parameters()))}, q, qmap)
 
 
@@ -128,17 +131,12 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     q = quantization.get(quant)
     dtype = q.model_dtype
     target = preset.kernel_target(dtype)
-    model, qmap = _model(config, q, target)
-    spec = model.get_default_spec()
-    if preset.graph_of:  # a host twin: the GPU graph, its own kernels on the CPU
-        from .model.qwen35 import gpu_kernels_on_cpu
-        from ..targets import get_target
+    # The DeltaNet kernels of this preset; a host twin's are its GPU preset's, on the CPU.
+    from .kernels import kernel_set_for
 
-        with get_target(preset.graph_of).tvm_target(dtype), gpu_kernels_on_cpu():
-            mod, named = model.export_tvm(spec=spec)
-    else:
-        with target:  # hand-scheduled kernels size their vector blocks for it
-            mod, named = model.export_tvm(spec=spec)
+    model, qmap = _model(config, q, target, kernel_set_for(preset, dtype))
+    spec = model.get_default_spec()
+    mod, named = model.export_tvm(spec=spec)
     if preset.is_gpu:
         from .kernels.merge_state import replace_merge_state
         from .kernels.gpu_gated_delta_rule import max_threads_for_target

@@ -57,12 +57,22 @@ def _run(vm: relax.VirtualMachine, *arrays: np.ndarray) -> list[np.ndarray]:
 
 
 class _GatedDeltaRule(nn.Module):
-    def __init__(self, chunked: bool | None, max_threads: int | None, emulate: bool):
+    def __init__(self, chunked: bool | None, max_threads: int | None, emulate: bool, target=None):
         self.chunked, self.max_threads, self.emulate = chunked, max_threads, emulate
+        self.target = target
 
     def forward(self, q, k, v, g, beta, state):
         return gated_delta_rule(
-            q, k, v, g, beta, state, chunked=self.chunked, max_threads=self.max_threads, emulate=self.emulate
+            q,
+            k,
+            v,
+            g,
+            beta,
+            state,
+            chunked=self.chunked,
+            target=self.target,
+            max_threads=self.max_threads,
+            emulate=self.emulate,
         )
 
 
@@ -78,11 +88,18 @@ def _gdn_spec(hk: int, hv: int, dk: int, dv: int, dtype: str, seq_len="t") -> di
 
 
 class _CausalConv(nn.Module):
-    def __init__(self, max_threads: int | None, emulate: bool):
-        self.max_threads, self.emulate = max_threads, emulate
+    def __init__(self, max_threads: int | None, emulate: bool, target=None):
+        self.max_threads, self.emulate, self.target = max_threads, emulate, target
 
     def forward(self, x, conv_state, weight):
-        return causal_conv1d(x, conv_state, weight, max_threads=self.max_threads, emulate=self.emulate)
+        return causal_conv1d(
+            x,
+            conv_state,
+            weight,
+            target=self.target,
+            max_threads=self.max_threads,
+            emulate=self.emulate,
+        )
 
 
 def _conv_spec(channels: int, kernel: int, dtype: str, weight_shape: tuple[int, ...]) -> dict:
@@ -97,9 +114,11 @@ def _conv_spec(channels: int, kernel: int, dtype: str, weight_shape: tuple[int, 
 
 
 def _device_sources(module: nn.Module, spec: dict, target: tvm.target.Target) -> str:
-    with target:  # the kernels read their thread limits from the current target at export
-        mod, _ = module.export_tvm(spec={"forward": spec})
-        ex = tvm.compile(mod, target=target)
+    """The device source of ``module`` (built with ``target``: the kernels size
+    their blocks by the target they are given, never by the current one)."""
+    assert module.target is target
+    mod, _ = module.export_tvm(spec={"forward": spec})
+    ex = tvm.compile(mod, target=target)
     found = []
 
     def walk(m):
@@ -133,9 +152,18 @@ def test_gpu_kernels_build(kind, dtype):
     """Both kernels (recurrent-only, and chunked with the run-time switch) give device source."""
     target = GPU_TARGETS[kind]()
     kernels = {
-        "gated_delta_rule_kernel": (_GatedDeltaRule(False, None, False), _gdn_spec(2, 4, 128, 128, dtype, 1)),
-        "gated_delta_rule_chunk_prep_kernel": (_GatedDeltaRule(None, None, False), _gdn_spec(2, 4, 128, 128, dtype)),
-        "causal_conv1d_kernel": (_CausalConv(None, False), _conv_spec(768, 4, dtype, (768, 1, 4))),
+        "gated_delta_rule_kernel": (
+            _GatedDeltaRule(False, None, False, target),
+            _gdn_spec(2, 4, 128, 128, dtype, 1),
+        ),
+        "gated_delta_rule_chunk_prep_kernel": (
+            _GatedDeltaRule(None, None, False, target),
+            _gdn_spec(2, 4, 128, 128, dtype),
+        ),
+        "causal_conv1d_kernel": (
+            _CausalConv(None, False, target),
+            _conv_spec(768, 4, dtype, (768, 1, 4)),
+        ),
     }
     for name, (module, spec) in kernels.items():
         source = _device_sources(module, spec, target)
@@ -154,8 +182,9 @@ def test_webgpu_kernels_bind_at_most_10_storage_buffers(dtype):
     """TVM's web runtime asks the adapter for 10 storage buffers per shader stage."""
     from qwen35_mobile.parity.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, wgsl_storage_buffers
 
-    module, spec = _GatedDeltaRule(None, None, False), _gdn_spec(2, 4, 128, 128, dtype)
-    source = _device_sources(module, spec, GPU_TARGETS["webgpu"]())
+    target = GPU_TARGETS["webgpu"]()
+    module, spec = _GatedDeltaRule(None, None, False, target), _gdn_spec(2, 4, 128, 128, dtype)
+    source = _device_sources(module, spec, target)
     counts = {n: c for n, c in wgsl_storage_buffers(source).items() if n.startswith("gated_delta_rule")}
     assert set(counts) == {f"gated_delta_rule_chunk_{k}_kernel" for k in ("prep", "solve", "scan")}, counts
     assert WEBGPU_MAX_STORAGE_BUFFERS == 10
@@ -173,8 +202,9 @@ def test_max_threads_for_target():
 def test_threads_follow_target():
     """A target allowing 64 threads per block gets kernels of at most 64 threads."""
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80", "max_num_threads": 64})
-    source = _device_sources(_GatedDeltaRule(None, None, False), _gdn_spec(2, 4, 128, 128, "float32"), target)
-    source += _device_sources(_CausalConv(None, False), _conv_spec(768, 4, "float32", (768, 4)), target)
+    gdn, conv = _GatedDeltaRule(None, None, False, target), _CausalConv(None, False, target)
+    source = _device_sources(gdn, _gdn_spec(2, 4, 128, 128, "float32"), target)
+    source += _device_sources(conv, _conv_spec(768, 4, "float32", (768, 4)), target)
     threads = _threads_per_block(source, "cuda")
     assert len(threads) == 4 and max(threads.values()) == 64, threads
 
@@ -357,8 +387,11 @@ def _cl_launch(cl, ctx, queue, source: str, launches, arrays: dict[str, np.ndarr
     return arrays
 
 
+OPENCL = GPU_TARGETS["opencl"]()
+
+
 def _opencl_source(module: nn.Module, spec: dict) -> str:
-    return _device_sources(module, spec, GPU_TARGETS["opencl"]())
+    return _device_sources(module, spec, OPENCL)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["recurrent", "chunked"])
@@ -369,7 +402,8 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
 
     b, t, hk, hv, dk, dv = 2, 130, 2, 4, 128, 128
     x = gdn_inputs(b, t, hk, hv, dk, dv, seed=5)
-    source = _opencl_source(_GatedDeltaRule(chunked, None, False), _gdn_spec(hk, hv, dk, dv, "float32"))
+    module = _GatedDeltaRule(chunked, None, False, OPENCL)
+    source = _opencl_source(module, _gdn_spec(hk, hv, dk, dv, "float32"))
     nc = (t + CHUNK - 1) // CHUNK
     f32 = np.float32
     arrays = {
@@ -407,7 +441,8 @@ def test_gpu_causal_conv1d_on_opencl():
     cl, ctx, queue = _opencl_context()
     b, t, channels = 3, 9, 40
     x, state, weight = conv_inputs(b, t, channels, 4, seed=9)
-    source = _opencl_source(_CausalConv(16, False), _conv_spec(channels, 4, "float32", (channels, 4)))
+    module = _CausalConv(16, False, OPENCL)
+    source = _opencl_source(module, _conv_spec(channels, 4, "float32", (channels, 4)))
     arrays = {"X": x, "S_in": state, "W": weight, "Y": np.zeros_like(x), "S_out": np.zeros_like(state)}
     out = _cl_launch(
         cl, ctx, queue, source, [("causal_conv1d_kernel", (b * 3, 1), 16)], arrays, {"B": b, "L": t}

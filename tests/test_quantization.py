@@ -316,6 +316,7 @@ def test_gpu_codegen_with_dlight():
 # ---------------------------------------------------------------- the model
 def _quantized_qwen(name, fmt):
     from qwen35_mobile.compile.config import preset
+    from qwen35_mobile.compile.kernels import cpu_kernels
     from qwen35_mobile.compile.model.qwen35 import Qwen35LM
 
     class _LM(Qwen35LM):
@@ -327,11 +328,10 @@ def _quantized_qwen(name, fmt):
 
     target = cpu_target({"kind": "llvm", "mcpu": "native"})
     c = preset(name)
-    model = _LM(c, _model_dtype(fmt), target)
+    model = _LM(c, _model_dtype(fmt), target, kernels=cpu_kernels(target))
     before = {n: (tuple(int(d) for d in p.shape), p.dtype) for n, p in model.named_parameters()}
     model = quantize_model(model, fmt)
-    with target:
-        mod, named = model.export_tvm(spec=model.get_default_spec())
+    mod, named = model.export_tvm(spec=model.get_default_spec())
     return c, before, model, mod, {n: (tuple(int(d) for d in p.shape), p.dtype) for n, p in named}
 
 

@@ -18,6 +18,8 @@ from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
+from .checks import conv_dims
+
 __all__ = ["causal_conv1d", "causal_conv1d_func"]
 
 # Cephes' expf polynomial for exp(f), |f| <= ln(2) / 2 (relative error ~1e-7).
@@ -155,16 +157,12 @@ def causal_conv1d(
     y : ``[B, T, C]``, model dtype.
     new_state : ``[B, C, K - 1]``, model dtype.
     """
-    if len(weight.shape) == 3:
-        weight = op.reshape(weight, (weight.shape[0], weight.shape[2]))
-    channels, kernel_size = (int(n) for n in weight.shape)
-    if conv_state.dtype != x.dtype:
-        raise ValueError(f"conv_state dtype {conv_state.dtype} differs from x dtype {x.dtype}")
-    func = causal_conv1d_func(channels, kernel_size, x.dtype, weight.dtype)
+    dims = conv_dims(x, conv_state, weight)
+    func = causal_conv1d_func(dims.channels, dims.kernel_size, x.dtype, dims.weight.dtype)
     return op.tensor_ir_op(
         func,
         name,
-        args=[x, conv_state, weight],
+        args=[x, conv_state, dims.weight],
         out=(
             Tensor.placeholder(x.shape, x.dtype),
             Tensor.placeholder(conv_state.shape, conv_state.dtype),

@@ -33,21 +33,22 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
+from .checks import gdn_dims
+
 __all__ = ["block_cols_for_target", "gated_delta_rule", "gated_delta_rule_func"]
 
 # Partial sums of the ``kv`` reduction over Dk, to keep two FMA chains per vector.
 _KV_SPLIT = 2
 
 
-def block_cols_for_target(target: Target | None = None) -> int:
+def block_cols_for_target(target: Target | None) -> int:
     """State columns per task that fit the vector registers of ``target``.
 
     The update pass holds ``2 * block_cols`` fp32 lanes in registers (output
     accumulators and the delta), so the block follows the register file: 64 for
     AVX-512, 32 for AVX2 and NEON (32 x 128 bit), 16 otherwise (SSE2, wasm SIMD).
-    Without a target (and none current) the portable choice, 32, is returned.
+    Without a target (``None``) the portable choice, 32, is returned.
     """
-    target = target if target is not None else Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return 32
     if codegen.llvm_cpu_has_features("avx512f", target):
@@ -167,6 +168,7 @@ def gated_delta_rule(
     beta: Tensor,
     state: Tensor,
     *,
+    target: Target | None = None,
     block_cols: int | None = None,
     name: str = "gated_delta_rule",
 ) -> tuple[Tensor, Tensor]:
@@ -180,26 +182,24 @@ def gated_delta_rule(
     g : ``[B, T, Hv]`` float32, log-decay (the kernel applies ``exp``).
     beta : ``[B, T, Hv]`` float32.
     state : ``[B, Hv, Dk, Dv]`` float32 (zeros for a fresh sequence).
-    block_cols : state columns per parallel task; default
-        :func:`block_cols_for_target` of the current target (32 without one).
+    target : the llvm target the kernel is built for; it sizes the column
+        blocks (:func:`block_cols_for_target`; ``None``: the portable 32).
+    block_cols : state columns per parallel task, instead of the target's
+        (at most ``Dv``).
 
     Returns
     -------
     o : ``[B, T, Hv, Dv]`` float32.
     new_state : ``[B, Hv, Dk, Dv]`` float32.
     """
+    dims = gdn_dims(q, k, v, g, beta, state)
     batch, seq_len = q.shape[0], q.shape[1]  # symbolic
-    num_k_heads, head_k_dim = int(q.shape[2]), int(q.shape[3])
-    num_v_heads, head_v_dim = int(v.shape[2]), int(v.shape[3])
-    dtype = q.dtype
-    if k.dtype != dtype or v.dtype != dtype:
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    for tensor, label in ((g, "g"), (beta, "beta"), (state, "state")):
-        if tensor.dtype != "float32":
-            raise ValueError(f"{label} must be float32, got {tensor.dtype}")
+    num_v_heads, head_k_dim, head_v_dim = dims.num_v_heads, dims.head_k_dim, dims.head_v_dim
     if block_cols is None:
-        block_cols = min(block_cols_for_target(), head_v_dim)
-    func = gated_delta_rule_func(num_k_heads, num_v_heads, head_k_dim, head_v_dim, dtype, block_cols)
+        block_cols = min(block_cols_for_target(target), head_v_dim)
+    func = gated_delta_rule_func(
+        dims.num_k_heads, num_v_heads, head_k_dim, head_v_dim, dims.dtype, block_cols
+    )
     return op.tensor_ir_op(
         func,
         name,

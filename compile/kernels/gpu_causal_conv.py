@@ -20,7 +20,9 @@ from __future__ import annotations
 import tvm
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
+from tvm.target import Target
 
+from .checks import conv_dims
 from .gpu_gated_delta_rule import _loop_kinds, _pow2_at_most, max_threads_for_target
 
 __all__ = ["causal_conv1d", "gpu_causal_conv1d_func"]
@@ -103,6 +105,7 @@ def causal_conv1d(
     conv_state: Tensor,
     weight: Tensor,
     *,
+    target: Target | None = None,
     max_threads: int | None = None,
     emulate: bool = False,
     name: str = "causal_conv1d",
@@ -115,8 +118,10 @@ def causal_conv1d(
     conv_state : ``[B, C, K - 1]``, model dtype (zeros for a fresh sequence).
     weight : ``[C, K]`` or Hugging Face's ``conv1d.weight`` ``[C, 1, K]``
         (reshaped here), any float dtype; the sum is taken in fp32.
-    max_threads : threads per block; default :func:`max_threads_for_target` of the
-        current target.
+    target : the GPU target the kernel is built for; it sizes the blocks
+        (:func:`max_threads_for_target`; ``None``: 256 threads).  An emulated
+        kernel takes the GPU target it emulates.
+    max_threads : threads per block, instead of the target's.
     emulate : serial loops instead of thread bindings (for checking on a CPU).
 
     Returns
@@ -124,18 +129,16 @@ def causal_conv1d(
     y : ``[B, T, C]``, model dtype.
     new_state : ``[B, C, K - 1]``, model dtype.
     """
-    if len(weight.shape) == 3:
-        weight = op.reshape(weight, (weight.shape[0], weight.shape[2]))
-    channels, kernel_size = (int(n) for n in weight.shape)
-    if conv_state.dtype != x.dtype:
-        raise ValueError(f"conv_state dtype {conv_state.dtype} differs from x dtype {x.dtype}")
+    dims = conv_dims(x, conv_state, weight)
     if max_threads is None:
-        max_threads = max_threads_for_target()
-    func = gpu_causal_conv1d_func(channels, kernel_size, x.dtype, weight.dtype, max_threads, emulate=emulate)
+        max_threads = max_threads_for_target(target)
+    func = gpu_causal_conv1d_func(
+        dims.channels, dims.kernel_size, x.dtype, dims.weight.dtype, max_threads, emulate=emulate
+    )
     return op.tensor_ir_op(
         func,
         name,
-        args=[x, conv_state, weight],
+        args=[x, conv_state, dims.weight],
         out=(
             Tensor.placeholder(x.shape, x.dtype),
             Tensor.placeholder(conv_state.shape, conv_state.dtype),

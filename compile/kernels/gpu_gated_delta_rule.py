@@ -58,6 +58,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from .checks import gdn_dims
+
 __all__ = [
     "CHUNK",
     "gated_delta_rule",
@@ -72,9 +74,8 @@ CHUNK = 64  # tokens per chunk, as the reference
 _THREAD_CAP = 256  # threads per block, whatever the target allows
 
 
-def max_threads_for_target(target: Target | None = None) -> int:
+def max_threads_for_target(target: Target | None) -> int:
     """Threads per block for ``target``: ``min(256, max_num_threads)`` (256 without a target)."""
-    target = target if target is not None else Target.current(allow_none=True)
     limit = _THREAD_CAP
     if target is not None and target.attrs.get("max_num_threads") is not None:
         limit = min(limit, int(target.attrs["max_num_threads"]))
@@ -473,6 +474,7 @@ def gated_delta_rule(
     state: Tensor,
     *,
     chunked: bool | None = None,
+    target: Target | None = None,
     max_threads: int | None = None,
     emulate: bool = False,
     name: str = "gated_delta_rule",
@@ -490,8 +492,10 @@ def gated_delta_rule(
     chunked : ``True``: always the chunked form; ``False``: always the recurrent
         form; ``None`` (default): recurrent when ``T`` is static and below 64,
         otherwise chosen at run time (chunked from ``T >= 64``).
-    max_threads : threads per block; default :func:`max_threads_for_target` of the
-        current target.
+    target : the GPU target the kernels are built for; it sizes the blocks
+        (:func:`max_threads_for_target`; ``None``: 256 threads).  Emulated
+        kernels take the GPU target they emulate.
+    max_threads : threads per block, instead of the target's.
     emulate : build the kernels with serial loops instead of thread bindings (for
         checking them on a CPU target).
 
@@ -500,17 +504,12 @@ def gated_delta_rule(
     o : ``[B, T, Hv, Dv]`` float32.
     new_state : ``[B, Hv, Dk, Dv]`` float32.
     """
+    dims = gdn_dims(q, k, v, g, beta, state)
     batch, seq_len = q.shape[0], q.shape[1]  # symbolic
-    num_k_heads, head_k_dim = int(q.shape[2]), int(q.shape[3])
-    num_v_heads, head_v_dim = int(v.shape[2]), int(v.shape[3])
-    dtype = q.dtype
-    if k.dtype != dtype or v.dtype != dtype:
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    for tensor, label in ((g, "g"), (beta, "beta"), (state, "state")):
-        if tensor.dtype != "float32":
-            raise ValueError(f"{label} must be float32, got {tensor.dtype}")
+    num_k_heads, num_v_heads = dims.num_k_heads, dims.num_v_heads
+    head_k_dim, head_v_dim, dtype = dims.head_k_dim, dims.head_v_dim, dims.dtype
     if max_threads is None:
-        max_threads = max_threads_for_target()
+        max_threads = max_threads_for_target(target)
     o_shape = (batch, seq_len, num_v_heads, head_v_dim)
     state_shape = (batch, num_v_heads, head_k_dim, head_v_dim)
     static_short = isinstance(seq_len, int) and seq_len < CHUNK

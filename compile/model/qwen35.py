@@ -8,62 +8,27 @@ per sequence in this call, h = hidden size.
 Every layer is pre-norm:  h = x + mixer(norm1(x));  out = h + mlp(norm2(h)),
 where the mixer is Gated DeltaNet (linear attention, recurrent state) or gated
 full attention (paged KV cache), as ``config.layer_types`` says.
+
+The hand-written kernels (causal conv, gated delta rule) are not chosen here:
+the model is given a :class:`..kernels.KernelSet` (CPU, GPU, or GPU emulated on
+the CPU; ``kernels.kernel_set_for(preset)`` picks it) and passes it down to
+the DeltaNet blocks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 from tvm import relax as rx
 from tvm import te, tirx
-from tvm.target import Target
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
 
 from ..config import FULL, Qwen35Config
-from ..kernels.causal_conv import causal_conv1d as conv_cpu
-from ..kernels.gated_delta_rule import gated_delta_rule as gdn_cpu
-from ..kernels.gpu_causal_conv import causal_conv1d as conv_gpu
-from ..kernels.gpu_gated_delta_rule import gated_delta_rule as gdn_gpu
+from ..kernels import KernelSet
 from .rnn_state import RNNState
 
 F32 = "float32"
-
-
-_GPU_KERNELS_ON_CPU = contextvars.ContextVar("gpu_kernels_on_cpu", default=False)
-
-
-@contextlib.contextmanager
-def gpu_kernels_on_cpu():
-    """Export the GPU graph with its hand-written kernels instantiated as serial
-    loops (``emulate=True``): the same functions, names and arguments as the
-    GPU build, compilable for ``llvm``.  The parity emulators' host twin."""
-    token = _GPU_KERNELS_ON_CPU.set(True)
-    try:
-        yield
-    finally:
-        _GPU_KERNELS_ON_CPU.reset(token)
-
-
-def _on_gpu() -> bool:
-    """Whether the model is exported for a GPU target (pipeline.export runs
-    under ``with target:``); the DeltaNet kernels are picked by it."""
-    target = Target.current(allow_none=True)
-    return target is not None and target.kind.name != "llvm"
-
-
-def causal_conv1d(x, state, weight):
-    if _on_gpu():
-        return conv_gpu(x, state, weight, emulate=_GPU_KERNELS_ON_CPU.get())
-    return conv_cpu(x, state, weight)
-
-
-def gated_delta_rule(q, k, v, g, beta, state):
-    if _on_gpu():
-        return gdn_gpu(q, k, v, g, beta, state, emulate=_GPU_KERNELS_ON_CPU.get())
-    return gdn_cpu(q, k, v, g, beta, state)
 
 
 class Linear(nn.Linear):
@@ -159,13 +124,15 @@ class CausalConv1d(nn.Module):
     """Depthwise causal conv (kernel K, no bias) over the q|k|v channels; the
     weight keeps Hugging Face's Conv1d shape [C, 1, K]."""
 
-    def __init__(self, channels: int, kernel: int, dtype: str):
+    def __init__(self, channels: int, kernel: int, dtype: str, kernels: KernelSet):
         self.weight = nn.Parameter((channels, 1, kernel), dtype)
         self.channels, self.kernel = channels, kernel
+        self.kernels = kernels
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """x [b, s, C], state [b, C, K-1] -> (silu(conv(x)) [b, s, C], new state)."""
-        return causal_conv1d(x, state, op.reshape(self.weight, (self.channels, self.kernel)))
+        weight = op.reshape(self.weight, (self.channels, self.kernel))
+        return self.kernels.causal_conv1d(x, state, weight)
 
 
 def _l2norm(x: Tensor, scale: float = 1.0) -> Tensor:
@@ -181,7 +148,8 @@ class GatedDeltaNet(nn.Module):
     State per sequence: conv state [C, K-1] (model dtype) and S [Hv, Dk, Dv]
     (fp32), kept in the RNN state object as state ids 0 and 1."""
 
-    def __init__(self, c: Qwen35Config, dtype: str):
+    def __init__(self, c: Qwen35Config, dtype: str, kernels: KernelSet):
+        self.kernels = kernels
         self.hk, self.hv = c.linear_num_key_heads, c.linear_num_value_heads
         self.dk, self.dv = c.linear_key_head_dim, c.linear_value_head_dim
         self.conv_dim, self.kernel = c.conv_dim, c.linear_conv_kernel_dim
@@ -190,7 +158,7 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = Linear(c.hidden_size, c.linear_value_dim, dtype)
         self.in_proj_b = Linear(c.hidden_size, self.hv, dtype)
         self.in_proj_a = Linear(c.hidden_size, self.hv, dtype)
-        self.conv1d = CausalConv1d(c.conv_dim, c.linear_conv_kernel_dim, dtype)
+        self.conv1d = CausalConv1d(c.conv_dim, c.linear_conv_kernel_dim, dtype, kernels)
         self.A_log = nn.Parameter((self.hv,), F32)  # pylint: disable=invalid-name
         self.dt_bias = nn.Parameter((self.hv,), F32)
         self.norm = RMSNormGated(self.dv, c.rms_norm_eps, dtype)
@@ -214,7 +182,8 @@ class GatedDeltaNet(nn.Module):
 
         beta = op.sigmoid(self.in_proj_b(x).astype(F32))  # [b, s, Hv]
         g = op.negative(op.exp(self.A_log)) * op.softplus(self.in_proj_a(x).astype(F32) + self.dt_bias)  # log-decay
-        o, rec_state = gated_delta_rule(q, k, v, g, beta, rec_state)  # o [b, s, Hv, Dv] fp32
+        # o [b, s, Hv, Dv] fp32
+        o, rec_state = self.kernels.gated_delta_rule(q, k, v, g, beta, rec_state)
 
         z = op.reshape(self.in_proj_z(x), (b, s, self.hv, self.dv))
         o = self.norm(o, z).astype(self.dtype)
@@ -224,12 +193,12 @@ class GatedDeltaNet(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: Qwen35Config, layer_type: str, dtype: str):
+    def __init__(self, c: Qwen35Config, layer_type: str, dtype: str, kernels: KernelSet):
         self.is_full = layer_type == FULL
         if self.is_full:
             self.self_attn = GatedAttention(c, dtype)
         else:
-            self.linear_attn = GatedDeltaNet(c, dtype)
+            self.linear_attn = GatedDeltaNet(c, dtype, kernels)
         self.mlp = MLP(c, dtype)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
@@ -254,13 +223,18 @@ def _last_token(x: Tensor) -> Tensor:
 
 
 class Qwen35LM(nn.Module):
-    """The text decoder with its language-model head."""
+    """The text decoder with its language-model head.
 
-    def __init__(self, c: Qwen35Config, dtype: str, target: Target):
+    ``target``: the paged KV cache picks CPU or GPU attention kernels by it;
+    ``kernels``: the DeltaNet kernels (``kernels.kernel_set_for(preset)``).
+    A host twin has the CPU's target and the GPU's kernels emulated on the CPU."""
+
+    def __init__(self, c: Qwen35Config, dtype: str, target: Target, *, kernels: KernelSet):
         self.config, self.dtype = c, dtype
-        self.target = target  # the paged KV cache picks CPU or GPU attention kernels by it
+        self.target = target
+        self.kernels = kernels
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype)
-        self.layers = nn.ModuleList([DecoderLayer(c, t, dtype) for t in c.layer_types])
+        self.layers = nn.ModuleList([DecoderLayer(c, t, dtype, kernels) for t in c.layer_types])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype, out_dtype=F32)
