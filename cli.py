@@ -135,7 +135,7 @@ def cmd_compile(args) -> None:
     compile_model(
         args.model, args.target, args.quant, Path(args.output), weights=args.weights,
         context_window=args.context_window, prefill_chunk=args.prefill_chunk, force=args.force,
-        system_lib_prefix=args.system_lib_prefix,
+        system_lib_prefix=args.system_lib_prefix, dump_ir=Path(args.dump_ir) if args.dump_ir else None,
     )
 
 
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-window", type=int, default=4096, help="default context window of the runtime (tokens)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="most tokens per prefill call")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dump-ir", metavar="DIR", default=None,
+                   help="write the IR after each pipeline stage into DIR (000-export.py, then NNN-<pass>.py in the "
+                        "order the passes ran: the target's Relax pipeline, then TIR lowering), for debugging a kernel")
     p.add_argument("--system-lib-prefix", default=None,
                    help="prefix of the functions of a static (android/ios) library, which the app passes to "
                         "SystemLib(); default: per model and quantization, e.g. qwen35_0_8b_q4f16_1_, so that "

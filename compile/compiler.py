@@ -94,9 +94,11 @@ def compile_model(
     prefill_chunk: int = 2048,
     force: bool = False,
     system_lib_prefix: str | None = None,
+    dump_ir: Path | None = None,
     progress: Progress = print,
 ) -> dict:
-    """Build an artifact; returns its manifest."""
+    """Build an artifact; returns its manifest.  ``dump_ir``: a folder that
+    receives the IR after each pipeline stage (compile/dump_ir.py)."""
     config, ckpt_dir = resolve_model(model)
     if weights is not None:
         ckpt_dir = Path(weights)
@@ -127,7 +129,7 @@ def compile_model(
         library = preset.output
         progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")
         t0 = time.time()
-        pipeline.build(exported, preset, tmp / library)
+        pipeline.build(exported, preset, tmp / library, dump_ir=dump_ir)
         build_seconds = time.time() - t0
 
         weights_summary = None

@@ -146,7 +146,7 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     return Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
 
 
-def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
+def build(exported: Exported, preset: TargetPreset, path: Path, *, dump_ir: Path | None = None) -> None:
     """Optimise, schedule for the target, compile and export the library.
 
     The preset decides everything: the pipeline (CPU schedules for ``llvm``,
@@ -183,7 +183,16 @@ def build(exported: Exported, preset: TargetPreset, path: Path) -> None:
     # library; TVM 0.27's auto-detection (on for wasm hosts) reads that attribute
     # back through IRModule.get_attr, which fails for strings of up to 7 bytes
     # ("Cannot convert from type `ffi.SmallStr`"), e.g. "qwen35_".
-    executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline, system_lib=False)
+    if dump_ir is None:
+        executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline, system_lib=False)
+    else:  # compile --dump-ir DIR: the IR after each stage (compile/dump_ir.py)
+        from .dump_ir import DumpStages, write_ir
+
+        write_ir(Path(dump_ir), 0, "export", mod)
+        current = tvm.transform.PassContext.current()
+        with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
+                                       instruments=[DumpStages(Path(dump_ir))]):
+            executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline, system_lib=False)
     if static:
         executable.export_library(str(path), fcompile=deterministic_tar)
     elif preset.linker:  # a .so for another machine: link with its cross compiler

@@ -293,7 +293,7 @@ def test_aarch64_without_qemu_is_not_installed_and_a_broken_sysroot_is_broken(mo
 
 
 def test_metal_without_clang_is_not_installed_and_a_failing_clang_is_broken(monkeypatch, tmp_path):
-    from qwen35_mobile.compile import static_checks
+    from qwen35_mobile.parity import static_checks
 
     empty = tmp_path / "empty"
     empty.mkdir()

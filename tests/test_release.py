@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen35_mobile.bindings import release as rel
+from qwen35_mobile.compile import release as rel
 from qwen35_mobile.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
