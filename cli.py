@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the code of a device build on an emulator here: " + "; ".join(
                        f"{name}: {em.description}" for name, em in EMULATORS.items()))
     p.add_argument("--break-kernel", metavar="KERNEL",
-                   help="(testing the rig) corrupt this device kernel's output on purpose; the report must name it")
+                   help="(testing the rig) break this kernel on purpose, on any emulator (its outputs corrupted; "
+                        "for metal its source made invalid); the report must name it")
     p.add_argument("--keep", metavar="DIR", help="keep the emulator's builds in DIR (default: a temporary directory)")
     p.set_defaults(func=cmd_parity)
     p = sub.add_parser("sizes", help="weight size per preset and quantization (Markdown table)",
@@ -378,6 +379,7 @@ A build that fails is reported and the others still run; exit status 1 then.
 Progress: a bar redrawn in place on a terminal, plain lines when stderr is not a terminal or
 CI=true. Bad input (an unknown model, target or quantization, a missing checkpoint) is one line,
 before any build starts."""
+
 
 
 def main(argv: list[str] | None = None) -> int:

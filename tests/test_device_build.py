@@ -8,7 +8,6 @@ compile/schedule_gpu.py are pinned here too.
 
 from __future__ import annotations
 
-import io
 import re
 import struct
 import subprocess

@@ -150,3 +150,28 @@ def test_shape_funcs_sorted_only_where_independent():
            store(1, tirx.floordiv(load(0) + 63, 64)), store(3, load(7) * 2), store(4, load(0))]
     order = [int(s.indices[0].value) for s in _sorted_seq(seq)]
     assert order == [2, 5, 1, 6, 7, 3, 4]  # runs: {5, 2} | {7, 6, 1} (7 reads 5) | {3, 4} (3 reads 7)
+
+
+def test_android_build_is_the_same_with_the_opencl_runtime_loaded(builds, twin_checkpoints, tmp_path):
+    """A process that has loaded the project's OpenCL add-on (the parity rig
+    does) builds the same android library: the add-on's module writes its
+    functions in the order the compiler gave them, as TVM's own source module
+    does (it once wrote them in hash-map order, and the suite's in-process
+    build differed)."""
+    from conftest import need
+
+    from qwen35_mobile.bindings.opencl_runtime import why_unavailable
+
+    need(why_unavailable(), "the OpenCL runtime add-on (scripts/setup_emulators.sh opencl)")
+    first, _ = twin_checkpoints
+    reference, _ = builds("android")
+    out = tmp_path / "with-addon"
+    probe = (
+        "from qwen35_mobile.bindings.opencl_runtime import load_opencl_runtime\n"
+        "load_opencl_runtime()\n"
+        "from qwen35_mobile.compile.compiler import compile_model\n"
+        f"compile_model({str(first)!r}, 'android', 'q0f32', {str(out)!r}, progress=lambda _: None)\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, timeout=1200)
+    a, b = digests(reference), digests(out)
+    assert [name for name in a if a[name] != b.get(name)] == []

@@ -460,7 +460,11 @@ class OpenCLModuleObj final : public ffi::ModuleObj {
     str(fmt_);
     uint64_t nfunc = fmap_.size();
     pod(&nfunc, 8);
-    for (const auto& kv : fmap_) {
+    // In the order the compiler handed the functions over (or the bytes held
+    // them), as TVM's own DeviceSourceModule writes them: a build that ran with
+    // this add-on loaded is byte-identical to one that ran without it.
+    for (const std::string& key : order_) {
+      const auto& kv = *fmap_.find(key);
       str(kv.first);
       str(kv.second.name);
       uint64_t n = kv.second.arg_types.size();
@@ -534,6 +538,7 @@ class OpenCLModuleObj final : public ffi::ModuleObj {
                                       << " of " << kv.first << " is not supported";
         }
       }
+      if (!fmap_.count(std::string(kv.first))) order_.push_back(std::string(kv.first));
       fmap_[std::string(kv.first)] = std::move(info);
     }
     Finish();
@@ -565,6 +570,7 @@ class OpenCLModuleObj final : public ffi::ModuleObj {
                                       << key << " is not supported";
         }
       }
+      if (!fmap_.count(key)) order_.push_back(key);
       fmap_[key] = std::move(info);
     }
     source_ = r.Str("source");
@@ -727,6 +733,7 @@ class OpenCLModuleObj final : public ffi::ModuleObj {
   std::string fmt_;
   std::string source_;
   std::unordered_map<std::string, FunctionInfo> fmap_;
+  std::vector<std::string> order_;  // fmap_'s keys in the order they came (SaveToBytes)
   std::unordered_map<std::string, std::string> kernel_source_;
   std::map<std::pair<std::string, int>, cl_kernel> kernels_;
   std::mutex mu_;
