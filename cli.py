@@ -1,11 +1,11 @@
 """``qwen35-mobile``: the command line.
 
-    qwen35-mobile make-checkpoint --preset tiny ckpt/
-    qwen35-mobile compile --model ckpt/ --target host --quant q0f32 -o out/
-    qwen35-mobile run out/ --prompt "Hello"
-    qwen35-mobile parity out/ --reference ckpt/
-    qwen35-mobile parity out-android/ --reference ckpt/ --emulator opencl
-    qwen35-mobile verify out/
+qwen35-mobile make-checkpoint --preset tiny ckpt/
+qwen35-mobile compile --model ckpt/ --target host --quant q0f32 -o out/
+qwen35-mobile run out/ --prompt "Hello"
+qwen35-mobile parity out/ --reference ckpt/
+qwen35-mobile parity out-android/ --reference ckpt/ --emulator opencl
+qwen35-mobile verify out/
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _presets_help() -> str:
         f"model presets: {', '.join(PRESETS)}\n"
         f"targets: {', '.join(n for n, t in TARGETS.items() if not t.emulation)}\n"
         f"emulation targets (built by `parity --emulator`): {', '.join(n for n, t in TARGETS.items() if t.emulation)}\n"
-        "quantizations:\n" + "\n".join(f"  {q.name:<9} {q.description}" for q in QUANTIZATIONS.values())
+        "quantizations:\n"
+        + "\n".join(f"  {q.name:<9} {q.description}" for q in QUANTIZATIONS.values())
     )
 
 
@@ -51,7 +52,11 @@ exit status:
        no partial output left"""
 
 # Signals that stop a command: KeyboardInterrupt, so the clean-up of Ctrl-C runs.
-_STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}
+_STOP_SIGNALS = {
+    signal.SIGINT: "interrupted",
+    signal.SIGTERM: "terminated (SIGTERM)",
+    signal.SIGHUP: "hung up (SIGHUP)",
+}
 _AGAIN_SECONDS = 0.5
 
 
@@ -120,22 +125,33 @@ def _stopped(received: list[int], exc: BaseException) -> int:
 
 
 def cmd_make_checkpoint(args) -> None:
-    from .parity.checkpoint import write_checkpoint
     from .compile.config import preset
+    from .parity.checkpoint import write_checkpoint
 
     config = preset(args.preset)
     max_shard = int(args.max_shard_mb * (1 << 20)) if args.max_shard_mb else None
-    write_checkpoint(config, Path(args.out), seed=args.seed, dtype=args.dtype, max_shard_bytes=max_shard)
-    print(f"wrote {args.out}: random-weight Qwen3.5 '{args.preset}' ({config.num_params() / 1e6:.1f}M text params, {args.dtype})")
+    write_checkpoint(
+        config, Path(args.out), seed=args.seed, dtype=args.dtype, max_shard_bytes=max_shard
+    )
+    print(
+        f"wrote {args.out}: random-weight Qwen3.5 '{args.preset}' ({config.num_params() / 1e6:.1f}M text params, {args.dtype})"
+    )
 
 
 def cmd_compile(args) -> None:
     from .compile.compiler import compile_model
 
     compile_model(
-        args.model, args.target, args.quant, Path(args.output), weights=args.weights,
-        context_window=args.context_window, prefill_chunk=args.prefill_chunk, force=args.force,
-        system_lib_prefix=args.system_lib_prefix, dump_ir=Path(args.dump_ir) if args.dump_ir else None,
+        args.model,
+        args.target,
+        args.quant,
+        Path(args.output),
+        weights=args.weights,
+        context_window=args.context_window,
+        prefill_chunk=args.prefill_chunk,
+        force=args.force,
+        system_lib_prefix=args.system_lib_prefix,
+        dump_ir=Path(args.dump_ir) if args.dump_ir else None,
     )
 
 
@@ -144,8 +160,14 @@ def cmd_run(args) -> None:
 
     model = Model.load(args.artifact)
     for piece in model.stream(
-        args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-        chat=not args.raw, thinking=args.thinking, seed=args.seed,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.top_k,
+        chat=not args.raw,
+        thinking=args.thinking,
+        seed=args.seed,
     ):
         print(piece, end="", flush=True)
     print()
@@ -155,24 +177,35 @@ def cmd_parity_emulator(args) -> None:
     from .parity.emulators.run import run_emulator
 
     report = run_emulator(
-        args.emulator, Path(args.artifact), Path(args.reference), new_tokens=args.new_tokens,
-        report=Path(args.report) if args.report else None, break_kernel=args.break_kernel,
+        args.emulator,
+        Path(args.artifact),
+        Path(args.reference),
+        new_tokens=args.new_tokens,
+        report=Path(args.report) if args.report else None,
+        break_kernel=args.break_kernel,
         keep=Path(args.keep) if args.keep else None,
     )
     parts = []
     if "model" in report:
         s = report["model"]["summary"]
-        parts.append(f"whole model: max rel {s['max_rel']:.3g} (tolerance {report['model']['tolerance']['max_rel']:g}), "
-                     f"top-1 {s['top1_agreement']:.3f}, greedy {'identical' if s['greedy_agreement'] else 'differs'}")
+        parts.append(
+            f"whole model: max rel {s['max_rel']:.3g} (tolerance {report['model']['tolerance']['max_rel']:g}), "
+            f"top-1 {s['top1_agreement']:.3f}, greedy {'identical' if s['greedy_agreement'] else 'differs'}"
+        )
     if "kernels" in report:
         s = report["kernels"]["summary"]
-        parts.append(f"kernels: {s['replayed']} calls of {s['kernels']} kernels replayed, max rel {s['max_rel']:.3g} "
-                     f"(tolerance {s['tolerance']:g})"
-                     + (f", FAILING: {', '.join(s['failing_kernels'])}" if s["failing_kernels"] else ""))
+        parts.append(
+            f"kernels: {s['replayed']} calls of {s['kernels']} kernels replayed, max rel {s['max_rel']:.3g} "
+            f"(tolerance {s['tolerance']:g})"
+            + (f", FAILING: {', '.join(s['failing_kernels'])}" if s["failing_kernels"] else "")
+        )
     if "syntax" in report:
         parts.append(f"syntax check (not parity): {report['syntax']['message'].splitlines()[0]}")
-    print(f"parity --emulator {args.emulator} {'PASS' if report['pass'] else 'FAIL'} in {report['seconds']:.0f} s; "
-          + "; ".join(parts) + (f"; plot: {report['plot']}" if report.get("plot") else ""))
+    print(
+        f"parity --emulator {args.emulator} {'PASS' if report['pass'] else 'FAIL'} in {report['seconds']:.0f} s; "
+        + "; ".join(parts)
+        + (f"; plot: {report['plot']}" if report.get("plot") else "")
+    )
     if not report["pass"]:
         raise SystemExit(1)
 
@@ -185,7 +218,9 @@ def cmd_parity(args) -> None:
     if args.break_kernel or args.keep:
         raise UserError("--break-kernel and --keep go with --emulator")
     artifact = Path(args.artifact)
-    report = run_parity(artifact, Path(args.reference), new_tokens=args.new_tokens, tolerance=args.tolerance)
+    report = run_parity(
+        artifact, Path(args.reference), new_tokens=args.new_tokens, tolerance=args.tolerance
+    )
     out = Path(args.report) if args.report else artifact / "parity.json"
     write_report(report, out)
     s = report["summary"]
@@ -216,8 +251,10 @@ def cmd_verify(args) -> None:
             print(line)
         raise SystemExit(1)
     m = result.manifest
-    print(f"OK {args.artifact}: {len(m['files'])} files match manifest.json ({m['model']}, target {m['target']}, "
-          f"{m['quantization']}, {len(m['parameters'])} parameters, format {m['format_version']})")
+    print(
+        f"OK {args.artifact}: {len(m['files'])} files match manifest.json ({m['model']}, target {m['target']}, "
+        f"{m['quantization']}, {len(m['parameters'])} parameters, format {m['format_version']})"
+    )
     if result.runs_here:
         print(f"info: {args.artifact}: {result.runs_here} (verifying does not need to run it)")
 
@@ -225,8 +262,16 @@ def cmd_verify(args) -> None:
 def cmd_release(args) -> None:
     from .compile.release import release
 
-    release(args.models, args.targets, args.quants, Path(args.output), weights_dir=args.weights_dir,
-            context_window=args.context_window, prefill_chunk=args.prefill_chunk, force=args.force)
+    release(
+        args.models,
+        args.targets,
+        args.quants,
+        Path(args.output),
+        weights_dir=args.weights_dir,
+        context_window=args.context_window,
+        prefill_chunk=args.prefill_chunk,
+        force=args.force,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,107 +285,217 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("make-checkpoint", help="write a random-weight Qwen3.5 checkpoint (Hugging Face format)",
-                       description="Write a random-weight Qwen3.5 checkpoint in the real Hugging Face layout "
-                                   "(config.json, safetensors with text, vision and MTP tensors, tokenizer files). "
-                                   "Tests and the demo use it; no torch needed.")
+    p = sub.add_parser(
+        "make-checkpoint",
+        help="write a random-weight Qwen3.5 checkpoint (Hugging Face format)",
+        description="Write a random-weight Qwen3.5 checkpoint in the real Hugging Face layout "
+        "(config.json, safetensors with text, vision and MTP tensors, tokenizer files). "
+        "Tests and the demo use it; no torch needed.",
+    )
     p.add_argument("out", help="output directory (must not exist)")
     p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-shard-mb", type=float, default=None, help="shard the safetensors (with an index) at this size")
+    p.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=None,
+        help="shard the safetensors (with an index) at this size",
+    )
     p.set_defaults(func=cmd_make_checkpoint)
 
-    p = sub.add_parser("compile", help="compile a model for a target into an artifact directory",
-                       description="Compile a Qwen3.5 model (a preset's shapes, or a checkpoint directory) for one "
-                                   "target. Writes OUT atomically: the model library, the weights as an MLC tensor "
-                                   "cache, mlc-chat-config.json, tokenizer files and manifest.json. While it runs, a second compile "
-                                   "into the same OUT fails at once (exit 2) naming its pid (the lock is an flock on "
-                                   ".OUT.lock beside OUT, freed when the process dies, however it dies). A compile "
-                                   "that is interrupted (Ctrl-C, SIGTERM) or fails (a full disk) removes what it "
-                                   "wrote; directories left by a killed one (.OUT.partial-*) are removed by the next "
-                                   "compile into OUT.",
-                       epilog=_presets_help() + "\n\n" + EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="preset name or Hugging Face checkpoint directory")
+    p = sub.add_parser(
+        "compile",
+        help="compile a model for a target into an artifact directory",
+        description="Compile a Qwen3.5 model (a preset's shapes, or a checkpoint directory) for one "
+        "target. Writes OUT atomically: the model library, the weights as an MLC tensor "
+        "cache, mlc-chat-config.json, tokenizer files and manifest.json. While it runs, a second compile "
+        "into the same OUT fails at once (exit 2) naming its pid (the lock is an flock on "
+        ".OUT.lock beside OUT, freed when the process dies, however it dies). A compile "
+        "that is interrupted (Ctrl-C, SIGTERM) or fails (a full disk) removes what it "
+        "wrote; directories left by a killed one (.OUT.partial-*) are removed by the next "
+        "compile into OUT.",
+        epilog=_presets_help() + "\n\n" + EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="preset name or Hugging Face checkpoint directory"
+    )
     p.add_argument("--target", default="host", help="target preset (default: host)")
-    p.add_argument("--quant", default="q0f32", help=f"quantization: {_quant_names()} (default: q0f32)")
-    p.add_argument("--weights", help="checkpoint directory whose weights to convert (default: --model if a directory)")
+    p.add_argument(
+        "--quant", default="q0f32", help=f"quantization: {_quant_names()} (default: q0f32)"
+    )
+    p.add_argument(
+        "--weights",
+        help="checkpoint directory whose weights to convert (default: --model if a directory)",
+    )
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
-    p.add_argument("--context-window", type=int, default=4096, help="default context window of the runtime (tokens)")
+    p.add_argument(
+        "--context-window",
+        type=int,
+        default=4096,
+        help="default context window of the runtime (tokens)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=2048, help="most tokens per prefill call")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--dump-ir", metavar="DIR", default=None,
-                   help="write the IR after each pipeline stage into DIR (000-export.py, then NNN-<pass>.py in the "
-                        "order the passes ran: the target's Relax pipeline, then TIR lowering), for debugging a kernel")
-    p.add_argument("--system-lib-prefix", default=None,
-                   help="prefix of the functions of a static (android/ios) library, which the app passes to "
-                        "SystemLib(); default: per model and quantization, e.g. qwen35_0_8b_q4f16_1_, so that "
-                        "several models link into one app")
+    p.add_argument(
+        "--dump-ir",
+        metavar="DIR",
+        default=None,
+        help="write the IR after each pipeline stage into DIR (000-export.py, then NNN-<pass>.py in the "
+        "order the passes ran: the target's Relax pipeline, then TIR lowering), for debugging a kernel",
+    )
+    p.add_argument(
+        "--system-lib-prefix",
+        default=None,
+        help="prefix of the functions of a static (android/ios) library, which the app passes to "
+        "SystemLib(); default: per model and quantization, e.g. qwen35_0_8b_q4f16_1_, so that "
+        "several models link into one app",
+    )
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("run", help="generate text with a compiled artifact",
-                       description="Load an artifact and stream a reply to one prompt (Qwen chat template unless --raw).")
+    p = sub.add_parser(
+        "run",
+        help="generate text with a compiled artifact",
+        description="Load an artifact and stream a reply to one prompt (Qwen chat template unless --raw).",
+    )
     p.add_argument("artifact")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, help="0 for greedy (default: the artifact's, mlc-chat-config.json)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="0 for greedy (default: the artifact's, mlc-chat-config.json)",
+    )
     p.add_argument("--top-p", type=float, help="default: the artifact's")
     p.add_argument("--top-k", type=int, help="default: the artifact's")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--thinking", action="store_true", help="let the model think first (<think> ... </think>)")
+    p.add_argument(
+        "--thinking", action="store_true", help="let the model think first (<think> ... </think>)"
+    )
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("parity", help="compare an artifact with transformers on the same checkpoint",
-                       description="Run fixed prompts through transformers (PyTorch CPU, fp32) and through the "
-                                   "compiled model; write parity.json with per-step errors; exit 1 on failure.")
+    p = sub.add_parser(
+        "parity",
+        help="compare an artifact with transformers on the same checkpoint",
+        description="Run fixed prompts through transformers (PyTorch CPU, fp32) and through the "
+        "compiled model; write parity.json with per-step errors; exit 1 on failure.",
+    )
     p.add_argument("artifact")
-    p.add_argument("--reference", required=True, help="the Hugging Face checkpoint directory the artifact came from")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate and compare")
-    p.add_argument("--tolerance", type=float, default=None, help="max relative logit error (default by dtype)")
-    p.add_argument("--report", help="where to write the report (default: ARTIFACT/parity.json, or "
-                                    "ARTIFACT/parity-EMULATOR.json with a .png plot beside it)")
-    p.add_argument("--emulator", choices=list(EMULATORS),
-                   help="run the code of a device build on an emulator here: " + "; ".join(
-                       f"{name}: {em.description}" for name, em in EMULATORS.items()))
-    p.add_argument("--break-kernel", metavar="KERNEL",
-                   help="(testing the rig) break this kernel on purpose, on any emulator (its outputs corrupted; "
-                        "for metal its source made invalid); the report must name it")
-    p.add_argument("--keep", metavar="DIR", help="keep the emulator's builds in DIR (default: a temporary directory)")
+    p.add_argument(
+        "--reference",
+        required=True,
+        help="the Hugging Face checkpoint directory the artifact came from",
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=32, help="greedy tokens to generate and compare"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="max relative logit error (default by dtype)"
+    )
+    p.add_argument(
+        "--report",
+        help="where to write the report (default: ARTIFACT/parity.json, or "
+        "ARTIFACT/parity-EMULATOR.json with a .png plot beside it)",
+    )
+    p.add_argument(
+        "--emulator",
+        choices=list(EMULATORS),
+        help="run the code of a device build on an emulator here: "
+        + "; ".join(f"{name}: {em.description}" for name, em in EMULATORS.items()),
+    )
+    p.add_argument(
+        "--break-kernel",
+        metavar="KERNEL",
+        help="(testing the rig) break this kernel on purpose, on any emulator (its outputs corrupted; "
+        "for metal its source made invalid); the report must name it",
+    )
+    p.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep the emulator's builds in DIR (default: a temporary directory)",
+    )
     p.set_defaults(func=cmd_parity)
-    p = sub.add_parser("sizes", help="weight size per preset and quantization (Markdown table)",
-                       description="Print the tensor-cache size of each real preset for every quantization, "
-                                   "from the exported parameter list (no weights needed).")
+    p = sub.add_parser(
+        "sizes",
+        help="weight size per preset and quantization (Markdown table)",
+        description="Print the tensor-cache size of each real preset for every quantization, "
+        "from the exported parameter list (no weights needed).",
+    )
     p.add_argument("preset", nargs="*", help="presets (default: the four real sizes)")
     p.set_defaults(func=cmd_sizes)
 
-    p = sub.add_parser("verify", help="check an artifact against its manifest (sha256 of every file, weights, contract)",
-                       description="Check an artifact directory against its manifest.json: every listed file (size "
-                                   "and sha256, weight shards included), files present but not listed (except "
-                                   "build-info.json, parity reports and release-inputs.json, written after the "
-                                   "build), the tensor cache against the manifest's parameters (names, shapes, "
-                                   "dtypes), the JSON files, and the runtime contract as far as it concerns "
-                                   "integrity (format version, TVM and tvm-ffi versions recorded, a known target "
-                                   "and its library). A device build is verifiable anywhere: whether this machine "
-                                   "can run it is an info line, not a problem. Exit 0 with one OK line, or 1 with "
-                                   "one line per problem, each naming the file.")
+    p = sub.add_parser(
+        "verify",
+        help="check an artifact against its manifest (sha256 of every file, weights, contract)",
+        description="Check an artifact directory against its manifest.json: every listed file (size "
+        "and sha256, weight shards included), files present but not listed (except "
+        "build-info.json, parity reports and release-inputs.json, written after the "
+        "build), the tensor cache against the manifest's parameters (names, shapes, "
+        "dtypes), the JSON files, and the runtime contract as far as it concerns "
+        "integrity (format version, TVM and tvm-ffi versions recorded, a known target "
+        "and its library). A device build is verifiable anywhere: whether this machine "
+        "can run it is an info line, not a problem. Exit 0 with one OK line, or 1 with "
+        "one line per problem, each naming the file.",
+    )
     p.add_argument("artifact")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("release", help="build models x targets x quantizations into one folder with an index.json",
-                       description=RELEASE_HELP, epilog=_presets_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, metavar="MODEL", help="model presets, e.g. qwen3.5-0.8b")
-    p.add_argument("--targets", nargs="+", required=True, metavar="TARGET", help="targets, e.g. host android ios webgpu")
-    p.add_argument("--quants", nargs="+", required=True, metavar="QUANT", help=f"quantizations: {_quant_names()}")
-    p.add_argument("--weights-dir", metavar="DIR",
-                   help="convert weights: the checkpoint of model M is DIR/M (Hugging Face layout: config.json, "
-                        "safetensors, tokenizer; DIR/Qwen3.5-0.8B also matches qwen3.5-0.8b). Without it: "
-                        "the library only, from the preset's shapes")
-    p.add_argument("-o", "--output", required=True, metavar="RELEASE", help="the release folder (created or resumed)")
-    p.add_argument("--context-window", type=int, default=4096, help="default context window of the runtime (tokens)")
+    p = sub.add_parser(
+        "release",
+        help="build models x targets x quantizations into one folder with an index.json",
+        description=RELEASE_HELP,
+        epilog=_presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
+        help="model presets, e.g. qwen3.5-0.8b",
+    )
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        required=True,
+        metavar="TARGET",
+        help="targets, e.g. host android ios webgpu",
+    )
+    p.add_argument(
+        "--quants",
+        nargs="+",
+        required=True,
+        metavar="QUANT",
+        help=f"quantizations: {_quant_names()}",
+    )
+    p.add_argument(
+        "--weights-dir",
+        metavar="DIR",
+        help="convert weights: the checkpoint of model M is DIR/M (Hugging Face layout: config.json, "
+        "safetensors, tokenizer; DIR/Qwen3.5-0.8B also matches qwen3.5-0.8b). Without it: "
+        "the library only, from the preset's shapes",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="RELEASE",
+        help="the release folder (created or resumed)",
+    )
+    p.add_argument(
+        "--context-window",
+        type=int,
+        default=4096,
+        help="default context window of the runtime (tokens)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=2048, help="most tokens per prefill call")
-    p.add_argument("--force", action="store_true", help="rebuild every build, even those whose inputs are unchanged")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild every build, even those whose inputs are unchanged",
+    )
     p.set_defaults(func=cmd_release)
     return parser
 
@@ -379,7 +534,6 @@ A build that fails is reported and the others still run; exit status 1 then.
 Progress: a bar redrawn in place on a terminal, plain lines when stderr is not a terminal or
 CI=true. Bad input (an unknown model, target or quantization, a missing checkpoint) is one line,
 before any build starts."""
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,8 +60,20 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 
 # Sizes of the tensor cache's dtypes, for the byte counts of its records.
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1,
-             "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8}
+_ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -83,7 +95,9 @@ def read_manifest(directory: Path) -> dict:
     if not Path(directory).is_dir():
         raise UserError(f"{directory}: no such artifact directory")
     if not path.exists():
-        raise UserError(f"{directory}: not an artifact (no {MANIFEST}); compile one with `qwen35-mobile compile`")
+        raise UserError(
+            f"{directory}: not an artifact (no {MANIFEST}); compile one with `qwen35-mobile compile`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -130,19 +144,30 @@ def _manifest_problems(manifest: dict) -> list[tuple[str, str]]:
     for key, kind in REQUIRED_KEYS.items():
         if key not in manifest:
             problems.append((MANIFEST, f"lacks the key '{key}'"))
-        elif not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
-            problems.append((MANIFEST, f"'{key}' is {type(manifest[key]).__name__}, not {_kind_name(kind)}"))
+        elif not isinstance(manifest[key], kind) or (
+            kind is int and isinstance(manifest[key], bool)
+        ):
+            problems.append(
+                (MANIFEST, f"'{key}' is {type(manifest[key]).__name__}, not {_kind_name(kind)}")
+            )
     if isinstance(manifest.get("versions"), dict):
         for key in ("tvm", "tvm_ffi"):
             if not isinstance(manifest["versions"].get(key), str) or not manifest["versions"][key]:
                 problems.append((MANIFEST, f"records no {key} version under 'versions'"))
     if isinstance(manifest.get("files"), dict):
         for name, entry in manifest["files"].items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                    and isinstance(entry.get("bytes"), int)):
-                problems.append((MANIFEST, f"the entry of '{name}' under 'files' lacks its sha256 or bytes"))
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)
+            ):
+                problems.append(
+                    (MANIFEST, f"the entry of '{name}' under 'files' lacks its sha256 or bytes")
+                )
             elif Path(name).is_absolute() or ".." in Path(name).parts:
-                problems.append((MANIFEST, f"'files' names '{name}', which is outside the artifact"))
+                problems.append(
+                    (MANIFEST, f"'files' names '{name}', which is outside the artifact")
+                )
     if isinstance(manifest.get("parameters"), list):
         for i, p in enumerate(manifest["parameters"]):
             if not _parameter_ok(p):
@@ -152,13 +177,24 @@ def _manifest_problems(manifest: dict) -> list[tuple[str, str]]:
 
 
 def _parameter_ok(p) -> bool:
-    return (isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("dtype"), str)
-            and isinstance(p.get("shape"), list) and all(isinstance(d, int) for d in p["shape"]))
+    return (
+        isinstance(p, dict)
+        and isinstance(p.get("name"), str)
+        and isinstance(p.get("dtype"), str)
+        and isinstance(p.get("shape"), list)
+        and all(isinstance(d, int) for d in p["shape"])
+    )
 
 
 def _kind_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", str: "a string", dict: "an object", list: "a list", type(None): "null"}
+    names = {
+        int: "an integer",
+        str: "a string",
+        dict: "an object",
+        list: "a list",
+        type(None): "null",
+    }
     return " or ".join(names[k] for k in kinds)
 
 
@@ -174,11 +210,15 @@ def _contract_problems(manifest: dict) -> list[tuple[str, str]]:
     problems = []
     device = manifest.get("device")
     if isinstance(device, str) and device not in KNOWN_DEVICES:
-        problems.append((MANIFEST, f"names device '{device}', which is none of {', '.join(KNOWN_DEVICES)}"))
+        problems.append(
+            (MANIFEST, f"names device '{device}', which is none of {', '.join(KNOWN_DEVICES)}")
+        )
     library = manifest.get("library")
     if isinstance(library, str):
         if not library.endswith(LIBRARY_KINDS):
-            problems.append((MANIFEST, f"names the library '{library}', which is neither a .so nor a .tar"))
+            problems.append(
+                (MANIFEST, f"names the library '{library}', which is neither a .so nor a .tar")
+            )
         if isinstance(manifest.get("files"), dict) and library not in manifest["files"]:
             problems.append((library, "the library is not listed under the manifest's 'files'"))
         if library.endswith(".tar") and not isinstance(manifest.get("system_lib_prefix"), str):
@@ -216,7 +256,9 @@ def _tensor_cache(artifact: Path, manifest: dict) -> tuple[list[tuple[str, str]]
     params = manifest["parameters"]  # well-formed: checked by the caller
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     if not path.exists():
-        if manifest.get("weights") and TENSOR_CACHE not in files:  # a listed one is reported missing already
+        if (
+            manifest.get("weights") and TENSOR_CACHE not in files
+        ):  # a listed one is reported missing already
             return [(TENSOR_CACHE, "missing, but the manifest records weights")], set()
         return [], set()
     if manifest.get("weights") is None:
@@ -248,7 +290,11 @@ def _tensor_cache(artifact: Path, manifest: dict) -> tuple[list[tuple[str, str]]
                     problem = f"parameter '{name}' has shape {list(shape)} but the manifest says {expected[name]['shape']}"
                 elif dtype != expected[name]["dtype"]:
                     problem = f"parameter '{name}' has dtype {dtype} but the manifest says {expected[name]['dtype']}"
-                elif rec.get("format", "raw") == "raw" and dtype in _ITEMSIZE and size != math.prod(shape) * _ITEMSIZE[dtype]:
+                elif (
+                    rec.get("format", "raw") == "raw"
+                    and dtype in _ITEMSIZE
+                    and size != math.prod(shape) * _ITEMSIZE[dtype]
+                ):
                     problem = f"parameter '{name}': {size} bytes do not hold {dtype} {list(shape)}"
                 elif offset < 0 or offset + size > nbytes:
                     problem = f"parameter '{name}' lies past the end of {data_path}"
@@ -256,7 +302,9 @@ def _tensor_cache(artifact: Path, manifest: dict) -> tuple[list[tuple[str, str]]
                 if problem:
                     problems.append((TENSOR_CACHE, problem))
         except (KeyError, TypeError, ValueError) as e:
-            problems.append((TENSOR_CACHE, f"shard record #{s} is malformed ({_one_line(repr(e))})"))
+            problems.append(
+                (TENSOR_CACHE, f"shard record #{s} is malformed ({_one_line(repr(e))})")
+            )
     absent = [name for name in expected if name not in seen]
     if absent:
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
@@ -285,7 +333,9 @@ def header_problems(artifact: Path, manifest: dict) -> list[str]:
     it differs) and the keys every reader relies on."""
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        return [f"{Path(artifact) / MANIFEST}: artifact format {version} is not {FORMAT_VERSION} (this tool's); recompile it"]
+        return [
+            f"{Path(artifact) / MANIFEST}: artifact format {version} is not {FORMAT_VERSION} (this tool's); recompile it"
+        ]
     return _lines(Path(artifact), _manifest_problems(manifest))
 
 
@@ -299,7 +349,8 @@ def content_problems(artifact: Path, manifest: dict, *, full: bool = True) -> li
     # Compared with the parameters only when the manifest has them (a missing key is its own problem).
     cache_problems, shard_files = (
         _tensor_cache(artifact, manifest)
-        if isinstance(manifest.get("parameters"), list) and all(map(_parameter_ok, manifest["parameters"]))
+        if isinstance(manifest.get("parameters"), list)
+        and all(map(_parameter_ok, manifest["parameters"]))
         and isinstance(manifest.get("weights", 0), (dict, type(None)))
         else ([], set())
     )
@@ -324,11 +375,19 @@ def content_problems(artifact: Path, manifest: dict, *, full: bool = True) -> li
             continue  # its own problem says more than "altered"
         size = path.stat().st_size
         if size != entry.get("bytes"):
-            found.append((name, f"sha256 and size do not match the manifest ({size} bytes, the build wrote "
-                                f"{entry.get('bytes')}): altered or truncated since the build"))
-        elif ((full or not (name in shard_files or fnmatch.fnmatchcase(name, "params_shard_*.bin")))
-              and sha256_file(path) != entry.get("sha256")):
-            found.append((name, "sha256 does not match the manifest: altered or corrupted since the build"))
+            found.append(
+                (
+                    name,
+                    f"sha256 and size do not match the manifest ({size} bytes, the build wrote "
+                    f"{entry.get('bytes')}): altered or truncated since the build",
+                )
+            )
+        elif (
+            full or not (name in shard_files or fnmatch.fnmatchcase(name, "params_shard_*.bin"))
+        ) and sha256_file(path) != entry.get("sha256"):
+            found.append(
+                (name, "sha256 does not match the manifest: altered or corrupted since the build")
+            )
     found += cache_problems + json_problems
 
     if full:
@@ -339,7 +398,9 @@ def content_problems(artifact: Path, manifest: dict, *, full: bool = True) -> li
     return _lines(artifact, found)
 
 
-def verify(artifact: str | Path, *, full: bool = True, check_runnable: bool = False) -> Verification:
+def verify(
+    artifact: str | Path, *, full: bool = True, check_runnable: bool = False
+) -> Verification:
     """Check an artifact against its manifest; every problem is one line that
     names the file.  ``full``: also the sha256 of the weight shards, and files
     present but not listed; without it the shards are checked by size only

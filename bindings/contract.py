@@ -3,13 +3,11 @@ message that says why, instead of crashing inside the VM."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import platform
+from pathlib import Path
 
 from ..errors import UserError
 from .artifact import content_problems, header_problems, read_manifest, versions
-
 
 # Devices the bindings run libraries on: the CPU, and OpenCL through the
 # project's runtime add-on (bindings/opencl_runtime; PoCL on this machine).
@@ -37,8 +35,10 @@ def why_not_runnable(manifest: dict) -> str | None:
     built = manifest.get("versions", {})
     for key in ("tvm", "tvm_ffi"):
         if built.get(key) != runtime[key]:
-            return (f"the library was built with {key} {built.get(key)} but this runtime has "
-                    f"{runtime[key]}; recompile it or install {key} {built.get(key)}")
+            return (
+                f"the library was built with {key} {built.get(key)} but this runtime has "
+                f"{runtime[key]}; recompile it or install {key} {built.get(key)}"
+            )
     target, device = manifest.get("target"), manifest.get("device")
     if device not in RUNNABLE_DEVICES or manifest.get("host_triple") != host_triple():
         return f"built for target '{target}', which this machine cannot run (the Python bindings run 'host' builds)"
@@ -50,15 +50,20 @@ def why_not_runnable(manifest: dict) -> str | None:
             return f"built for target '{target}' (OpenCL), which cannot run here: {reason}"
     built_cpu = manifest.get("tvm_target", {}).get("mcpu")
     if manifest.get("native_cpu") and built_cpu != system_cpu():
-        return (f"the library was compiled for CPU '{built_cpu}', this machine is "
-                f"'{system_cpu()}'; recompile it here")
+        return (
+            f"the library was compiled for CPU '{built_cpu}', this machine is "
+            f"'{system_cpu()}'; recompile it here"
+        )
     return None
 
 
 def _raise_first(artifact: Path, problems: list[str]) -> None:
     if problems:
-        more = (f" (and {len(problems) - 1} more problems: `qwen35-mobile verify {artifact}` lists them)"
-                if len(problems) > 1 else "")
+        more = (
+            f" (and {len(problems) - 1} more problems: `qwen35-mobile verify {artifact}` lists them)"
+            if len(problems) > 1
+            else ""
+        )
         raise UserError(problems[0] + more)
 
 

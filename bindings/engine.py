@@ -29,7 +29,13 @@ _BUILTINS = ("add_sequence", "remove_sequence", "begin_forward", "end_forward")
 class Engine:
     """One loaded model library with its weights and caches."""
 
-    def __init__(self, artifact: Path, *, context_window: int | None = None, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        artifact: Path,
+        *,
+        context_window: int | None = None,
+        max_batch_size: int | None = None,
+    ):
         import tvm
         from tvm import relax
 
@@ -52,7 +58,9 @@ class Engine:
         self.vm = relax.VirtualMachine(lib, self.device)
         names = [p["name"] for p in self.manifest["parameters"]]
         if not (self.artifact / "tensor-cache.json").exists():
-            raise UserError(f"{self.artifact}: the artifact holds no weights (it was compiled from a preset without --weights)")
+            raise UserError(
+                f"{self.artifact}: the artifact holds no weights (it was compiled from a preset without --weights)"
+            )
         arrays = load_tensor_cache(self.artifact, names)
         self.params = [tvm.runtime.tensor(a, self.device) for a in arrays]
         del arrays
@@ -60,9 +68,17 @@ class Engine:
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in _BUILTINS}
         self._shape = tvm.runtime.ShapeTuple
         # The create functions take their sizes as shape tuples (symbolic vars).
-        sizes = [self.max_batch_size, self.context_window * self.max_batch_size, self.prefill_chunk, 16, 0]
+        sizes = [
+            self.max_batch_size,
+            self.context_window * self.max_batch_size,
+            self.prefill_chunk,
+            16,
+            0,
+        ]
         self.kv_cache = self.vm["create_paged_kv_cache"](*[self._shape([n]) for n in sizes])
-        self.state = self.vm["create_rnn_state"](self._shape([self.max_batch_size]), self._shape([1]))
+        self.state = self.vm["create_rnn_state"](
+            self._shape([self.max_batch_size]), self._shape([1])
+        )
         self._caches = (self.kv_cache, self.state)
         self._lengths: dict[int, int] = {}
         self._next_id = 0
@@ -70,7 +86,9 @@ class Engine:
     # ---- sequences --------------------------------------------------------
     def add_sequence(self) -> int:
         if len(self._lengths) >= self.max_batch_size:
-            raise UserError(f"at most {self.max_batch_size} sequences can be live at once (max_batch_size)")
+            raise UserError(
+                f"at most {self.max_batch_size} sequences can be live at once (max_batch_size)"
+            )
         seq_id = self._next_id
         self._next_id += 1
         for cache in self._caches:
@@ -91,7 +109,9 @@ class Engine:
             raise UserError(f"sequence {seq_id} does not exist")
         bad = (token_ids < 0) | (token_ids >= self.vocab_size)
         if bad.any():
-            raise UserError(f"token id {int(token_ids[bad][0])} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise UserError(
+                f"token id {int(token_ids[bad][0])} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         if self._lengths[seq_id] + len(token_ids) > self.context_window:
             raise UserError(
                 f"{self._lengths[seq_id] + len(token_ids)} tokens exceed the context window of "
@@ -102,7 +122,9 @@ class Engine:
     def _forward(self, func: str, seq_ids: list[int], lengths: list[int], embed):
         for cache in self._caches:
             self._f["begin_forward"](cache, self._shape(seq_ids), self._shape(lengths))
-        logits, self.kv_cache, self.state = self.vm[func](embed, self.kv_cache, self.state, self.params)
+        logits, self.kv_cache, self.state = self.vm[func](
+            embed, self.kv_cache, self.state, self.params
+        )
         self._caches = (self.kv_cache, self.state)
         for cache in self._caches:
             self._f["end_forward"](cache)

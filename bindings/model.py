@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -21,7 +21,9 @@ def chat_prompt(user: str, *, thinking: bool = False, system: str | None = None)
     return text + ("<think>\n" if thinking else "<think>\n\n</think>\n\n")
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float, top_k: int) -> int:
+def sample(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float, top_k: int
+) -> int:
     """Greedy when temperature is 0; otherwise top-k, then top-p, then sample."""
     if temperature <= 0:
         return int(np.argmax(logits))
@@ -48,7 +50,13 @@ class Model:
         self.sampling = {key: chat[key] for key in ("temperature", "top_p", "top_k")}
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, *, context_window: int | None = None, max_batch_size: int | None = None) -> "Model":
+    def load(
+        cls,
+        artifact_dir: str | Path,
+        *,
+        context_window: int | None = None,
+        max_batch_size: int | None = None,
+    ) -> Model:
         from tokenizers import Tokenizer
 
         artifact_dir = Path(artifact_dir)
@@ -59,7 +67,9 @@ class Model:
         try:
             tokenizer = Tokenizer.from_file(str(tok_file))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
-            raise UserError(f"{tok_file}: not a tokenizer this runtime can read ({' '.join(str(e).split())})") from None
+            raise UserError(
+                f"{tok_file}: not a tokenizer this runtime can read ({' '.join(str(e).split())})"
+            ) from None
         return cls(engine, tokenizer)
 
     @property
@@ -96,15 +106,24 @@ class Model:
         rng = np.random.default_rng(seed)
         out: list[int] = []
         shown = ""
-        for token in self.generate_ids(ids, max_new_tokens, lambda lg: sample(lg, rng, temperature, top_p, top_k)):
+        for token in self.generate_ids(
+            ids, max_new_tokens, lambda lg: sample(lg, rng, temperature, top_p, top_k)
+        ):
             out.append(token)
             text = self.decode_tokens(out)
             if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, **kwargs) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        **kwargs,
+    ) -> str:
         """The whole reply (without the stop token)."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, **kwargs))
 
@@ -144,4 +163,3 @@ class Model:
     def __repr__(self) -> str:
         m = self.manifest
         return f"Model({self.engine.artifact}, {m['quantization']}, target={m['target']})"
-

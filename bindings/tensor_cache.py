@@ -59,7 +59,9 @@ def _read_shard(path: Path, shard: dict, verify: bool) -> bytearray:
     return data
 
 
-def _load_shard(cache_dir: Path, shard: dict, wanted: set[str] | None, verify: bool) -> dict[str, np.ndarray]:
+def _load_shard(
+    cache_dir: Path, shard: dict, wanted: set[str] | None, verify: bool
+) -> dict[str, np.ndarray]:
     """The arrays of one shard (only the ``wanted`` ones, when given)."""
     path = cache_dir / shard["dataPath"]
     if shard.get("format") != "raw-shard":
@@ -74,7 +76,9 @@ def _load_shard(cache_dir: Path, shard: dict, wanted: set[str] | None, verify: b
         dtype = _cache_dtype(rec["dtype"], where)
         offset, nbytes, shape = rec["byteOffset"], rec["nbytes"], tuple(rec["shape"])
         if offset + nbytes > len(data):
-            raise UserError(f"{where} ends at byte {offset + nbytes}, past the shard's end ({len(data)})")
+            raise UserError(
+                f"{where} ends at byte {offset + nbytes}, past the shard's end ({len(data)})"
+            )
         fmt = rec.get("format", "raw")
         if fmt == "f32-to-bf16" and dtype == np.float32:
             stored = np.dtype(ml_dtypes.bfloat16)

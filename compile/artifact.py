@@ -18,16 +18,20 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
-from ..errors import UserError
 
 # What reads an artifact lives on the runtime side (bindings/artifact.py); re-exported here.
 from ..bindings.artifact import (  # noqa: F401
-    BUILD_INFO, FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, versions, written_after_build,
+    BUILD_INFO,
+    FORMAT_VERSION,
+    MANIFEST,
+    read_manifest,
+    sha256_file,
+    versions,
+    written_after_build,
 )
-
+from ..errors import UserError
 
 # Errors that mean the disk (or a limit on it) is full, and the words by which
 # a compiler or linker run as a subprocess (TVM raises its output) reports them.
@@ -36,8 +40,12 @@ NO_SPACE_ERRNOS = {
     errno.EFBIG: ("a file exceeded the file-size limit, ulimit -f", "raise the limit"),
     errno.EDQUOT: ("the disk quota is exceeded", "free some space or raise the quota"),
 }
-_NO_SPACE_WORDS = {os.strerror(errno.ENOSPC): errno.ENOSPC, os.strerror(errno.EFBIG): errno.EFBIG,
-                   "File size limit exceeded": errno.EFBIG, os.strerror(errno.EDQUOT): errno.EDQUOT}
+_NO_SPACE_WORDS = {
+    os.strerror(errno.ENOSPC): errno.ENOSPC,
+    os.strerror(errno.EFBIG): errno.EFBIG,
+    "File size limit exceeded": errno.EFBIG,
+    os.strerror(errno.EDQUOT): errno.EDQUOT,
+}
 # Siblings of OUT that atomic_directory makes: tempfile.mkdtemp's names end in 8 of [a-z0-9_].
 _SIBLING = r"\.{name}\.(partial|old)-[a-z0-9_]{{8}}"
 
@@ -80,14 +88,21 @@ def check_space(out: Path, nbytes: int) -> None:
     out = Path(os.path.abspath(out))
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft != resource.RLIM_INFINITY and soft < LIBRARY_BYTES:
-        raise UserError(f"{out}: no space left (the file-size limit, ulimit -f, is {_mb(soft)}, below the "
-                        f"{_mb(LIBRARY_BYTES)} a model library may take); nothing was written")
-    for where, need in ((out.parent, nbytes + LIBRARY_BYTES), (Path(tempfile.gettempdir()), LIBRARY_BYTES)):
+        raise UserError(
+            f"{out}: no space left (the file-size limit, ulimit -f, is {_mb(soft)}, below the "
+            f"{_mb(LIBRARY_BYTES)} a model library may take); nothing was written"
+        )
+    for where, need in (
+        (out.parent, nbytes + LIBRARY_BYTES),
+        (Path(tempfile.gettempdir()), LIBRARY_BYTES),
+    ):
         stat = os.statvfs(where)
         free = stat.f_bavail * stat.f_frsize
         if free < need:
-            raise UserError(f"{out}: no space left ({where} has {_mb(free)} free, this compile needs about "
-                            f"{_mb(need)} there); nothing was written (free some space and try again)")
+            raise UserError(
+                f"{out}: no space left ({where} has {_mb(free)} free, this compile needs about "
+                f"{_mb(need)} there); nothing was written (free some space and try again)"
+            )
 
 
 def lock_path(out: Path) -> Path:
@@ -174,7 +189,12 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), ctypes.c_uint(rename_exchange)) == 0:
+    if (
+        renameat2(
+            at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), ctypes.c_uint(rename_exchange)
+        )
+        == 0
+    ):
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -212,7 +232,9 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
             umask = os.umask(0)
             os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; an artifact is as readable as any folder
+            tmp.chmod(
+                0o777 & ~umask
+            )  # mkdtemp makes it 0700; an artifact is as readable as any folder
             try:
                 yield tmp
                 if not os.path.lexists(target):
@@ -232,7 +254,9 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
             raise
         where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
         reason, advice = NO_SPACE_ERRNOS[code]
-        raise UserError(f"{out}: no space left ({reason}{where}); nothing was written ({advice} and try again)") from None
+        raise UserError(
+            f"{out}: no space left ({reason}{where}); nothing was written ({advice} and try again)"
+        ) from None
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:

@@ -10,8 +10,8 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UserError
 from ..targets import get_target
@@ -19,7 +19,12 @@ from . import artifact, pipeline, quantization
 from .config import PRESETS, STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
 )
 Progress = Callable[[str], None]
 
@@ -71,15 +76,21 @@ def system_lib_prefix_for(preset, model: str, quant: str, requested: str | None 
     so that an app can link several models side by side.  The web preset's
     empty prefix stays empty (tvmjs opens its system library unprefixed)."""
     if preset.system_lib_prefix is None:
-        raise UserError(f"target '{preset.name}' builds a shared library, which has no system-lib prefix")
+        raise UserError(
+            f"target '{preset.name}' builds a shared library, which has no system-lib prefix"
+        )
     if requested is not None:
         if not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*_)?", requested):
-            raise UserError(f"--system-lib-prefix '{requested}' must be a C identifier ending in '_' (or empty)")
+            raise UserError(
+                f"--system-lib-prefix '{requested}' must be a C identifier ending in '_' (or empty)"
+            )
         return requested
     if not preset.system_lib_prefix:
         return ""
     name = model if model in PRESETS else Path(model).resolve().name
-    tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("qwen3.5-", "").replace("qwen3_5", "")).strip("_")
+    tag = re.sub(
+        r"[^a-z0-9]+", "_", name.lower().replace("qwen3.5-", "").replace("qwen3_5", "")
+    ).strip("_")
     return f"{preset.system_lib_prefix}{tag + '_' if tag else ''}{quant}_"
 
 
@@ -109,7 +120,9 @@ def compile_model(
     if system_lib_prefix is not None or preset.system_lib_prefix:
         import dataclasses
 
-        preset = dataclasses.replace(preset, system_lib_prefix=system_lib_prefix_for(preset, model, quant, system_lib_prefix))
+        preset = dataclasses.replace(
+            preset, system_lib_prefix=system_lib_prefix_for(preset, model, quant, system_lib_prefix)
+        )
     dtype = quantization.get(quant).model_dtype  # an unknown name: UserError, before the build
     context_window = min(context_window, config.max_position_embeddings)
     if context_window <= 0 or prefill_chunk <= 0:
@@ -143,7 +156,11 @@ def compile_model(
             from .weights import convert_checkpoint
 
             weights_summary = convert_checkpoint(
-                checkpoint, exported.expected(), tmp, progress=tensor_progress, quantize_map=exported.quantize_map
+                checkpoint,
+                exported.expected(),
+                tmp,
+                progress=tensor_progress,
+                quantize_map=exported.quantize_map,
             )
         else:
             progress("[3/4] no weights (preset without --weights): library only")
@@ -164,7 +181,8 @@ def compile_model(
                 "target": preset.name,
                 "device": preset.device,  # the TVM device the runtime opens: cpu, opencl, metal, webgpu, cuda
                 "tvm_target": preset.resolved(dtype),
-                "native_cpu": preset.target.get("mcpu") == "native",  # compiled for the build machine's CPU
+                "native_cpu": preset.target.get("mcpu")
+                == "native",  # compiled for the build machine's CPU
                 "host_triple": preset.host_triple,
                 "system_lib_prefix": preset.system_lib_prefix,  # static (app-linked) libraries only
                 "usage": list(preset.notes),  # how an app consumes the library
@@ -180,7 +198,9 @@ def compile_model(
                     for name, e in exported.entry_points.items()
                 },
                 "state_kinds": ["paged_kv_cache", "rnn_state"],
-                "parameters": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in exported.params],
+                "parameters": [
+                    {"name": n, "shape": list(s), "dtype": d} for n, s, d in exported.params
+                ],
                 "config": config.to_json(),
                 "weights": weights_summary,
                 "not_compiled": not_compiled(),  # the skipped rows of the checkpoint name table
@@ -188,14 +208,19 @@ def compile_model(
             },
         )
         # What differs between two builds of the same inputs: not in the manifest, not listed by it.
-        artifact.write_build_info(tmp, {
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "compile_seconds": round(time.time() - started, 2),  # the whole compile, up to here
-            "library_compile_seconds": round(build_seconds, 2),  # the build step: passes, codegen, export
-            "build_host": socket.gethostname(),
-            "checkpoint_path": None if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
-            "output_path": str(Path(out).resolve()),
-        })
+        artifact.write_build_info(
+            tmp,
+            {
+                "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "compile_seconds": round(time.time() - started, 2),  # the whole compile, up to here
+                "library_compile_seconds": round(
+                    build_seconds, 2
+                ),  # the build step: passes, codegen, export
+                "build_host": socket.gethostname(),
+                "checkpoint_path": None if ckpt_dir is None else str(Path(ckpt_dir).resolve()),
+                "output_path": str(Path(out).resolve()),
+            },
+        )
     progress(f"wrote {out} in {time.time() - started:.1f} s")
     return manifest
 
@@ -208,7 +233,9 @@ def _checkpoint_identity(ckpt_dir: Path | None) -> dict | None:
     config = Path(ckpt_dir) / "config.json"
     return {
         "name": Path(ckpt_dir).resolve().name,
-        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()
+        if config.exists()
+        else None,
     }
 
 
@@ -221,10 +248,16 @@ def _bytes_to_write(exported: pipeline.Exported, ckpt_dir: Path | None) -> int:
 
     if ckpt_dir is None:
         return 12 << 20
-    weights = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in exported.params)
+    weights = sum(
+        math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in exported.params
+    )
     if not (Path(ckpt_dir) / "tokenizer.json").exists():
         return weights + (12 << 20)
-    return weights + sum((Path(ckpt_dir) / n).stat().st_size for n in TOKENIZER_FILES if (Path(ckpt_dir) / n).exists())
+    return weights + sum(
+        (Path(ckpt_dir) / n).stat().st_size
+        for n in TOKENIZER_FILES
+        if (Path(ckpt_dir) / n).exists()
+    )
 
 
 def _copy_tokenizer(ckpt_dir: Path | None, out: Path) -> list[str]:

@@ -209,10 +209,16 @@ class Qwen35Config:
     def num_params(self) -> int:
         """Parameters of the text decoder (embedding counted once if tied)."""
         h, i = self.hidden_size, self.intermediate_size
-        attn = h * self.num_attention_heads * self.head_dim * 2 + 2 * h * self.num_key_value_heads * self.head_dim
+        attn = (
+            h * self.num_attention_heads * self.head_dim * 2
+            + 2 * h * self.num_key_value_heads * self.head_dim
+        )
         attn += self.num_attention_heads * self.head_dim * h + 2 * self.head_dim
         hv = self.linear_num_value_heads
-        gdn = h * (self.conv_dim + self.linear_value_dim + 2 * hv) + self.conv_dim * self.linear_conv_kernel_dim
+        gdn = (
+            h * (self.conv_dim + self.linear_value_dim + 2 * hv)
+            + self.conv_dim * self.linear_conv_kernel_dim
+        )
         gdn += 2 * hv + self.linear_value_head_dim + self.linear_value_dim * h
         per_layer_common = 3 * h * i + 2 * h
         total = len(self.full_attention_layers) * attn + len(self.linear_attention_layers) * gdn
@@ -224,15 +230,26 @@ class Qwen35Config:
     # ---- checks --------------------------------------------------------
     def validate(self) -> None:
         positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim",
-            "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-            "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "max_position_embeddings",
         ]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"config field '{name}' must be a positive integer, got {value!r}"
+                )
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"config field 'layer_types' lists {len(self.layer_types)} layers "
@@ -240,7 +257,9 @@ class Qwen35Config:
             )
         for i, t in enumerate(self.layer_types):
             if t not in (LINEAR, FULL):
-                raise ConfigError(f"config field 'layer_types[{i}]' is {t!r}; expected '{LINEAR}' or '{FULL}'")
+                raise ConfigError(
+                    f"config field 'layer_types[{i}]' is {t!r}; expected '{LINEAR}' or '{FULL}'"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config field 'num_attention_heads' ({self.num_attention_heads}) is not a multiple of "
@@ -258,11 +277,17 @@ class Qwen35Config:
                 f"({self.head_dim}) must be an even number of dimensions"
             )
         if self.hidden_act != "silu":
-            raise ConfigError(f"config field 'hidden_act' is {self.hidden_act!r}; Qwen3.5 uses 'silu'")
+            raise ConfigError(
+                f"config field 'hidden_act' is {self.hidden_act!r}; Qwen3.5 uses 'silu'"
+            )
         if self.attention_bias:
-            raise ConfigError("config field 'attention_bias' is true; Qwen3.5 has no attention bias")
+            raise ConfigError(
+                "config field 'attention_bias' is true; Qwen3.5 has no attention bias"
+            )
         if not self.attn_output_gate:
-            raise ConfigError("config field 'attn_output_gate' is false; only gated attention is supported")
+            raise ConfigError(
+                "config field 'attn_output_gate' is false; only gated attention is supported"
+            )
         if not (self.rms_norm_eps > 0) or not (self.rope_theta > 0):
             raise ConfigError("config fields 'rms_norm_eps' and 'rope_theta' must be positive")
         if self.vision is not None:
@@ -330,7 +355,7 @@ class Qwen35Config:
             out["vision_config"] = self.vision.to_json()
         return out
 
-    def replace(self, **changes) -> "Qwen35Config":
+    def replace(self, **changes) -> Qwen35Config:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
@@ -340,7 +365,7 @@ class Qwen35Config:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Qwen35Config":
+    def from_json(cls, d: dict[str, Any]) -> Qwen35Config:
         """The inverse of :meth:`to_json` (an artifact's manifest ``config``)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
@@ -349,9 +374,13 @@ class Qwen35Config:
         return cls(**values)
 
 
-def default_layer_types(num_hidden_layers: int, full_attention_interval: int = 4) -> tuple[str, ...]:
+def default_layer_types(
+    num_hidden_layers: int, full_attention_interval: int = 4
+) -> tuple[str, ...]:
     """Layer i is full attention when (i + 1) % interval == 0."""
-    return tuple(FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_hidden_layers))
+    return tuple(
+        FULL if (i + 1) % full_attention_interval == 0 else LINEAR for i in range(num_hidden_layers)
+    )
 
 
 def _vision(depth, hidden, heads, intermediate, out_hidden) -> VisionConfig:
@@ -396,8 +425,19 @@ PRESETS: dict[str, Qwen35Config] = {
     # Random-weight test models: the real vocabulary (so the real tokenizer
     # works) on a tiny body.  head_dim 32 keeps partial RoPE (8 rotary dims).
     "tiny": _preset(
-        64, 128, 4, 4, 2, 2, 2, True, _vision(1, 32, 2, 64, 64),
-        head_dim=32, linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=4096,
+        64,
+        128,
+        4,
+        4,
+        2,
+        2,
+        2,
+        True,
+        _vision(1, 32, 2, 64, 64),
+        head_dim=32,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        max_position_embeddings=4096,
     ),
 }
 # Variants for the parity tests: the GQA ratio of 4B/9B and the untied head of 9B.
@@ -412,7 +452,9 @@ def preset(name: str) -> Qwen35Config:
         raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}") from None
 
 
-_TEXT_FIELDS = [f.name for f in dataclasses.fields(Qwen35Config) if f.name not in ("layer_types", "vision")]
+_TEXT_FIELDS = [
+    f.name for f in dataclasses.fields(Qwen35Config) if f.name not in ("layer_types", "vision")
+]
 
 
 def from_hf_dict(raw: dict[str, Any]) -> Qwen35Config:
@@ -423,7 +465,9 @@ def from_hf_dict(raw: dict[str, Any]) -> Qwen35Config:
     if model_type == "qwen3_5":
         text = raw.get("text_config")
         if not isinstance(text, dict):
-            raise ConfigError("config field 'text_config' is missing: a 'qwen3_5' config nests the decoder there")
+            raise ConfigError(
+                "config field 'text_config' is missing: a 'qwen3_5' config nests the decoder there"
+            )
         vision = raw.get("vision_config")
         vision = None if vision is None else VisionConfig.from_json(vision)
         # transformers ties the head by the top-level flag of the wrapper.
@@ -444,24 +488,42 @@ def from_hf_dict(raw: dict[str, Any]) -> Qwen35Config:
     if not isinstance(rope, dict):
         raise ConfigError("config field 'rope_parameters' must be an object")
     if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"config field 'rope_parameters.rope_type' is {rope.get('rope_type')!r}; only 'default' is supported")
+        raise ConfigError(
+            f"config field 'rope_parameters.rope_type' is {rope.get('rope_type')!r}; only 'default' is supported"
+        )
     # transformers falls back to theta 1e4 when rope_parameters is missing.
     fields["rope_theta"] = float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))
-    fields["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
+    fields["partial_rotary_factor"] = float(
+        rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    )
     fields["tie_word_embeddings"] = bool(tie)
     if "num_hidden_layers" not in text:
         raise ConfigError("config field 'num_hidden_layers' is missing")
-    required = ["vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
+    required = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ]
     for name in required:
         if name not in text:
             raise ConfigError(f"config field '{name}' is missing")
-    defaults = dict(head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-                    linear_value_head_dim=128, linear_conv_kernel_dim=4)
+    defaults = dict(
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+    )
     for name, value in defaults.items():
         fields.setdefault(name, value)
     layer_types = text.get("layer_types")
     if layer_types is None:
-        layer_types = default_layer_types(text["num_hidden_layers"], text.get("full_attention_interval", 4))
+        layer_types = default_layer_types(
+            text["num_hidden_layers"], text.get("full_attention_interval", 4)
+        )
     if not isinstance(layer_types, (list, tuple)):
         raise ConfigError("config field 'layer_types' must be a list")
     fields["layer_types"] = tuple(layer_types)
@@ -477,7 +539,9 @@ def load_config(path: str | Path) -> Qwen35Config:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
-        raise ConfigError(f"{file}: no such file (expected a Hugging Face checkpoint directory with config.json)")
+        raise ConfigError(
+            f"{file}: no such file (expected a Hugging Face checkpoint directory with config.json)"
+        )
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -495,4 +559,6 @@ def resolve_model(spec: str) -> tuple[Qwen35Config, Path | None]:
     path = Path(spec)
     if path.exists():
         return load_config(path), (path if path.is_dir() else path.parent)
-    raise ConfigError(f"'{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
+    raise ConfigError(
+        f"'{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory"
+    )

@@ -11,7 +11,6 @@ from . import quantization
 from .config import Qwen35Config
 from .quantization import Quantization, QuantizeMap
 
-
 TEXT = "text"  # the text decoder's entry point: embed, prefill, decode, the state constructors
 
 Param = tuple[str, tuple[int, ...], str]  # name, shape, dtype
@@ -138,15 +137,19 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
     spec = model.get_default_spec()
     mod, named = model.export_tvm(spec=spec)
     if preset.is_gpu:
-        from .kernels.merge_state import replace_merge_state
         from .kernels.gpu_gated_delta_rule import max_threads_for_target
+        from .kernels.merge_state import replace_merge_state
 
         # TVM's GPU attention-state merge races between threads (kernels/merge_state.py).
-        mod = replace_merge_state(mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target))
+        mod = replace_merge_state(
+            mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target)
+        )
     return Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
 
 
-def build(exported: Exported, preset: TargetPreset, path: Path, *, dump_ir: Path | None = None) -> None:
+def build(
+    exported: Exported, preset: TargetPreset, path: Path, *, dump_ir: Path | None = None
+) -> None:
     """Optimise, schedule for the target, compile and export the library.
 
     The preset decides everything: the pipeline (CPU schedules for ``llvm``,
@@ -190,9 +193,14 @@ def build(exported: Exported, preset: TargetPreset, path: Path, *, dump_ir: Path
 
         write_ir(Path(dump_ir), 0, "export", mod)
         current = tvm.transform.PassContext.current()
-        with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
-                                       instruments=[DumpStages(Path(dump_ir))]):
-            executable = tvm.relax.build(mod, target, relax_pipeline=relax_pipeline, system_lib=False)
+        with tvm.transform.PassContext(
+            opt_level=current.opt_level,
+            config=dict(current.config),
+            instruments=[DumpStages(Path(dump_ir))],
+        ):
+            executable = tvm.relax.build(
+                mod, target, relax_pipeline=relax_pipeline, system_lib=False
+            )
     if static:
         executable.export_library(str(path), fcompile=deterministic_tar)
     elif preset.linker:  # a .so for another machine: link with its cross compiler

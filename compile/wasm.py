@@ -61,7 +61,10 @@ def check_web_runtime(runtime_dir: Path | str | None = None, emcc: str = "emcc")
     """The web runtime's files; UserError explaining what is missing otherwise."""
     files = find_web_runtime(runtime_dir)
     if files is None:
-        searched = ", ".join(str(d) for d in web_runtime_candidates(runtime_dir)) or "nowhere (no --web-runtime, no TVM_HOME)"
+        searched = (
+            ", ".join(str(d) for d in web_runtime_candidates(runtime_dir))
+            or "nowhere (no --web-runtime, no TVM_HOME)"
+        )
         raise UserError(
             f"cannot link a .wasm: TVM's web runtime ({', '.join(WEB_RUNTIME_FILES)}) was not found "
             f"(searched {searched}). {_HOW}. The model.tar itself is complete: an app build that has "
@@ -75,7 +78,12 @@ def check_web_runtime(runtime_dir: Path | str | None = None, emcc: str = "emcc")
     return files
 
 
-def link_wasm(model_tar: Path | str, out: Path | str, runtime_dir: Path | str | None = None, emcc: str = "emcc") -> Path:
+def link_wasm(
+    model_tar: Path | str,
+    out: Path | str,
+    runtime_dir: Path | str | None = None,
+    emcc: str = "emcc",
+) -> Path:
     """Link ``model_tar`` (a webgpu build) with TVM's web runtime into ``out`` (.wasm)."""
     files = check_web_runtime(runtime_dir, emcc)
     out = Path(out)
@@ -85,10 +93,24 @@ def link_wasm(model_tar: Path | str, out: Path | str, runtime_dir: Path | str | 
         objects = sorted(str(p) for p in Path(tmp).iterdir() if p.suffix == ".o")
         # The flags of tvm.support.emcc.create_tvmjs_wasm.
         cmd = [
-            emcc, "-O3", "-std=c++17", "--no-entry",
-            "-s", "WASM_BIGINT=1", "-s", "ERROR_ON_UNDEFINED_SYMBOLS=0", "-s", "STANDALONE_WASM=1",
-            "-s", "ALLOW_MEMORY_GROWTH=1", "-s", "TOTAL_MEMORY=160MB",
-            "-o", str(out), *(str(files[name]) for name in WEB_RUNTIME_FILES), *objects,
+            emcc,
+            "-O3",
+            "-std=c++17",
+            "--no-entry",
+            "-s",
+            "WASM_BIGINT=1",
+            "-s",
+            "ERROR_ON_UNDEFINED_SYMBOLS=0",
+            "-s",
+            "STANDALONE_WASM=1",
+            "-s",
+            "ALLOW_MEMORY_GROWTH=1",
+            "-s",
+            "TOTAL_MEMORY=160MB",
+            "-o",
+            str(out),
+            *(str(files[name]) for name in WEB_RUNTIME_FILES),
+            *objects,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

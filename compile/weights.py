@@ -188,12 +188,16 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             valid = (
                 isinstance(dtype, str)
                 and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+                and isinstance(begin, int)
+                and isinstance(end, int)
+                and 0 <= begin <= end
             )
         except (KeyError, TypeError, ValueError):
             valid = False
         if not valid:
-            raise UserError(f"{file}: safetensors header entry for tensor '{name}' is malformed: {entry!r}")
+            raise UserError(
+                f"{file}: safetensors header entry for tensor '{name}' is malformed: {entry!r}"
+            )
         np_dtype = _NUMPY_DTYPES.get(dtype)
         if np_dtype is not None and end - begin != math.prod(shape) * np_dtype.itemsize:
             raise UserError(
@@ -275,7 +279,9 @@ class Checkpoint:
             raise UserError(f"{self.path}: checkpoint has no tensor '{name}'")
         dtype = _NUMPY_DTYPES.get(info.dtype)
         if dtype is None:
-            raise UserError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, which cannot be read")
+            raise UserError(
+                f"{info.file}: tensor '{name}' has dtype {info.dtype}, which cannot be read"
+            )
         buf = np.empty(info.nbytes, np.uint8)
         try:
             with open(info.file, "rb") as f:
@@ -324,7 +330,9 @@ def open_checkpoint(ckpt_dir: str | Path, table: tuple[NameRule, ...] = NAME_TAB
         header = _read_header(shard)
         absent = [n for n in names if n not in header]
         if absent:
-            raise UserError(f"{index_file}: maps {_some(absent)} to '{file}', which does not contain them")
+            raise UserError(
+                f"{index_file}: maps {_some(absent)} to '{file}', which does not contain them"
+            )
         tensors.update((n, header[n]) for n in names)
     return Checkpoint(path, tensors, table)
 
@@ -354,14 +362,16 @@ class _ShardWriter:
             self._close()
         if self._file is None:
             self._open()
-        self._records.append({
-            "name": name,
-            "shape": list(array.shape),
-            "dtype": str(array.dtype),
-            "format": "raw",
-            "nbytes": data.nbytes,
-            "byteOffset": self._nbytes,
-        })
+        self._records.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "format": "raw",
+                "nbytes": data.nbytes,
+                "byteOffset": self._nbytes,
+            }
+        )
         self._file.write(data)
         self._md5.update(data)
         self._nbytes += data.nbytes
@@ -390,13 +400,15 @@ class _ShardWriter:
 
     def _close(self) -> None:
         self._file.close()
-        self.shards.append({
-            "dataPath": f"{SHARD_PREFIX}{len(self.shards)}.bin",
-            "format": "raw-shard",
-            "nbytes": self._nbytes,
-            "records": self._records,
-            "md5sum": self._md5.hexdigest(),
-        })
+        self.shards.append(
+            {
+                "dataPath": f"{SHARD_PREFIX}{len(self.shards)}.bin",
+                "format": "raw-shard",
+                "nbytes": self._nbytes,
+                "records": self._records,
+                "md5sum": self._md5.hexdigest(),
+            }
+        )
         self._file = None
 
 
@@ -414,14 +426,18 @@ def _cast(array: np.ndarray, target: np.dtype, hf_name: str) -> np.ndarray:
     return out
 
 
-def _plan(ckpt: Checkpoint, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> list[tuple[str, str, np.dtype]]:
+def _plan(
+    ckpt: Checkpoint, expected: Mapping[str, tuple[tuple[int, ...], str]]
+) -> list[tuple[str, str, np.dtype]]:
     """Check the checkpoint against the expected parameters before writing
     anything; returns (param, checkpoint name, target dtype) in order."""
     plan = []
     missing = []
     for param, (shape, dtype) in expected.items():
         if dtype not in _TARGET_DTYPES:
-            raise ValueError(f"parameter '{param}': target dtype must be float32 or float16, got {dtype!r}")
+            raise ValueError(
+                f"parameter '{param}': target dtype must be float32 or float16, got {dtype!r}"
+            )
         hf = ckpt.hf_name(param)
         info = ckpt.tensors.get(hf)
         if info is None:
@@ -440,10 +456,14 @@ def _plan(ckpt: Checkpoint, expected: Mapping[str, tuple[tuple[int, ...], str]])
     if missing:
         raise UserError(f"{ckpt.path}: checkpoint lacks tensor {_some(missing)}")
     tied = LM_HEAD not in expected
-    extra = [hf for p, hf in ckpt.params.items() if p not in expected and not (tied and p == LM_HEAD)]
+    extra = [
+        hf for p, hf in ckpt.params.items() if p not in expected and not (tied and p == LM_HEAD)
+    ]
     extra += ckpt.unmapped
     if extra:
-        raise UserError(f"{ckpt.path}: checkpoint has tensors the model does not use: {_some(extra)}")
+        raise UserError(
+            f"{ckpt.path}: checkpoint has tensors the model does not use: {_some(extra)}"
+        )
     return plan
 
 
@@ -478,7 +498,9 @@ def convert_checkpoint(
     """
     originals = expected
     if quantize_map is not None:
-        originals = {name: (shape, dtype) for name, shape, dtype, _ in quantize_map.sources(expected)}
+        originals = {
+            name: (shape, dtype) for name, shape, dtype, _ in quantize_map.sources(expected)
+        }
     plan = _plan(ckpt, originals)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -518,7 +540,7 @@ def convert_checkpoint(
     tmp.write_text(json.dumps({"metadata": metadata, "records": shards}, indent=4))
     os.replace(tmp, cache_file)
     for stale in out.glob(f"{SHARD_PREFIX}*.bin"):
-        index = stale.name[len(SHARD_PREFIX):-len(".bin")]
+        index = stale.name[len(SHARD_PREFIX) : -len(".bin")]
         if index.isdigit() and int(index) >= len(shards):
             stale.unlink()
 
@@ -531,4 +553,3 @@ def convert_checkpoint(
         "skipped": dict(ckpt.skipped),
         "ignored": ignored,
     }
-

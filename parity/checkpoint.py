@@ -42,8 +42,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -63,7 +63,9 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bf
 ENSURE_SHARD_BYTES = 2 << 30  # ensure_checkpoint shards the real sizes to bound memory
 _FORMAT_VERSION = 1  # bump when the tensors written for a given seed change
 _LOGIT_STD = 4.0  # std of the logits a tied head produces
-_RESIDUAL_GAIN = 4.0  # residual-branch output projections: _RESIDUAL_GAIN / sqrt(num_layers) / sqrt(fan_in)
+_RESIDUAL_GAIN = (
+    4.0  # residual-branch output projections: _RESIDUAL_GAIN / sqrt(num_layers) / sqrt(fan_in)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,36 +104,51 @@ def _decoder_layer(config: Qwen35Config, layer_type: str) -> dict[str, TensorSpe
     """One text decoder layer, names relative to the layer."""
     h = config.hidden_size
     out_scale = _RESIDUAL_GAIN / math.sqrt(config.num_hidden_layers)
-    specs = {"input_layernorm.weight": _rms_norm(h), "post_attention_layernorm.weight": _rms_norm(h)}
+    specs = {
+        "input_layernorm.weight": _rms_norm(h),
+        "post_attention_layernorm.weight": _rms_norm(h),
+    }
     if layer_type == FULL:
         heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        specs.update({
-            "self_attn.q_proj.weight": _linear(heads * d * 2, h),  # per head: [query | output gate]
-            "self_attn.k_proj.weight": _linear(kv_heads * d, h),
-            "self_attn.v_proj.weight": _linear(kv_heads * d, h),
-            "self_attn.o_proj.weight": _linear(h, heads * d, out_scale),
-            "self_attn.q_norm.weight": _rms_norm(d),
-            "self_attn.k_norm.weight": _rms_norm(d),
-        })
+        specs.update(
+            {
+                "self_attn.q_proj.weight": _linear(
+                    heads * d * 2, h
+                ),  # per head: [query | output gate]
+                "self_attn.k_proj.weight": _linear(kv_heads * d, h),
+                "self_attn.v_proj.weight": _linear(kv_heads * d, h),
+                "self_attn.o_proj.weight": _linear(h, heads * d, out_scale),
+                "self_attn.q_norm.weight": _rms_norm(d),
+                "self_attn.k_norm.weight": _rms_norm(d),
+            }
+        )
     else:
         hv, k = config.linear_num_value_heads, config.linear_conv_kernel_dim
-        specs.update({
-            "linear_attn.in_proj_qkv.weight": _linear(config.conv_dim, h),
-            "linear_attn.in_proj_z.weight": _linear(config.linear_value_dim, h),
-            "linear_attn.in_proj_b.weight": _linear(hv, h),
-            "linear_attn.in_proj_a.weight": _linear(hv, h),
-            "linear_attn.conv1d.weight": TensorSpec((config.conv_dim, 1, k), std=1 / math.sqrt(k)),
-            "linear_attn.dt_bias": TensorSpec((hv,), "dt_bias"),
-            "linear_attn.A_log": TensorSpec((hv,), "a_log"),
-            "linear_attn.norm.weight": TensorSpec((config.linear_value_head_dim,), "one_plus", 0.1),
-            "linear_attn.out_proj.weight": _linear(h, config.linear_value_dim, out_scale),
-        })
+        specs.update(
+            {
+                "linear_attn.in_proj_qkv.weight": _linear(config.conv_dim, h),
+                "linear_attn.in_proj_z.weight": _linear(config.linear_value_dim, h),
+                "linear_attn.in_proj_b.weight": _linear(hv, h),
+                "linear_attn.in_proj_a.weight": _linear(hv, h),
+                "linear_attn.conv1d.weight": TensorSpec(
+                    (config.conv_dim, 1, k), std=1 / math.sqrt(k)
+                ),
+                "linear_attn.dt_bias": TensorSpec((hv,), "dt_bias"),
+                "linear_attn.A_log": TensorSpec((hv,), "a_log"),
+                "linear_attn.norm.weight": TensorSpec(
+                    (config.linear_value_head_dim,), "one_plus", 0.1
+                ),
+                "linear_attn.out_proj.weight": _linear(h, config.linear_value_dim, out_scale),
+            }
+        )
     i = config.intermediate_size
-    specs.update({
-        "mlp.gate_proj.weight": _linear(i, h),
-        "mlp.up_proj.weight": _linear(i, h),
-        "mlp.down_proj.weight": _linear(h, i, out_scale),
-    })
+    specs.update(
+        {
+            "mlp.gate_proj.weight": _linear(i, h),
+            "mlp.up_proj.weight": _linear(i, h),
+            "mlp.down_proj.weight": _linear(h, i, out_scale),
+        }
+    )
     return specs
 
 
@@ -149,18 +166,25 @@ def _vision_tower(v: VisionConfig) -> dict[str, TensorSpec]:
         block = {
             **_layer_norm("norm1", h),
             **_layer_norm("norm2", h),
-            "attn.qkv.weight": _linear(3 * h, h), "attn.qkv.bias": _bias(3 * h),
-            "attn.proj.weight": _linear(h, h), "attn.proj.bias": _bias(h),
-            "mlp.linear_fc1.weight": _linear(inter, h), "mlp.linear_fc1.bias": _bias(inter),
-            "mlp.linear_fc2.weight": _linear(h, inter), "mlp.linear_fc2.bias": _bias(h),
+            "attn.qkv.weight": _linear(3 * h, h),
+            "attn.qkv.bias": _bias(3 * h),
+            "attn.proj.weight": _linear(h, h),
+            "attn.proj.bias": _bias(h),
+            "mlp.linear_fc1.weight": _linear(inter, h),
+            "mlp.linear_fc1.bias": _bias(inter),
+            "mlp.linear_fc2.weight": _linear(h, inter),
+            "mlp.linear_fc2.bias": _bias(h),
         }
         specs.update({f"blocks.{b}.{name}": spec for name, spec in block.items()})
-    specs.update({
-        **_layer_norm("merger.norm", h),
-        "merger.linear_fc1.weight": _linear(merged, merged), "merger.linear_fc1.bias": _bias(merged),
-        "merger.linear_fc2.weight": _linear(v.out_hidden_size, merged),
-        "merger.linear_fc2.bias": _bias(v.out_hidden_size),
-    })
+    specs.update(
+        {
+            **_layer_norm("merger.norm", h),
+            "merger.linear_fc1.weight": _linear(merged, merged),
+            "merger.linear_fc1.bias": _bias(merged),
+            "merger.linear_fc2.weight": _linear(v.out_hidden_size, merged),
+            "merger.linear_fc2.bias": _bias(v.out_hidden_size),
+        }
+    )
     return specs
 
 
@@ -172,7 +196,12 @@ def tensor_specs(config: Qwen35Config) -> dict[str, TensorSpec]:
     embedding = TensorSpec((vocab, h), std=_LOGIT_STD / math.sqrt(h))
     specs = {"model.language_model.embed_tokens.weight": embedding}
     for i, layer_type in enumerate(config.layer_types):
-        specs.update({f"model.language_model.layers.{i}.{n}": s for n, s in _decoder_layer(config, layer_type).items()})
+        specs.update(
+            {
+                f"model.language_model.layers.{i}.{n}": s
+                for n, s in _decoder_layer(config, layer_type).items()
+            }
+        )
     specs["model.language_model.norm.weight"] = _rms_norm(h)
     specs.update({f"model.visual.{n}": s for n, s in _vision_tower(config.vision).items()})
     if not config.tie_word_embeddings:
@@ -184,7 +213,9 @@ def tensor_specs(config: Qwen35Config) -> dict[str, TensorSpec]:
         specs["mtp.pre_fc_norm_embedding.weight"] = _rms_norm(h)
         specs["mtp.pre_fc_norm_hidden.weight"] = _rms_norm(h)
         for j in range(config.mtp_num_hidden_layers):
-            specs.update({f"mtp.layers.{j}.{n}": s for n, s in _decoder_layer(config, FULL).items()})
+            specs.update(
+                {f"mtp.layers.{j}.{n}": s for n, s in _decoder_layer(config, FULL).items()}
+            )
         specs["mtp.norm.weight"] = _rms_norm(h)
     return specs
 
@@ -206,7 +237,9 @@ def _draw(name: str, spec: TensorSpec, seed: int) -> np.ndarray:
     return values
 
 
-def _plan_shards(specs: dict[str, TensorSpec], itemsize: int, max_shard_bytes: int | None) -> list[list[str]]:
+def _plan_shards(
+    specs: dict[str, TensorSpec], itemsize: int, max_shard_bytes: int | None
+) -> list[list[str]]:
     """Tensor names per file, in order; a tensor larger than the limit gets a file of its own."""
     shards: list[list[str]] = [[]]
     size = 0
@@ -261,13 +294,20 @@ def write_checkpoint(
     try:
         hf_config = {**config.hf_config_dict(), "dtype": dtype, "torch_dtype": dtype}
         _json(tmp / "config.json", hf_config)
-        _json(tmp / "generation_config.json", {
-            "bos_token_id": ENDOFTEXT_ID, "eos_token_id": list(STOP_TOKEN_IDS), "pad_token_id": ENDOFTEXT_ID,
-        })
+        _json(
+            tmp / "generation_config.json",
+            {
+                "bos_token_id": ENDOFTEXT_ID,
+                "eos_token_id": list(STOP_TOKEN_IDS),
+                "pad_token_id": ENDOFTEXT_ID,
+            },
+        )
         tokenizer.write_tokenizer_files(tmp)
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
-        ]
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        )
         done = 0
         for file_name, shard in zip(names, shards):
             tensors = {}
@@ -279,20 +319,28 @@ def write_checkpoint(
             save_file(tensors, tmp / file_name, metadata={"format": "pt"})
             del tensors
         if len(shards) > 1:
-            weight_map = {name: file_name for file_name, shard in zip(names, shards) for name in shard}
-            _json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+            weight_map = {
+                name: file_name for file_name, shard in zip(names, shards) for name in shard
+            }
+            _json(
+                tmp / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
         try:
             os.rename(tmp, out_dir)
         except OSError as e:  # out_dir appeared meanwhile (another writer)
-            raise FileExistsError(f"{out_dir} appeared while the checkpoint was being written") from e
+            raise FileExistsError(
+                f"{out_dir} appeared while the checkpoint was being written"
+            ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def ensure_checkpoint(preset_name: str, cache_root: str | Path | None = None, *, seed: int = 0,
-                      dtype: str = "float32") -> Path:
+def ensure_checkpoint(
+    preset_name: str, cache_root: str | Path | None = None, *, seed: int = 0, dtype: str = "float32"
+) -> Path:
     """The checkpoint of a preset, written on first use under
     ``cache_root/checkpoints/`` (default: the package cache,
     ``$QWEN35_MOBILE_CACHE`` or ``~/.cache/qwen35_mobile``) and reused after,
@@ -303,7 +351,9 @@ def ensure_checkpoint(preset_name: str, cache_root: str | Path | None = None, *,
     if path.exists():
         return path
     try:
-        return write_checkpoint(config, path, seed=seed, dtype=dtype, max_shard_bytes=ENSURE_SHARD_BYTES)
+        return write_checkpoint(
+            config, path, seed=seed, dtype=dtype, max_shard_bytes=ENSURE_SHARD_BYTES
+        )
     except FileExistsError:
         if (path / "config.json").exists():  # another process finished first
             return path

@@ -19,13 +19,20 @@ class Reference:
     parameters (the manifest's; a mapping or any collection of names) and
     ``quant`` is its quantization (compile/quantization.py's registry)."""
 
-    def __init__(self, checkpoint: str | Path, round_to: dict[str, str] | None = None, quant: str | None = None):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        round_to: dict[str, str] | None = None,
+        quant: str | None = None,
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
             import transformers
         except ImportError:
-            raise UserError("parity needs the reference: pip install 'qwen35-mobile[test]' (torch, transformers)") from None
+            raise UserError(
+                "parity needs the reference: pip install 'qwen35-mobile[test]' (torch, transformers)"
+            ) from None
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -33,7 +40,9 @@ class Reference:
         self.torch = torch
         path = Path(checkpoint)
         if not (path / "config.json").exists():
-            raise UserError(f"{checkpoint}: not a Hugging Face checkpoint directory (no config.json)")
+            raise UserError(
+                f"{checkpoint}: not a Hugging Face checkpoint directory (no config.json)"
+            )
         config = transformers.AutoConfig.from_pretrained(path)
         cls = (
             transformers.Qwen3_5ForConditionalGeneration

@@ -77,7 +77,9 @@ def _compared_steps(ours_tokens: list[int], ref_tokens: list[int]) -> int:
     return len(ref_tokens)
 
 
-def _greedy_ours(engine, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
+def _greedy_ours(
+    engine, prompts: list[list[int]], steps: int
+) -> tuple[list[list[int]], list[np.ndarray]]:
     """Free-running greedy decoding of several prompts in one decode batch."""
     seqs = [engine.add_sequence() for _ in prompts]
     try:
@@ -106,7 +108,9 @@ def _all_logits(engine, ids: list[int]) -> np.ndarray:
         engine.remove_sequence(seq)
 
 
-def collect_ours(engine, encoded: list[list[int]], new_tokens: int, progress=None) -> dict[str, np.ndarray]:
+def collect_ours(
+    engine, encoded: list[list[int]], new_tokens: int, progress=None
+) -> dict[str, np.ndarray]:
     """Everything the report needs from the compiled side, as named arrays.
 
     Needs only an :class:`~.engine.Engine` (no tokenizer, no transformers), so
@@ -130,17 +134,31 @@ def collect_ours(engine, encoded: list[list[int]], new_tokens: int, progress=Non
             finally:
                 engine.remove_sequence(seq)
         (tokens,), (rows,) = _greedy_ours(engine, [ids], new_tokens)
-        out[f"p{i}.greedy_tokens"], out[f"p{i}.greedy_logits"] = np.array(tokens, dtype=np.int64), rows
+        out[f"p{i}.greedy_tokens"], out[f"p{i}.greedy_logits"] = (
+            np.array(tokens, dtype=np.int64),
+            rows,
+        )
     if progress:
         progress("ours: batch decode: two prompts in one batch")
     tokens, rows = _greedy_ours(engine, encoded[:2], new_tokens)
     for i in range(len(tokens)):
-        out[f"batch{i}.tokens"], out[f"batch{i}.logits"] = np.array(tokens[i], dtype=np.int64), rows[i]
+        out[f"batch{i}.tokens"], out[f"batch{i}.logits"] = (
+            np.array(tokens[i], dtype=np.int64),
+            rows[i],
+        )
     return out
 
 
-def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts: list[str] | None = None,
-               tolerance: float | None = None, progress=print, ours=None) -> dict:
+def run_parity(
+    artifact: Path,
+    reference: Path,
+    *,
+    new_tokens: int = 32,
+    prompts: list[str] | None = None,
+    tolerance: float | None = None,
+    progress=print,
+    ours=None,
+) -> dict:
     """Compare ``artifact`` with transformers.  ``ours``: a callable
     ``(encoded prompts, new_tokens) -> collect_ours(...)`` dict that computes
     the compiled side elsewhere (an emulator); default: this process."""
@@ -166,7 +184,11 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         criteria["max_rel"] = tolerance
     prompts = prompts or DEFAULT_PROMPTS
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    got = ours(encoded, new_tokens) if ours else collect_ours(model.engine, encoded, new_tokens, progress)
+    got = (
+        ours(encoded, new_tokens)
+        if ours
+        else collect_ours(model.engine, encoded, new_tokens, progress)
+    )
     cases = []
     for i, ids in enumerate(encoded):
         progress(f"reference: prompt {i + 1}/{len(encoded)}: {len(ids)} tokens")
@@ -174,27 +196,43 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         cases.append({"prompt": i, **_rows("prefill", got[f"p{i}.prefill"], ref_logits)})
         if f"p{i}.continued" in got:
             split = len(ids) // 2
-            cases.append({"prompt": i, "split_at": split, **_rows("continued_prefill", got[f"p{i}.continued"], ref_logits[split:])})
+            cases.append(
+                {
+                    "prompt": i,
+                    "split_at": split,
+                    **_rows("continued_prefill", got[f"p{i}.continued"], ref_logits[split:]),
+                }
+            )
 
         ref_tokens, ref_rows = ref.greedy(ids, new_tokens)
-        our_tokens, our_rows = [int(t) for t in got[f"p{i}.greedy_tokens"]], got[f"p{i}.greedy_logits"]
+        our_tokens, our_rows = (
+            [int(t) for t in got[f"p{i}.greedy_tokens"]],
+            got[f"p{i}.greedy_logits"],
+        )
         n = _compared_steps(our_tokens, ref_tokens)
-        cases.append({
-            "prompt": i, **_rows("greedy", our_rows[:n], ref_rows[:n]),
-            "greedy_agree": our_tokens == ref_tokens,
-            "tokens_ours": our_tokens, "tokens_ref": ref_tokens,
-            "text_ref": tokenizer.decode(ref_tokens, skip_special_tokens=False),
-        })
+        cases.append(
+            {
+                "prompt": i,
+                **_rows("greedy", our_rows[:n], ref_rows[:n]),
+                "greedy_agree": our_tokens == ref_tokens,
+                "tokens_ours": our_tokens,
+                "tokens_ref": ref_tokens,
+                "text_ref": tokenizer.decode(ref_tokens, skip_special_tokens=False),
+            }
+        )
 
     progress("reference: batch decode")
     for i, ids in enumerate(encoded[:2]):
         our_tokens, our_rows = [int(t) for t in got[f"batch{i}.tokens"]], got[f"batch{i}.logits"]
         ref_tokens, ref_rows = ref.greedy(ids, new_tokens)
         n = _compared_steps(our_tokens, ref_tokens)
-        cases.append({
-            "prompt": i, **_rows("batch_decode", our_rows[:n], ref_rows[:n]),
-            "greedy_agree": our_tokens == ref_tokens,
-        })
+        cases.append(
+            {
+                "prompt": i,
+                **_rows("batch_decode", our_rows[:n], ref_rows[:n]),
+                "greedy_agree": our_tokens == ref_tokens,
+            }
+        )
 
     quantized = quantization.get(quant).quantized
     cost = _quantization_cost(model, reference, encoded) if quantized and model else None
@@ -211,7 +249,9 @@ def run_parity(artifact: Path, reference: Path, *, new_tokens: int = 32, prompts
         "new_tokens": new_tokens,
         "tolerance": {
             **criteria,
-            "reference_weights": "rounded to the artifact's parameter dtypes" if dtype != "float32" else "as stored",
+            "reference_weights": "rounded to the artifact's parameter dtypes"
+            if dtype != "float32"
+            else "as stored",
         },
         "summary": {
             "max_rel": worst,

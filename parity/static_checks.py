@@ -74,7 +74,9 @@ def kernel_sources(source: str) -> dict[str, str]:
     """``{kernel: its part of source}``: split on TVM's ``// Function:`` lines
     (OpenCL, WGSL), or per ``#include <metal_stdlib>`` unit (Metal)."""
     if "// Function: " in source:
-        return {chunk.split("\n", 1)[0].strip(): chunk for chunk in source.split("// Function: ")[1:]}
+        return {
+            chunk.split("\n", 1)[0].strip(): chunk for chunk in source.split("// Function: ")[1:]
+        }
     units = {}
     for chunk in source.split("#include <metal_stdlib>")[1:]:
         for name in re.findall(r"kernel void (\w+)\(", chunk):
@@ -88,25 +90,33 @@ def opencl_devices():
     :class:`CheckUnavailable` when pyopencl or every OpenCL driver (ICD, e.g.
     PoCL) is not installed; :class:`BrokenTool` when a driver is installed and
     pyopencl finds no platform or no device."""
-    from .emulators import BrokenTool
     from ..bindings.opencl_runtime import opencl_icds
+    from .emulators import BrokenTool
 
     try:
         import pyopencl as cl
     except ModuleNotFoundError as err:
         if err.name == "pyopencl":
-            raise CheckUnavailable("pyopencl is not installed (scripts/setup_static_checks.sh: pip install pyopencl)") from err
+            raise CheckUnavailable(
+                "pyopencl is not installed (scripts/setup_static_checks.sh: pip install pyopencl)"
+            ) from err
         raise
     icds = opencl_icds()
     if not icds:
-        raise CheckUnavailable("no OpenCL driver is installed (no ICD in /etc/OpenCL/vendors or $OCL_ICD_VENDORS; "
-                               "Debian: pocl-opencl-icd, scripts/setup_static_checks.sh)")
+        raise CheckUnavailable(
+            "no OpenCL driver is installed (no ICD in /etc/OpenCL/vendors or $OCL_ICD_VENDORS; "
+            "Debian: pocl-opencl-icd, scripts/setup_static_checks.sh)"
+        )
     try:
         devices = [d for p in cl.get_platforms() for d in p.get_devices()]
     except cl.Error as err:
-        raise BrokenTool(f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but pyopencl finds no platform: {err}") from err
+        raise BrokenTool(
+            f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but pyopencl finds no platform: {err}"
+        ) from err
     if not devices:
-        raise BrokenTool(f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but pyopencl finds no device")
+        raise BrokenTool(
+            f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but pyopencl finds no device"
+        )
     return cl, devices
 
 
@@ -119,13 +129,17 @@ def check_opencl(source: str) -> str:
     try:
         program = cl.Program(ctx, source).build()
     except cl.Error as err:
-        raise UserError(f"the OpenCL C does not build on {devices[0].platform.name}: {err}") from err
+        raise UserError(
+            f"the OpenCL C does not build on {devices[0].platform.name}: {err}"
+        ) from err
     return f"{len(program.all_kernels())} kernels built on {devices[0].platform.name} ({devices[0].name})"
 
 
 def wgsl_storage_buffers(source: str) -> dict[str, int]:
     """Storage buffers each WGSL kernel binds."""
-    return {name: len(re.findall(r"var<storage", part)) for name, part in kernel_sources(source).items()}
+    return {
+        name: len(re.findall(r"var<storage", part)) for name, part in kernel_sources(source).items()
+    }
 
 
 def check_wgsl_dawn(source_or_artifact: str | Path) -> str:
@@ -144,7 +158,9 @@ def check_wgsl_dawn(source_or_artifact: str | Path) -> str:
     else:
         path = Path(source_or_artifact)
         source = device_source(path / "model.tar" if path.is_dir() else path)
-    kernels = webgpu.split_wgsl(source)  # each kernel's WGSL alone (kernel_sources keeps the header line)
+    kernels = webgpu.split_wgsl(
+        source
+    )  # each kernel's WGSL alone (kernel_sources keeps the header line)
     if not kernels:
         raise UserError("no WGSL kernels in the source")
     why = webgpu.available()
@@ -153,7 +169,9 @@ def check_wgsl_dawn(source_or_artifact: str | Path) -> str:
     errors = {name: err for name, err in webgpu.check_shader_modules(kernels).items() if err}
     if errors:
         shown = "\n".join(f"{name}:\n{err}" for name, err in list(errors.items())[:5])
-        raise UserError(f"{len(errors)} of {len(kernels)} WGSL kernels do not create a shader module on Dawn:\n{shown}")
+        raise UserError(
+            f"{len(errors)} of {len(kernels)} WGSL kernels do not create a shader module on Dawn:\n{shown}"
+        )
     device = webgpu.adapter_info()["adapter"].get("description") or "Dawn"
     return f"{len(kernels)} WGSL kernels created shader modules on Dawn ({device})"
 
@@ -161,7 +179,18 @@ def check_wgsl_dawn(source_or_artifact: str | Path) -> str:
 # --------------------------------------------------------------------------
 # Metal: clang syntax check against a stub <metal_stdlib>
 # --------------------------------------------------------------------------
-_VECTOR_ELEMENTS = ("float", "half", "int", "uint", "short", "ushort", "char", "uchar", "long", "ulong")
+_VECTOR_ELEMENTS = (
+    "float",
+    "half",
+    "int",
+    "uint",
+    "short",
+    "ushort",
+    "char",
+    "uchar",
+    "long",
+    "ulong",
+)
 
 
 def metal_stdlib_stub() -> str:
@@ -195,12 +224,22 @@ def metal_stdlib_stub() -> str:
             "enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };",
             "inline void threadgroup_barrier(mem_flags) {}",
             "inline void simdgroup_barrier(mem_flags) {}",
-            *(f"template <class T> T {f}(T x, ushort) {{ return x; }}" for f in
-              ("simd_shuffle_down", "simd_shuffle_up", "simd_shuffle", "simd_shuffle_xor")),
+            *(
+                f"template <class T> T {f}(T x, ushort) {{ return x; }}"
+                for f in (
+                    "simd_shuffle_down",
+                    "simd_shuffle_up",
+                    "simd_shuffle",
+                    "simd_shuffle_xor",
+                )
+            ),
             "template <class T> T simd_sum(T x) { return x; }",
             *(f"template <class T> T {f}(T x) {{ return x; }}" for f in unary.split()),
             *(f"template <class T, class U> T {f}(T x, U) {{ return x; }}" for f in binary.split()),
-            *(f"template <class T, class U, class V> T {f}(T x, U, V) {{ return x; }}" for f in ("fma", "clamp", "select")),
+            *(
+                f"template <class T, class U, class V> T {f}(T x, U, V) {{ return x; }}"
+                for f in ("fma", "clamp", "select")
+            ),
             "template <class T, class U> T as_type(U x) { return (T)x; }",
             "}  // namespace metal",
             "",
@@ -217,8 +256,16 @@ def _clang() -> str:
     raise CheckUnavailable("no clang on PATH (Debian: apt-get install clang)")
 
 
-_METAL_FLAGS = ["--target=aarch64-linux-gnu", "-x", "c++", "-std=c++17", "-fsyntax-only",
-                "-Wno-unknown-attributes", "-Wno-user-defined-literals", "-Wno-c99-extensions"]
+_METAL_FLAGS = [
+    "--target=aarch64-linux-gnu",
+    "-x",
+    "c++",
+    "-std=c++17",
+    "-fsyntax-only",
+    "-Wno-unknown-attributes",
+    "-Wno-user-defined-literals",
+    "-Wno-c99-extensions",
+]
 #: A kernel the syntax check must pass (address spaces, attributes, vectors, half literals, math).
 _METAL_PROBE = (
     "#include <metal_stdlib>\nusing namespace metal;\n"
@@ -237,11 +284,22 @@ def _syntax_errors(clang: str, units: list[str]) -> list[str | None]:
     out: list[str | None] = []
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "metal_stdlib").write_text(metal_stdlib_stub())
-        for i, unit in enumerate(units):  # one unit per call: each kernel redefines TVM's helper types
+        for i, unit in enumerate(
+            units
+        ):  # one unit per call: each kernel redefines TVM's helper types
             path = Path(tmp) / f"k{i}.metal"
             path.write_text(unit)
-            proc = subprocess.run([clang, *_METAL_FLAGS, "-I", tmp, str(path)], capture_output=True, text=True, check=False)
-            out.append(None if proc.returncode == 0 else (proc.stderr or f"{clang} exited {proc.returncode}"))
+            proc = subprocess.run(
+                [clang, *_METAL_FLAGS, "-I", tmp, str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            out.append(
+                None
+                if proc.returncode == 0
+                else (proc.stderr or f"{clang} exited {proc.returncode}")
+            )
     return out
 
 
@@ -251,8 +309,10 @@ def _metal_probe(clang: str) -> None:
 
     (err,) = _syntax_errors(clang, [_METAL_PROBE])
     if err is not None:
-        raise BrokenTool(f"{clang} fails a known-good Metal kernel against the stub metal_stdlib "
-                         f"(the check itself is broken):\n{err[:2000]}")
+        raise BrokenTool(
+            f"{clang} fails a known-good Metal kernel against the stub metal_stdlib "
+            f"(the check itself is broken):\n{err[:2000]}"
+        )
 
 
 def metal_clang() -> str:
@@ -272,8 +332,11 @@ def _metal_failures(source: str) -> tuple[int, list[tuple[list[str], str]]]:
     units = _metal_units(source)
     if not units:
         raise UserError("no Metal kernels in the source")
-    failing = [(re.findall(r"kernel void (\w+)\(", unit) or ["(a unit without a kernel)"], err)
-               for unit, err in zip(units, _syntax_errors(metal_clang(), units)) if err is not None]
+    failing = [
+        (re.findall(r"kernel void (\w+)\(", unit) or ["(a unit without a kernel)"], err)
+        for unit, err in zip(units, _syntax_errors(metal_clang(), units))
+        if err is not None
+    ]
     return len(units), failing
 
 
@@ -288,8 +351,10 @@ def check_metal(source: str) -> str:
     total, failing = _metal_failures(source)
     if failing:
         names = sorted(name for names, _ in failing for name in names)
-        raise UserError(f"{len(failing)} of {total} Metal kernels fail the clang syntax check "
-                        f"({', '.join(names)}):\n" + failing[0][1][:4000])
+        raise UserError(
+            f"{len(failing)} of {total} Metal kernels fail the clang syntax check "
+            f"({', '.join(names)}):\n" + failing[0][1][:4000]
+        )
     return f"{total} Metal kernels pass the clang syntax check ({metal_clang()}, stub metal_stdlib)"
 
 
@@ -302,7 +367,9 @@ def break_metal_kernel(source: str, name: str, prefix: str = "") -> tuple[str, l
     pattern = re.compile(rf"(?:{re.escape(prefix)})?{re.escape(name)}(?:_kernel(?:_\d+)?)?")
     chosen = [k for k in kernels if k == name] or [k for k in kernels if pattern.fullmatch(k)]
     if not chosen:
-        raise UserError(f"--break-kernel: no Metal kernel '{name}' (nor '{prefix}{name}_kernel') in the source")
+        raise UserError(
+            f"--break-kernel: no Metal kernel '{name}' (nor '{prefix}{name}_kernel') in the source"
+        )
     for kernel in chosen:
         start = source.index(f"kernel void {kernel}(")
         brace = source.index("{", start)
@@ -356,7 +423,9 @@ def check_symbols(model_tar: Path | str) -> str:
     undefined = undefined_symbols(model_tar)
     foreign = sorted(s for s in undefined if not _RUNTIME_SYMBOL.match(s))
     if foreign:
-        raise UserError(f"{model_tar}: undefined symbols the TVM runtime does not provide: {', '.join(foreign[:50])}")
+        raise UserError(
+            f"{model_tar}: undefined symbols the TVM runtime does not provide: {', '.join(foreign[:50])}"
+        )
     return f"{len(undefined)} undefined symbols, all the TVM runtime's"
 
 
@@ -416,14 +485,20 @@ def check_aarch64_link(model_tar: Path | str) -> list[str]:
         linked = str(Path(tmp) / "linked.so")
         proc = subprocess.run(
             [ld, "-shared", "--unresolved-symbols=ignore-all", "-o", linked, *objects],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
-            raise UserError(f"{model_tar}: the objects do not link with {ld}:\n{proc.stderr[:4000]}")
+            raise UserError(
+                f"{model_tar}: the objects do not link with {ld}:\n{proc.stderr[:4000]}"
+            )
         proc = subprocess.run([nm, "-u", "-D", linked], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise UserError(f"{nm} failed on the linked {model_tar}: {proc.stderr[:2000]}")
-    undefined = sorted({line.split()[-1].split("@")[0] for line in proc.stdout.splitlines() if line.strip()})
+    undefined = sorted(
+        {line.split()[-1].split("@")[0] for line in proc.stdout.splitlines() if line.strip()}
+    )
     foreign = [s for s in undefined if not _AARCH64_LINK_ALLOWED.match(s)]
     if foreign:
         raise UserError(

@@ -138,10 +138,16 @@ def tvm_kernels(quick: bool) -> dict:
             a = rng.standard_normal((1, m, k), dtype=np.float32)
             w = rng.standard_normal((n, k), dtype=np.float32).astype(dtype)
             c = np.empty((1, m, n), np.float32)
-            args = [tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev), tvm.runtime.tensor(c, dev)]
+            args = [
+                tvm.runtime.tensor(a, dev),
+                tvm.runtime.tensor(w, dev),
+                tvm.runtime.tensor(c, dev),
+            ]
             fn(*args)
             ref = a[0] @ w.astype(np.float32).T
-            np.testing.assert_allclose(args[2].numpy()[0], ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+            np.testing.assert_allclose(
+                args[2].numpy()[0], ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max()
+            )
             out[(name, dtype)] = lambda fn=fn, args=args: fn(*args)
     return out
 
@@ -151,10 +157,18 @@ def _openblas_core() -> str:
     import ctypes
 
     with open("/proc/self/maps") as maps:
-        libs = {line.split()[-1] for line in maps if "openblas" in line.lower() and line.strip().endswith(".so")}
+        libs = {
+            line.split()[-1]
+            for line in maps
+            if "openblas" in line.lower() and line.strip().endswith(".so")
+        }
     for lib in libs:
         handle = ctypes.CDLL(lib)
-        for symbol in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+        for symbol in (
+            "scipy_openblas_get_corename64_",
+            "openblas_get_corename64_",
+            "openblas_get_corename",
+        ):
             if hasattr(handle, symbol):
                 fn = getattr(handle, symbol)
                 fn.restype = ctypes.c_char_p
@@ -164,9 +178,15 @@ def _openblas_core() -> str:
 
 def numpy_unpinned(quick: bool, rounds: int) -> tuple[dict[str, float], str]:
     """numpy times in a child process without the OpenBLAS core pinning."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    args = [sys.executable, __file__, "--numpy-child", "--rounds", str(rounds)] + (["--quick"] if quick else [])
-    result = json.loads(subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    }
+    args = [sys.executable, __file__, "--numpy-child", "--rounds", str(rounds)] + (
+        ["--quick"] if quick else []
+    )
+    result = json.loads(
+        subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
+    )
     return result["times"], result["core"]
 
 
@@ -181,7 +201,9 @@ def memory_bandwidth() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 1 GB lm_head GEMV")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved timing rounds (best kept)"
+    )
     parser.add_argument("--numpy-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.numpy_child:

@@ -28,9 +28,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import tvm
+from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 from tvm import relax
 from tvm.relax.frontend import nn
-from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from qwen35_mobile.compile.kernels import block_cols_for_target, causal_conv1d, gated_delta_rule
 
@@ -88,7 +88,9 @@ def _gdn_arrays(seq_len: int, hk: int, hv: int, dk: int, dv: int) -> list[np.nda
     return [q, k, v, g, beta, state]
 
 
-def gated_delta_rule_cases(name: str, target: tvm.target.Target) -> list[tuple[str, Callable, Callable]]:
+def gated_delta_rule_cases(
+    name: str, target: tvm.target.Target
+) -> list[tuple[str, Callable, Callable]]:
     """(case, tvm timer, torch timer) for prefill and decode."""
     hk, hv, dk, dv = SHAPES[name]
     spec = {
@@ -114,7 +116,10 @@ def gated_delta_rule_cases(name: str, target: tvm.target.Target) -> list[tuple[s
                 functools.partial(
                     _time_torch,
                     functools.partial(
-                        reference, *torch_args, initial_state=torch.from_numpy(state), output_final_state=True
+                        reference,
+                        *torch_args,
+                        initial_state=torch.from_numpy(state),
+                        output_final_state=True,
                     ),
                 ),
             )
@@ -138,12 +143,19 @@ def causal_conv_cases(name: str, target: tvm.target.Target) -> list[tuple[str, C
     for label, seq_len in (("prefill", PREFILL), ("decode", DECODE)):
         x = rng.standard_normal((1, seq_len, channels)).astype(np.float32)
         state = rng.standard_normal((1, channels, CONV_KERNEL - 1)).astype(np.float32)
-        torch_args = (torch.from_numpy(x).transpose(1, 2), torch.from_numpy(state), torch.from_numpy(weight))
+        torch_args = (
+            torch.from_numpy(x).transpose(1, 2),
+            torch.from_numpy(state),
+            torch.from_numpy(weight),
+        )
         cases.append(
             (
                 f"{name} causal_conv1d C={channels} {label} T={seq_len}",
                 functools.partial(_time_tvm, vm, [x, state, weight]),
-                functools.partial(_time_torch, functools.partial(hf.causal_conv1d_update, *torch_args, None, "silu")),
+                functools.partial(
+                    _time_torch,
+                    functools.partial(hf.causal_conv1d_update, *torch_args, None, "silu"),
+                ),
             )
         )
     return cases
@@ -151,9 +163,13 @@ def causal_conv_cases(name: str, target: tvm.target.Target) -> list[tuple[str, C
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", type=json.loads, default=None, help="TVM target as JSON (default: host CPU)")
+    parser.add_argument(
+        "--target", type=json.loads, default=None, help="TVM target as JSON (default: host CPU)"
+    )
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for both sides (default: all cores)"
+    )
     args = parser.parse_args()
     if args.threads:
         # Read by TVM's thread pool when it starts, at the first parallel kernel.
@@ -161,10 +177,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     target_spec = args.target or {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
     target = tvm.target.Target(target_spec)
-    print(f"target {json.dumps(target_spec)}, block_cols {block_cols_for_target(target)}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"target {json.dumps(target_spec)}, block_cols {block_cols_for_target(target)}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print(f"{'case':<50} {'tvm ms':>9} {'torch ms':>9} {'speedup':>8}")
-    cases = [c for name in SHAPES for c in gated_delta_rule_cases(name, target) + causal_conv_cases(name, target)]
+    cases = [
+        c
+        for name in SHAPES
+        for c in gated_delta_rule_cases(name, target) + causal_conv_cases(name, target)
+    ]
     # All torch timings first: TVM's worker threads keep spinning for a while
     # after a parallel call and would steal the cores from torch's threads.
     theirs = [time_torch(args.repeat) for _, _, time_torch in cases]

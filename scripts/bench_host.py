@@ -82,26 +82,40 @@ def decode_bytes(manifest: dict, config) -> int:
     read whole by the LM head; the embedding lookup itself reads one row) and
     the DeltaNet states (read and written)."""
     sizes = {"float32": 4, "float16": 2, "uint32": 4}
-    nbytes = {p["name"]: int(np.prod(p["shape"])) * sizes[p["dtype"]] for p in manifest["parameters"]}
+    nbytes = {
+        p["name"]: int(np.prod(p["shape"])) * sizes[p["dtype"]] for p in manifest["parameters"]
+    }
     weights = sum(nbytes.values())
     if not config.tie_word_embeddings:  # the table itself is only gathered from
         weights -= sum(n for name, n in nbytes.items() if name.startswith("embed_tokens."))
-    states = len(config.linear_attention_layers) * config.linear_value_dim * config.linear_key_head_dim * 4 * 2
+    states = (
+        len(config.linear_attention_layers)
+        * config.linear_value_dim
+        * config.linear_key_head_dim
+        * 4
+        * 2
+    )
     return weights + states
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="qwen3.5-0.8b")
     parser.add_argument("--quant", default="q0f32")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--workdir", default=None, help="keep the checkpoint and artifact here (default: a temp dir)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the checkpoint and artifact here (default: a temp dir)",
+    )
     args = parser.parse_args()
 
-    from qwen35_mobile.parity.checkpoint import ensure_checkpoint
     from qwen35_mobile.compile.compiler import compile_model
     from qwen35_mobile.compile.config import preset
+    from qwen35_mobile.parity.checkpoint import ensure_checkpoint
 
     config = preset(args.preset)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-host-"))
@@ -123,14 +137,24 @@ def main() -> None:
     nbytes = decode_bytes(manifest, config)
     floor = nbytes / bandwidth
 
-    print(f"\n{args.preset} {args.quant} on {os.cpu_count()} cores (torch threads {threads}); all figures from this run")
+    print(
+        f"\n{args.preset} {args.quant} on {os.cpu_count()} cores (torch threads {threads}); all figures from this run"
+    )
     print(f"{'':28s}{'compiled':>12s}{'transformers':>14s}{'ratio':>8s}")
-    print(f"{'prefill tok/s (' + str(args.prompt_tokens) + ' tokens)':28s}{ours_prefill:12.1f}{ref_prefill:14.1f}"
-          f"{ours_prefill / ref_prefill:8.2f}")
-    print(f"{'decode tok/s':28s}{ours_decode:12.2f}{ref_decode:14.2f}{ours_decode / ref_decode:8.2f}")
-    print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s; bytes per decoded token: {nbytes / 1e9:.2f} GB")
-    print(f"decode floor: {floor * 1e3:.0f} ms/token ({1 / floor:.2f} tok/s); compiled decode reaches "
-          f"{ours_decode * floor:.0%} of it")
+    print(
+        f"{'prefill tok/s (' + str(args.prompt_tokens) + ' tokens)':28s}{ours_prefill:12.1f}{ref_prefill:14.1f}"
+        f"{ours_prefill / ref_prefill:8.2f}"
+    )
+    print(
+        f"{'decode tok/s':28s}{ours_decode:12.2f}{ref_decode:14.2f}{ours_decode / ref_decode:8.2f}"
+    )
+    print(
+        f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s; bytes per decoded token: {nbytes / 1e9:.2f} GB"
+    )
+    print(
+        f"decode floor: {floor * 1e3:.0f} ms/token ({1 / floor:.2f} tok/s); compiled decode reaches "
+        f"{ours_decode * floor:.0%} of it"
+    )
 
 
 if __name__ == "__main__":

@@ -87,7 +87,12 @@ def build(fmt: str, k: int, n: int, target, cold_bytes: int):
         def decode(self, x: nn.Tensor):
             return self.proj(x)
 
-    spec = {"decode": {"x": nn.spec.Tensor(["batch", 1, k], dtype), "$": {"param_mode": "packed", "effect_mode": "none"}}}
+    spec = {
+        "decode": {
+            "x": nn.spec.Tensor(["batch", 1, k], dtype),
+            "$": {"param_mode": "packed", "effect_mode": "none"},
+        }
+    }
     mod, _ = Layer().export_tvm(spec=spec)
     ex = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
@@ -115,20 +120,30 @@ def build(fmt: str, k: int, n: int, target, cold_bytes: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the lm_head (248320 x 1024)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
-    parser.add_argument("--cold-mb", type=int, default=512, help="weight copies cycled over in the cold runs")
-    parser.add_argument("--prefill", type=int, default=0, metavar="M", help="also time M-row matmuls (MLP shapes)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved timing rounds (best kept)"
+    )
+    parser.add_argument(
+        "--cold-mb", type=int, default=512, help="weight copies cycled over in the cold runs"
+    )
+    parser.add_argument(
+        "--prefill", type=int, default=0, metavar="M", help="also time M-row matmuls (MLP shapes)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))
 
     from qwen35_mobile.compile.schedule_cpu import cpu_target
 
     target = cpu_target({"kind": "llvm", "mcpu": "native"})
-    print(f"target mcpu={target.attrs.get('mcpu')}  TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}  "
-          f"load={os.getloadavg()[0]:.2f}")
+    print(
+        f"target mcpu={target.attrs.get('mcpu')}  TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}  "
+        f"load={os.getloadavg()[0]:.2f}"
+    )
     print(f"numpy copy bandwidth: {memory_bandwidth():.1f} GB/s (read + write)")
-    print(f"{'case':<9} {'fmt':<8} {'weight MB':>10} | {'hot ms':>8} {'GB/s':>6} {'vs q0f16':>8} | "
-          f"{'cold ms':>8} {'GB/s':>6} {'vs q0f16':>8} {'vs q0f32':>8}")
+    print(
+        f"{'case':<9} {'fmt':<8} {'weight MB':>10} | {'hot ms':>8} {'GB/s':>6} {'vs q0f16':>8} | "
+        f"{'cold ms':>8} {'GB/s':>6} {'vs q0f16':>8} {'vs q0f32':>8}"
+    )
     for name, k, n in _cases(args.quick):
         hot, cold = {}, {}
         for fmt in FORMATS:
@@ -142,7 +157,11 @@ def main() -> None:
 
             # Both regimes time the same number of back-to-back calls (a lone
             # call's best time flatters a busy machine); only the footprint differs.
-            hot[fmt] = (lambda run=run, calls=[fargs] * len(copies): run(calls=calls), nbytes, len(copies))
+            hot[fmt] = (
+                lambda run=run, calls=[fargs] * len(copies): run(calls=calls),  # noqa: B008 (bound now, on purpose)
+                nbytes,
+                len(copies),
+            )
             cold[fmt] = (lambda run=run, calls=copies: run(calls=calls), nbytes, len(copies))
         times = {(kind, fmt): float("inf") for kind in ("hot", "cold") for fmt in FORMATS}
         for _ in range(args.rounds):  # interleaved: a busy moment hits every format alike
@@ -152,9 +171,11 @@ def main() -> None:
         for fmt in FORMATS:
             nbytes = hot[fmt][1]
             th, tc = times["hot", fmt], times["cold", fmt]
-            print(f"{name:<9} {fmt:<8} {nbytes / 1e6:>10.1f} | {th * 1e3:>8.3f} {nbytes / th / 1e9:>6.1f} "
-                  f"{th / times['hot', 'q0f16']:>8.2f} | {tc * 1e3:>8.3f} {nbytes / tc / 1e9:>6.1f} "
-                  f"{tc / times['cold', 'q0f16']:>8.2f} {tc / times['cold', 'q0f32']:>8.2f}")
+            print(
+                f"{name:<9} {fmt:<8} {nbytes / 1e6:>10.1f} | {th * 1e3:>8.3f} {nbytes / th / 1e9:>6.1f} "
+                f"{th / times['hot', 'q0f16']:>8.2f} | {tc * 1e3:>8.3f} {nbytes / tc / 1e9:>6.1f} "
+                f"{tc / times['cold', 'q0f16']:>8.2f} {tc / times['cold', 'q0f32']:>8.2f}"
+            )
         del hot, cold
     if args.prefill:
         import tvm
@@ -164,10 +185,18 @@ def main() -> None:
             times = {}
             for fmt in FORMATS:
                 fn, fargs, _, _, _ = build(fmt, k, n, target, 0)
-                x = np.random.default_rng(0).standard_normal((args.prefill, 1, k)).astype(fargs[0].numpy().dtype)
+                x = (
+                    np.random.default_rng(0)
+                    .standard_normal((args.prefill, 1, k))
+                    .astype(fargs[0].numpy().dtype)
+                )
                 call = [tvm.runtime.tensor(x), fargs[1]]
-                times[fmt] = min(_best(lambda fn=fn, call=call: fn(*call)) for _ in range(args.rounds))
-            cols = "  ".join(f"{fmt} {t * 1e3:.2f} ms ({t / times['q0f16']:.2f})" for fmt, t in times.items())
+                times[fmt] = min(
+                    _best(lambda fn=fn, call=call: fn(*call)) for _ in range(args.rounds)
+                )
+            cols = "  ".join(
+                f"{fmt} {t * 1e3:.2f} ms ({t / times['q0f16']:.2f})" for fmt, t in times.items()
+            )
             print(f"{name:<8} {cols}")
 
 

@@ -35,7 +35,6 @@ def _size(n: int) -> str:
 def _static_checks(library: Path, target: str, quant: str) -> str:
     from qwen35_mobile.errors import UserError
     from qwen35_mobile.parity import static_checks as sc
-    from qwen35_mobile.errors import UserError
 
     if not library.name.endswith(".tar"):
         return ""
@@ -63,10 +62,19 @@ def _device_check(source: str, target: str, quant: str) -> str:
     if target == "ios":
         return "metal: " + sc.check_metal(source)
     if target == "webgpu":
-        over = {k: n for k, n in sc.wgsl_storage_buffers(source).items() if n > sc.WEBGPU_MAX_STORAGE_BUFFERS}
+        over = {
+            k: n
+            for k, n in sc.wgsl_storage_buffers(source).items()
+            if n > sc.WEBGPU_MAX_STORAGE_BUFFERS
+        }
         if over:
-            raise UserError(f"wgsl: kernels over {sc.WEBGPU_MAX_STORAGE_BUFFERS} storage buffers: {over}")
-        return f"wgsl: at most {sc.WEBGPU_MAX_STORAGE_BUFFERS} storage buffers; " + sc.check_wgsl_dawn(source)
+            raise UserError(
+                f"wgsl: kernels over {sc.WEBGPU_MAX_STORAGE_BUFFERS} storage buffers: {over}"
+            )
+        return (
+            f"wgsl: at most {sc.WEBGPU_MAX_STORAGE_BUFFERS} storage buffers; "
+            + sc.check_wgsl_dawn(source)
+        )
     return "no device check for this build"
 
 
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/matrix"))
     parser.add_argument("--force", action="store_true", help="rebuild existing artifacts")
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="static checks: OpenCL C of fp32 android builds on PoCL (needs pyopencl), Metal kernels through a clang "
         "syntax check (needs clang), WGSL storage buffers per kernel and shader modules on Dawn (npm webgpu)",
     )
@@ -102,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                         manifest = read_manifest(out)
                         note = "(existing)"
                     else:
-                        manifest = compile_model(model, target, quant, out, force=args.force, progress=lambda _: None)
+                        manifest = compile_model(
+                            model, target, quant, out, force=args.force, progress=lambda _: None
+                        )
                         note = ""
                 except Exception as err:  # keep going: report every failing cell
                     failed.append(name)
                     summary[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000]}
-                    print(f"{name:36s} FAILED after {time.time() - started:.0f} s: {str(err).splitlines()[0][:200]}",
-                          flush=True)
+                    print(
+                        f"{name:36s} FAILED after {time.time() - started:.0f} s: {str(err).splitlines()[0][:200]}",
+                        flush=True,
+                    )
                     traceback.print_exc(limit=3)
                     continue
                 seconds = (read_build_info(out) or {}).get("library_compile_seconds", float("nan"))
@@ -122,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                     "library": str(out / manifest["library"]),
                 }
                 if args.check:
-                    summary[name]["checks"] = check = _static_checks(out / manifest["library"], target, quant)
+                    summary[name]["checks"] = check = _static_checks(
+                        out / manifest["library"], target, quant
+                    )
                     note = f"{note} {check}".strip()
                 print(
                     f"{name:36s} compile {seconds:7.1f} s  library "

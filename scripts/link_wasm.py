@@ -19,8 +19,12 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path, help="artifact directory of a --target webgpu build")
-    parser.add_argument("-o", "--out", type=Path, default=None, help="output .wasm (default ARTIFACT/model.wasm)")
-    parser.add_argument("--web-runtime", type=Path, default=None, help="directory with TVM's web runtime .bc files")
+    parser.add_argument(
+        "-o", "--out", type=Path, default=None, help="output .wasm (default ARTIFACT/model.wasm)"
+    )
+    parser.add_argument(
+        "--web-runtime", type=Path, default=None, help="directory with TVM's web runtime .bc files"
+    )
     args = parser.parse_args(argv)
 
     from qwen35_mobile.compile.wasm import link_wasm
@@ -29,8 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = json.loads((args.artifact / "manifest.json").read_text())
         if manifest.get("target") != "webgpu":
-            raise UserError(f"{args.artifact}: built for target '{manifest.get('target')}', not webgpu")
-        out = link_wasm(args.artifact / manifest["library"], args.out or args.artifact / "model.wasm", args.web_runtime)
+            raise UserError(
+                f"{args.artifact}: built for target '{manifest.get('target')}', not webgpu"
+            )
+        out = link_wasm(
+            args.artifact / manifest["library"],
+            args.out or args.artifact / "model.wasm",
+            args.web_runtime,
+        )
     except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,9 +26,15 @@ class TargetPreset:
     device: str = "cpu"  # the TVM device the bindings run the library on ("cpu", "opencl", ...)
     fp16_mattr: tuple[str, ...] = ()  # LLVM features added to the (host) target of fp16 builds
     emulation: bool = False  # a build for the parity emulators, not for shipping
-    kernels_of: str | None = None  # emulation: device kernels exactly as this preset's build makes them
-    graph_of: str | None = None  # host twin: the GPU preset whose kernels it reproduces (compile/twin.py)
-    linker: str | None = None  # C++ compiler that links a .so for another machine (None: TVM's default)
+    kernels_of: str | None = (
+        None  # emulation: device kernels exactly as this preset's build makes them
+    )
+    graph_of: str | None = (
+        None  # host twin: the GPU preset whose kernels it reproduces (compile/twin.py)
+    )
+    linker: str | None = (
+        None  # C++ compiler that links a .so for another machine (None: TVM's default)
+    )
 
     @property
     def is_gpu(self) -> bool:
@@ -45,7 +51,10 @@ class TargetPreset:
             target["mcpu"] = codegen.llvm_get_system_cpu()
         if dtype == "float16" and self.fp16_mattr:
             llvm = dict(target["host"]) if self.is_gpu else target
-            llvm["mattr"] = [*llvm.get("mattr", []), *(a for a in self.fp16_mattr if a not in llvm.get("mattr", []))]
+            llvm["mattr"] = [
+                *llvm.get("mattr", []),
+                *(a for a in self.fp16_mattr if a not in llvm.get("mattr", [])),
+            ]
             if self.is_gpu:
                 target["host"] = llvm
         return target
@@ -58,11 +67,17 @@ class TargetPreset:
     def kernel_target(self, dtype: str | None = None):
         """The target the kernels are exported and scheduled for: this preset's,
         or with ``kernels_of`` the shipping preset's (whose kernels it runs)."""
-        return get_target(self.kernels_of).tvm_target(dtype) if self.kernels_of else self.tvm_target(dtype)
+        return (
+            get_target(self.kernels_of).tvm_target(dtype)
+            if self.kernels_of
+            else self.tvm_target(dtype)
+        )
 
 
 def _host_triple() -> str:
-    return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(platform.machine(), platform.machine())
+    return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(
+        platform.machine(), platform.machine()
+    )
 
 
 PRESETS: dict[str, TargetPreset] = {
@@ -197,7 +212,10 @@ PRESETS.update(
         "android-pocl": dataclasses.replace(
             PRESETS["android"],
             name="android-pocl",
-            target={**PRESETS["android"].target, "host": {"kind": "llvm", "mtriple": _host_triple()}},
+            target={
+                **PRESETS["android"].target,
+                "host": {"kind": "llvm", "mtriple": _host_triple()},
+            },
             host_triple=_host_triple(),
             output="model.so",
             system_lib_prefix=None,

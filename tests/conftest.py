@@ -62,14 +62,17 @@ def need_module(name: str, what: str | None = None):
     except ModuleNotFoundError as err:
         if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
             raise
-        need(f"no module named '{err.name}' (scripts/setup.sh installs it)", what or f"the Python package {name}")
+        need(
+            f"no module named '{err.name}' (scripts/setup.sh installs it)",
+            what or f"the Python package {name}",
+        )
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(preset, **write_checkpoint options) -> directory."""
-    from qwen35_mobile.parity.checkpoint import write_checkpoint
     from qwen35_mobile.compile.config import preset
+    from qwen35_mobile.parity.checkpoint import write_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     made: dict[tuple, Path] = {}
@@ -97,7 +100,9 @@ def artifact(tmp_path_factory, checkpoint):
         key = (name, quant, tuple(sorted(options.items())))
         if key not in made:
             out = root / f"{name}-{quant}-{len(made)}"
-            compile_model(str(checkpoint(name)), "host", quant, out, progress=lambda _: None, **options)
+            compile_model(
+                str(checkpoint(name)), "host", quant, out, progress=lambda _: None, **options
+            )
             made[key] = out
         return made[key]
 

@@ -4,14 +4,15 @@ produces them, and transformers' reference functions."""
 from __future__ import annotations
 
 import numpy as np
-
 from conftest import need_module  # noqa: E402  (tests/ is on sys.path, as for this module)
 
 hf = need_module("transformers.models.qwen3_5.modeling_qwen3_5")
 torch = need_module("torch")
 
 
-def gdn_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int, seed: int) -> dict[str, np.ndarray]:
+def gdn_inputs(
+    b: int, t: int, hk: int, hv: int, dk: int, dv: int, seed: int
+) -> dict[str, np.ndarray]:
     """Unit-norm q, k; g < 0; beta in (0, 1); a random starting state."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
@@ -28,7 +29,9 @@ def gdn_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int, seed: int) ->
     }
 
 
-def gdn_reference(x: dict[str, np.ndarray], dtype: str, chunked: bool) -> tuple[np.ndarray, np.ndarray]:
+def gdn_reference(
+    x: dict[str, np.ndarray], dtype: str, chunked: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """transformers' reference; it scales q by Dk**-0.5 itself."""
     q, k, v = (torch.from_numpy(x[n]).to(getattr(torch, dtype)) for n in ("q", "k", "v"))
     g, beta, state = (torch.from_numpy(x[n]) for n in ("g", "beta", "state"))

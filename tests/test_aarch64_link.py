@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 from conftest import need
 
-from qwen35_mobile.parity.static_checks import CheckUnavailable, check_aarch64_link
 from qwen35_mobile.errors import UserError
+from qwen35_mobile.parity.static_checks import CheckUnavailable, check_aarch64_link
 
 
 @pytest.fixture(scope="module")
 def cross_binutils():
     missing = [t for t in ("ld", "as", "nm") if shutil.which(f"aarch64-linux-gnu-{t}") is None]
-    need(missing and f"no aarch64-linux-gnu-{'/'.join(missing)} (Debian: apt-get install binutils-aarch64-linux-gnu)",
-         "the aarch64 cross binutils")
+    need(
+        missing
+        and f"no aarch64-linux-gnu-{'/'.join(missing)} (Debian: apt-get install binutils-aarch64-linux-gnu)",
+        "the aarch64 cross binutils",
+    )
 
 
 needs_cross_binutils = pytest.mark.usefixtures("cross_binutils")

@@ -11,7 +11,9 @@ def test_chat_template_thinking_on_and_off():
     off = chat_prompt("hi")
     assert off == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert chat_prompt("hi", thinking=True).endswith("<|im_start|>assistant\n<think>\n")
-    assert chat_prompt("hi", system="be brief").startswith("<|im_start|>system\nbe brief<|im_end|>\n")
+    assert chat_prompt("hi", system="be brief").startswith(
+        "<|im_start|>system\nbe brief<|im_end|>\n"
+    )
 
 
 def test_sampling():
@@ -28,8 +30,9 @@ def test_generate_stream_and_logits(artifact):
     m = Model.load(artifact("tiny"))
     text = m.generate("Hello", max_new_tokens=12, temperature=0)
     assert text == "".join(m.stream("Hello", max_new_tokens=12, temperature=0))
-    assert m.generate("Hello", max_new_tokens=12, temperature=0.8, seed=3) == \
-        m.generate("Hello", max_new_tokens=12, temperature=0.8, seed=3)
+    assert m.generate("Hello", max_new_tokens=12, temperature=0.8, seed=3) == m.generate(
+        "Hello", max_new_tokens=12, temperature=0.8, seed=3
+    )
     ids = m.encode(chat_prompt("Hello"))
     greedy = list(m.generate_ids(ids, 12))
     assert m.decode_tokens(greedy) == text

@@ -11,21 +11,36 @@ from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qwen35_mobile.parity import checkpoint as ckpt  # noqa: E402
-from qwen35_mobile.compile.config import PRESETS  # noqa: E402
-
 from conftest import need_module  # noqa: E402
+
+from qwen35_mobile.compile.config import PRESETS  # noqa: E402
+from qwen35_mobile.parity import checkpoint as ckpt  # noqa: E402
 
 torch = need_module("torch")
 transformers = need_module("transformers")
 
 TEST_PRESETS = ["tiny", "tiny-gva", "tiny-untied"]
 MTP_NAMES = {
-    "mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
-    *(f"mtp.layers.0.{n}.weight" for n in [
-        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-        "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    ]),
+    "mtp.fc.weight",
+    "mtp.pre_fc_norm_embedding.weight",
+    "mtp.pre_fc_norm_hidden.weight",
+    "mtp.norm.weight",
+    *(
+        f"mtp.layers.0.{n}.weight"
+        for n in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "self_attn.q_norm",
+            "self_attn.k_norm",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    ),
 }
 
 
@@ -41,7 +56,9 @@ def _read(directory):
 def _reference_shapes(config):
     """Names and shapes of transformers' own model for this config."""
     with torch.device("meta"):
-        model = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(**config.hf_config_dict()))
+        model = transformers.Qwen3_5ForConditionalGeneration(
+            transformers.Qwen3_5Config(**config.hf_config_dict())
+        )
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         del shapes["lm_head.weight"]
@@ -63,13 +80,20 @@ def test_tensor_names_and_shapes_match_transformers(written, name):
     assert set(mtp) == MTP_NAMES
     h = config.hidden_size
     assert mtp["mtp.fc.weight"] == (h, 2 * h)
-    assert mtp["mtp.layers.0.self_attn.q_proj.weight"] == (2 * config.num_attention_heads * config.head_dim, h)
+    assert mtp["mtp.layers.0.self_attn.q_proj.weight"] == (
+        2 * config.num_attention_heads * config.head_dim,
+        h,
+    )
     assert {k: v.shape for k, v in tensors.items() if k not in mtp} == _reference_shapes(config)
     assert ("lm_head.weight" in tensors) == (not config.tie_word_embeddings)
     assert {v.dtype for v in tensors.values()} == {np.dtype(np.float32)}
     assert sorted(p.name for p in written[name].iterdir()) == [
-        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
 
 
@@ -77,14 +101,17 @@ def test_tensor_names_and_shapes_match_transformers(written, name):
 def test_real_size_layouts_match_transformers(name):
     config = PRESETS[name]
     specs = ckpt.tensor_specs(config)
-    assert {k: s.shape for k, s in specs.items() if not k.startswith("mtp.")} == _reference_shapes(config)
+    assert {k: s.shape for k, s in specs.items() if not k.startswith("mtp.")} == _reference_shapes(
+        config
+    )
     assert {k for k in specs if k.startswith("mtp.")} == MTP_NAMES
 
 
 @pytest.mark.parametrize("name", TEST_PRESETS)
 def test_transformers_loads_every_tensor(written, name):
     model, info = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
-        written[name], output_loading_info=True, local_files_only=True)
+        written[name], output_loading_info=True, local_files_only=True
+    )
     assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
     assert all(k.startswith("mtp.") for k in info["unexpected_keys"])
     tensors = _read(written[name])
@@ -98,7 +125,9 @@ def test_transformers_loads_every_tensor(written, name):
 
 @pytest.mark.parametrize("name", TEST_PRESETS)
 def test_forward_is_finite_and_not_degenerate(written, name):
-    model = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(written[name], local_files_only=True)
+    model = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
+        written[name], local_files_only=True
+    )
     ids = torch.randint(0, 248000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
@@ -114,8 +143,12 @@ def test_forward_is_finite_and_not_degenerate(written, name):
     margin = top2[..., 0] - top2[..., 1]
     assert margin.std().item() > 0.1  # the top-1 margin varies
     argmax = logits.argmax(-1)
-    assert argmax.unique().numel() > 16 and (argmax == ids).float().mean() < 0.2  # not a copy of the input
-    assert (logits_changed[:, -1] - logits[:, -1]).abs().max() > 0.1  # the last position sees the first
+    assert (
+        argmax.unique().numel() > 16 and (argmax == ids).float().mean() < 0.2
+    )  # not a copy of the input
+    assert (
+        logits_changed[:, -1] - logits[:, -1]
+    ).abs().max() > 0.1  # the last position sees the first
 
 
 def test_random_values_follow_the_recipe(written):
@@ -124,7 +157,9 @@ def test_random_values_follow_the_recipe(written):
     lin = next(i for i, kind in enumerate(config.layer_types) if kind == "linear_attention")
     prefix = f"model.language_model.layers.{lin}.linear_attn."
     a_log = t[prefix + "A_log"]
-    assert a_log.shape == (config.linear_num_value_heads,) and np.all((a_log >= 0) & (a_log <= math.log(16)))
+    assert a_log.shape == (config.linear_num_value_heads,) and np.all(
+        (a_log >= 0) & (a_log <= math.log(16))
+    )
     assert t[prefix + "conv1d.weight"].shape == (config.conv_dim, 1, config.linear_conv_kernel_dim)
     assert abs(t[prefix + "norm.weight"].mean() - 1) < 0.2  # gated norm: plain weight near 1
     norm = t["model.language_model.norm.weight"]  # zero-centred norms: randomised, near 0
@@ -146,7 +181,9 @@ def test_sharded_write_loads_identically(written, tmp_path):
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in sharded.values())
     assert set(index["weight_map"]) == set(single) == set(sharded)
     assert all(np.array_equal(single[k], sharded[k]) for k in single)
-    a = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(written["tiny-untied"], local_files_only=True)
+    a = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
+        written["tiny-untied"], local_files_only=True
+    )
     b = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(out, local_files_only=True)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -154,10 +191,14 @@ def test_sharded_write_loads_identically(written, tmp_path):
 
 def test_deterministic_per_seed(written, tmp_path):
     again = ckpt.write_checkpoint(PRESETS["tiny"], tmp_path / "again")
-    assert (again / "model.safetensors").read_bytes() == (written["tiny"] / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == (
+        written["tiny"] / "model.safetensors"
+    ).read_bytes()
     other = _read(ckpt.write_checkpoint(PRESETS["tiny"], tmp_path / "seed1", seed=1))
     base = _read(written["tiny"])
-    assert not np.array_equal(other["model.language_model.norm.weight"], base["model.language_model.norm.weight"])
+    assert not np.array_equal(
+        other["model.language_model.norm.weight"], base["model.language_model.norm.weight"]
+    )
 
 
 @pytest.mark.parametrize("dtype, code", [("bfloat16", "BF16"), ("float16", "F16")])
@@ -166,18 +207,23 @@ def test_half_precision(written, tmp_path, dtype, code):
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == dtype
     raw = (out / "model.safetensors").read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {code}
     model = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(out, local_files_only=True)
     assert model.dtype == getattr(torch, dtype)
     name = "model.language_model.layers.0.mlp.up_proj.weight"
-    reference = _read(written["tiny"])[name].astype({"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype])
+    reference = _read(written["tiny"])[name].astype(
+        {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    )
     assert np.array_equal(model.state_dict()[name].float().numpy(), reference.astype(np.float32))
 
 
 def test_config_and_generation_config(written):
     config = json.loads((written["tiny"] / "config.json").read_text())
-    assert config["architectures"] == ["Qwen3_5ForConditionalGeneration"] and config["dtype"] == "float32"
+    assert (
+        config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+        and config["dtype"] == "float32"
+    )
     assert config["text_config"]["hidden_size"] == 64 and config["vision_config"]["depth"] == 1
     gen = json.loads((written["tiny"] / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [248046, 248044]
@@ -189,7 +235,10 @@ def test_tokenizer_files_load(written):
     directory = written["tiny"]
     auto = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     text = "<|im_start|>user\nHello, 世界! 🙂<|im_end|>"
-    assert auto.encode(text, add_special_tokens=False) == ckpt.tokenizer.load_tokenizer(directory).encode(text).ids
+    assert (
+        auto.encode(text, add_special_tokens=False)
+        == ckpt.tokenizer.load_tokenizer(directory).encode(text).ids
+    )
     assert auto.encode(text, add_special_tokens=False)[0] == 248045
 
 
@@ -218,13 +267,21 @@ def test_ensure_checkpoint_caches(tmp_path, monkeypatch):
     real_write = ckpt.write_checkpoint
 
     def recording_write(*args, **kwargs):
-        return real_write(*args, **kwargs, progress=lambda done, total: progress.append((done, total)))
+        return real_write(
+            *args, **kwargs, progress=lambda done, total: progress.append((done, total))
+        )
 
     monkeypatch.setattr(ckpt, "write_checkpoint", recording_write)
     path = ckpt.ensure_checkpoint("tiny", tmp_path, dtype="bfloat16")
-    assert path.parent == tmp_path / "checkpoints" and "tiny" in path.name and "bfloat16" in path.name
+    assert (
+        path.parent == tmp_path / "checkpoints" and "tiny" in path.name and "bfloat16" in path.name
+    )
     assert (path / "model.safetensors").exists()
-    assert progress[-1][0] == progress[-1][1] == (path / "model.safetensors").stat().st_size - _header_bytes(path)
+    assert (
+        progress[-1][0]
+        == progress[-1][1]
+        == (path / "model.safetensors").stat().st_size - _header_bytes(path)
+    )
 
     def no_write(*args, **kwargs):
         raise AssertionError("the cached checkpoint should be reused")

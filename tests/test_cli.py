@@ -53,14 +53,18 @@ def test_missing_tensor(capsys, broken, tmp_path):
 def test_wrong_shape(capsys, broken, tmp_path):
     _edit_tensors(broken, lambda t: t.update({LAYER0: np.zeros((3, 3), np.float32)}))
     out = tmp_path / "out"
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", broken, "-o", out), out, LAYER0, "shape")
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", broken, "-o", out), out, LAYER0, "shape"
+    )
 
 
 def test_corrupt_safetensors(capsys, broken, tmp_path):
     path = broken / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     out = tmp_path / "out"
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", broken, "-o", out), out, "model.safetensors")
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", broken, "-o", out), out, "model.safetensors"
+    )
 
 
 def test_inconsistent_config(capsys, broken, tmp_path):
@@ -68,22 +72,35 @@ def test_inconsistent_config(capsys, broken, tmp_path):
     cfg["text_config"]["num_key_value_heads"] = 3
     (broken / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", broken, "-o", out), out, "num_key_value_heads")
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", broken, "-o", out), out, "num_key_value_heads"
+    )
 
 
 def test_unknown_preset_target_quant_and_missing_path(capsys, tmp_path):
     out = tmp_path / "out"
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", "qwen3.5-1b", "-o", out), out, "qwen3.5-1b")
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", "tiny", "--target", "psp", "-o", out), out, "'psp'")
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", "tiny", "--quant", "q3f7", "-o", out), out, "q3f7")
-    assert_clean_failure(*run_cli(capsys, "compile", "--model", "tiny", "--weights", tmp_path / "nope", "-o", out),
-                         out, "nope")
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", "qwen3.5-1b", "-o", out), out, "qwen3.5-1b"
+    )
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", "tiny", "--target", "psp", "-o", out), out, "'psp'"
+    )
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", "tiny", "--quant", "q3f7", "-o", out), out, "q3f7"
+    )
+    assert_clean_failure(
+        *run_cli(capsys, "compile", "--model", "tiny", "--weights", tmp_path / "nope", "-o", out),
+        out,
+        "nope",
+    )
     assert_clean_failure(*run_cli(capsys, "run", tmp_path / "nope", "--prompt", "hi"), out, "nope")
 
 
 def test_weights_that_do_not_fit_the_preset(capsys, checkpoint, tmp_path):
     out = tmp_path / "out"
-    code, err = run_cli(capsys, "compile", "--model", "qwen3.5-0.8b", "--weights", checkpoint("tiny"), "-o", out)
+    code, err = run_cli(
+        capsys, "compile", "--model", "qwen3.5-0.8b", "--weights", checkpoint("tiny"), "-o", out
+    )
     assert_clean_failure(code, err, out, "hidden_size")
 
 
@@ -100,7 +117,20 @@ def test_prompt_longer_than_the_context_and_bad_token_ids(capsys, artifact, chec
     from qwen35_mobile import Model
 
     small = tmp_path / "small"
-    assert main(["compile", "--model", str(checkpoint("tiny")), "-o", str(small), "--context-window", "16"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--model",
+                str(checkpoint("tiny")),
+                "-o",
+                str(small),
+                "--context-window",
+                "16",
+            ]
+        )
+        == 0
+    )
     code, err = run_cli(capsys, "run", small, "--prompt", "word " * 40, "--max-new-tokens", "4")
     assert code == 2 and "context window of 16 tokens" in err and len(err.splitlines()) == 1
 
@@ -131,12 +161,23 @@ def test_make_checkpoint_command(capsys, tmp_path):
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
     assert "tiny-gva" in capsys.readouterr().out
     bad = tmp_path / "bad"
-    assert_clean_failure(*run_cli(capsys, "make-checkpoint", "--preset", "qwen9", bad), bad, "qwen9")
+    assert_clean_failure(
+        *run_cli(capsys, "make-checkpoint", "--preset", "qwen9", bad), bad, "qwen9"
+    )
 
 
 def test_help_explains(capsys):
     with pytest.raises(SystemExit):
         main(["compile", "--help"])
     text = capsys.readouterr().out
-    for word in ("--model", "--target", "--quant", "--weights", "atomically", "qwen3.5-0.8b", "q0f16", "host"):
+    for word in (
+        "--model",
+        "--target",
+        "--quant",
+        "--weights",
+        "atomically",
+        "qwen3.5-0.8b",
+        "q0f16",
+        "host",
+    ):
         assert word in text

@@ -4,7 +4,16 @@ import re
 import pytest
 
 from qwen35_mobile.compile.config import (
-    FULL, LINEAR, PRESETS, ConfigError, Qwen35Config, VisionConfig, from_hf_dict, load_config, preset, resolve_model,
+    FULL,
+    LINEAR,
+    PRESETS,
+    ConfigError,
+    Qwen35Config,
+    VisionConfig,
+    from_hf_dict,
+    load_config,
+    preset,
+    resolve_model,
 )
 
 
@@ -80,10 +89,20 @@ def test_unknown_model_type_and_preset(tmp_path):
 # A vision_config as save_pretrained writes it (the 0.8B sizes), with the older
 # model_type that transformers still reads and fields the tower does not depend on.
 PUBLISHED_VISION = {
-    "deepstack_visual_indexes": [], "depth": 12, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 768,
-    "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 3072, "model_type": "qwen3_5",
-    "num_heads": 12, "num_position_embeddings": 2304, "out_hidden_size": 1024, "patch_size": 16,
-    "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "deepstack_visual_indexes": [],
+    "depth": 12,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 768,
+    "in_channels": 3,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "model_type": "qwen3_5",
+    "num_heads": 12,
+    "num_position_embeddings": 2304,
+    "out_hidden_size": 1024,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
 }
 
 
@@ -117,18 +136,45 @@ def test_vision_config_defaults_what_the_family_shares():
     "edit, message",
     [
         (lambda v: v.pop("depth"), "'vision_config.depth' is missing"),  # missing
-        (lambda v: v.update(num_heads="12"), "'vision_config.num_heads' must be a positive integer, got '12'"),  # str
-        (lambda v: v.update(patch_size=[16, 16]), "'vision_config.patch_size' must be a positive integer"),  # list
-        (lambda v: v.update(depth=True), "'vision_config.depth' must be a positive integer, got True"),  # bool
-        (lambda v: v.update(hidden_size=768.0), "'vision_config.hidden_size' must be a positive integer"),  # float
-        (lambda v: v.update(in_channels=0), "'vision_config.in_channels' must be a positive integer, got 0"),
+        (
+            lambda v: v.update(num_heads="12"),
+            "'vision_config.num_heads' must be a positive integer, got '12'",
+        ),  # str
+        (
+            lambda v: v.update(patch_size=[16, 16]),
+            "'vision_config.patch_size' must be a positive integer",
+        ),  # list
+        (
+            lambda v: v.update(depth=True),
+            "'vision_config.depth' must be a positive integer, got True",
+        ),  # bool
+        (
+            lambda v: v.update(hidden_size=768.0),
+            "'vision_config.hidden_size' must be a positive integer",
+        ),  # float
+        (
+            lambda v: v.update(in_channels=0),
+            "'vision_config.in_channels' must be a positive integer, got 0",
+        ),
         (lambda v: v.update(hidden_act=None), "'vision_config.hidden_act' must be a string"),
         (lambda v: v.update(hidden_act="gelu"), "'vision_config.hidden_act' is 'gelu'"),
-        (lambda v: v.update(num_heads=10), "'vision_config.hidden_size' (768) is not a multiple of"),
-        (lambda v: v.update(num_position_embeddings=2300), "'vision_config.num_position_embeddings' (2300)"),
+        (
+            lambda v: v.update(num_heads=10),
+            "'vision_config.hidden_size' (768) is not a multiple of",
+        ),
+        (
+            lambda v: v.update(num_position_embeddings=2300),
+            "'vision_config.num_position_embeddings' (2300)",
+        ),
         (lambda v: v.update(model_type="siglip"), "'vision_config.model_type' is 'siglip'"),
-        (lambda v: v.update(deepstack_visual_indexes=[5, 11]), "'vision_config.deepstack_visual_indexes'"),
-        (lambda v: v.update(out_hidden_size=2048), "'vision_config.out_hidden_size' (2048) differs"),
+        (
+            lambda v: v.update(deepstack_visual_indexes=[5, 11]),
+            "'vision_config.deepstack_visual_indexes'",
+        ),
+        (
+            lambda v: v.update(out_hidden_size=2048),
+            "'vision_config.out_hidden_size' (2048) differs",
+        ),
     ],
 )
 def test_bad_vision_configs_name_the_field(edit, message):
@@ -143,7 +189,9 @@ def test_vision_config_must_be_an_object(tmp_path):
     d = PRESETS["tiny"].hf_config_dict()
     d["vision_config"] = [1, 2]
     (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(ConfigError, match=r"config\.json: config field 'vision_config' must be an object"):
+    with pytest.raises(
+        ConfigError, match=r"config\.json: config field 'vision_config' must be an object"
+    ):
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="must be a VisionConfig"):
         PRESETS["tiny"].replace(vision=PUBLISHED_VISION)

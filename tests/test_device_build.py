@@ -91,7 +91,11 @@ def test_gpu_presets_are_data(name):
     target = preset.tvm_target()
     # The device limits written in the preset's target dict reach the TVM target.
     assert int(target.attrs["max_num_threads"]) == preset.target["max_num_threads"] > 0
-    assert int(target.attrs["max_shared_memory_per_block"]) == preset.target["max_shared_memory_per_block"] > 0
+    assert (
+        int(target.attrs["max_shared_memory_per_block"])
+        == preset.target["max_shared_memory_per_block"]
+        > 0
+    )
     assert str(target.host.attrs["mtriple"]) == preset.host_triple
     if preset.output.endswith(".tar"):  # static system library; tvmjs opens it without a prefix
         assert preset.system_lib_prefix == ("" if name == "webgpu" else "qwen35_")
@@ -160,7 +164,9 @@ def test_cuda_library(device_build):
     data = (out / "model.so").read_bytes()
     assert data[:4] == b"\x7fELF"
     for kernel in DELTANET_KERNELS + ATTENTION_KERNELS:
-        assert re.search(rb'__global__ void __launch_bounds__\(\d+\) ' + kernel.encode() + rb"\(", data), kernel
+        assert re.search(
+            rb"__global__ void __launch_bounds__\(\d+\) " + kernel.encode() + rb"\(", data
+        ), kernel
 
 
 def test_bindings_refuse_device_libraries(device_build):
@@ -183,7 +189,12 @@ def exported_android():
 
 
 def test_unroll_is_capped(exported_android):
-    from qwen35_mobile.compile.schedule_gpu import MAX_UNROLL, gpu_pipeline, unroll_steps, unscheduled_kernels
+    from qwen35_mobile.compile.schedule_gpu import (
+        MAX_UNROLL,
+        gpu_pipeline,
+        unroll_steps,
+        unscheduled_kernels,
+    )
 
     target = get_target("android").tvm_target()
     with target:
@@ -207,7 +218,9 @@ def test_cap_unroll_rewrites_loops():
         for i in T.thread_binding(64, thread="threadIdx.x"):
             for j in T.unroll(64):
                 A[i, j] = A[i, j] + T.float32(1)
-            for j in T.serial(64, annotations={"pragma_auto_unroll_max_step": 256, "pragma_unroll_explicit": 1}):
+            for j in T.serial(
+                64, annotations={"pragma_auto_unroll_max_step": 256, "pragma_unroll_explicit": 1}
+            ):
                 A[i, j] = A[i, j] * T.float32(2)
 
     mod = tvm.IRModule({"main": func})
@@ -251,7 +264,9 @@ def _rule_names(kind: str) -> list[str]:
 def test_metal_skips_dlight_matmul_only_there():
     assert "Matmul" not in _rule_names("metal")
     for kind in ("opencl", "webgpu", "cuda"):
-        assert _rule_names(kind)[0] == "Matmul", kind  # the other targets keep the fast prefill matmul
+        assert _rule_names(kind)[0] == "Matmul", (
+            kind
+        )  # the other targets keep the fast prefill matmul
     assert "Fallback" in _rule_names("metal") and "GEMV" in _rule_names("metal")
 
 
@@ -286,9 +301,13 @@ def test_dlight_matmul_still_crashes_on_metal(tmp_path):
     this test fails: then drop "metal" from MATMUL_BROKEN_KINDS."""
     script = tmp_path / "matmul.py"
     script.write_text(_MATMUL_SCRIPT)
-    ok = subprocess.run([sys.executable, str(script), "opencl"], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [sys.executable, str(script), "opencl"], capture_output=True, text=True, timeout=300
+    )
     assert ok.returncode == 0 and "scheduled" in ok.stdout, ok.stderr[-2000:]
-    metal = subprocess.run([sys.executable, str(script), "metal"], capture_output=True, text=True, timeout=300)
+    metal = subprocess.run(
+        [sys.executable, str(script), "metal"], capture_output=True, text=True, timeout=300
+    )
     assert metal.returncode != 0, "dl.gpu.Matmul no longer crashes for metal: drop the workaround"
 
 
@@ -306,16 +325,30 @@ def test_dlight_rmsnorm_still_breaks_metal():
             return nn.op.rms_norm(x, w, axes=[-1]).astype("float16")  # as the model's norms
 
     mod, _ = Norm().export_tvm(
-        spec={"forward": {"x": nn.spec.Tensor([1, "n", 1024], "float32"), "w": nn.spec.Tensor([1024], "float32")}}
+        spec={
+            "forward": {
+                "x": nn.spec.Tensor([1, "n", 1024], "float32"),
+                "w": nn.spec.Tensor([1024], "float32"),
+            }
+        }
     )
     target = Target({"kind": "metal", "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin"}})
     with target:
         mod = tvm.transform.Sequential(
-            [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-             relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(dl.gpu.RMSNorm())]
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                dl.ApplyDefaultSchedule(dl.gpu.RMSNorm()),
+            ]
         )(mod)
     tir = tvm.IRModule(
-        {gv: f.with_attr("global_symbol", gv.name_hint) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+        {
+            gv: f.with_attr("global_symbol", gv.name_hint)
+            for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc)
+        }
     )
     assert all(f.attrs.get("tirx.is_scheduled") for f in tir.functions.values())
     with pytest.raises(Exception, match="float32x8"):
@@ -343,7 +376,11 @@ def test_link_wasm_explains_missing_web_runtime(device_build, tmp_path, monkeypa
 
 
 def test_webgpu_storage_buffers_per_kernel(device_build):
-    from qwen35_mobile.parity.static_checks import WEBGPU_MAX_STORAGE_BUFFERS, device_source, wgsl_storage_buffers
+    from qwen35_mobile.parity.static_checks import (
+        WEBGPU_MAX_STORAGE_BUFFERS,
+        device_source,
+        wgsl_storage_buffers,
+    )
 
     counts = wgsl_storage_buffers(device_source(device_build("webgpu", "q0f16") / "model.tar"))
     assert len(counts) > 20 and "gated_delta_rule_kernel" in counts
@@ -365,7 +402,7 @@ def test_opencl_kernels_build_on_pocl(device_build):
 @pytest.mark.parametrize("quant", ["q0f16", "q0f32"])
 def test_metal_kernels_pass_clang_syntax_check(device_build, quant):
     """Every Metal kernel of the model parses and type-checks with clang against a stub metal_stdlib."""
-    from qwen35_mobile.parity.static_checks import CheckUnavailable, check_metal, device_source
+    from qwen35_mobile.parity.static_checks import check_metal, device_source
 
     source = device_source(device_build("ios", quant) / "model.tar")
     units = source.count("#include <metal_stdlib>")
@@ -375,13 +412,15 @@ def test_metal_kernels_pass_clang_syntax_check(device_build, quant):
 
 
 def test_metal_check_catches_errors():
-    from qwen35_mobile.parity.static_checks import check_metal, metal_clang
     from qwen35_mobile.errors import UserError
+    from qwen35_mobile.parity.static_checks import check_metal, metal_clang
 
     need_tool(metal_clang, "clang (Metal syntax check)")
     good = "#include <metal_stdlib>\nusing namespace metal;\nkernel void ok(device float* a [[ buffer(0) ]]) { a[0] = exp(a[1]); }\n"
     bad = "#include <metal_stdlib>\nusing namespace metal;\nkernel void k(device float* a [[ buffer(0) ]]) { a[0] = exp(a[1]) }\n"
-    with pytest.raises(UserError, match=r"1 of 2 Metal kernels fail the clang syntax check \(k\):\n.*expected ';'"):
+    with pytest.raises(
+        UserError, match=r"1 of 2 Metal kernels fail the clang syntax check \(k\):\n.*expected ';'"
+    ):
         check_metal(good + bad)
 
 
@@ -389,8 +428,12 @@ def test_a_metal_kernel_broken_on_purpose_is_named(device_build):
     """The syntax check's negative control (``--break-kernel`` of the metal
     emulator): the Metal kernel of one TIR function made invalid, and only it
     fails, by name; an unknown name is refused."""
-    from qwen35_mobile.parity.static_checks import break_metal_kernel, device_source, metal_syntax_errors
     from qwen35_mobile.errors import UserError
+    from qwen35_mobile.parity.static_checks import (
+        break_metal_kernel,
+        device_source,
+        metal_syntax_errors,
+    )
 
     source = device_source(device_build("ios", "q0f16") / "model.tar")
     prefix = "qwen35_tiny_q0f16_"
@@ -435,7 +478,10 @@ def test_system_lib_prefix_per_model_and_quantization():
     android, web = get_target("android"), get_target("webgpu")
     assert system_lib_prefix_for(android, "qwen3.5-0.8b", "q4f16_1") == "qwen35_0_8b_q4f16_1_"
     assert system_lib_prefix_for(android, "qwen3.5-9b", "q0f16") == "qwen35_9b_q0f16_"
-    assert system_lib_prefix_for(get_target("ios"), "/models/Qwen3.5-2B", "q4f32_1") == "qwen35_2b_q4f32_1_"
+    assert (
+        system_lib_prefix_for(get_target("ios"), "/models/Qwen3.5-2B", "q4f32_1")
+        == "qwen35_2b_q4f32_1_"
+    )
     assert system_lib_prefix_for(web, "qwen3.5-4b", "q4f16_1") == ""
     assert system_lib_prefix_for(android, "tiny", "q0f32", "myapp_chat_") == "myapp_chat_"
     with pytest.raises(UserError, match="must be a C identifier ending in '_'"):

@@ -7,8 +7,24 @@ from qwen35_mobile.cli import main
 
 def test_dump_ir_writes_every_stage_in_order(tmp_path, checkpoint):
     dump = tmp_path / "ir"
-    assert main(["compile", "--model", str(checkpoint("tiny")), "--target", "host", "--quant", "q0f32",
-                 "-o", str(tmp_path / "out"), "--dump-ir", str(dump)]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--model",
+                str(checkpoint("tiny")),
+                "--target",
+                "host",
+                "--quant",
+                "q0f32",
+                "-o",
+                str(tmp_path / "out"),
+                "--dump-ir",
+                str(dump),
+            ]
+        )
+        == 0
+    )
     files = sorted(p.name for p in dump.iterdir())
     assert files[0] == "000-export.py"
     numbers = [int(name.split("-", 1)[0]) for name in files]

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import need
 
+from qwen35_mobile.errors import UserError
 from qwen35_mobile.parity.emulators import aarch64
 from qwen35_mobile.parity.report import CRITERIA
-from qwen35_mobile.errors import UserError
 
 NEW_TOKENS = 16
 LENGTHS = (10, 70, 150)  # the last one longer than the reference's 64-token DeltaNet chunk
@@ -51,7 +51,14 @@ def aarch64_build(emulator, checkpoint, tmp_path_factory):
     def make(quant: str):
         if quant not in made:
             out = root / f"tiny-aarch64-{quant}"
-            compile_model("tiny", "aarch64", quant, out, weights=str(checkpoint("tiny")), progress=lambda _: None)
+            compile_model(
+                "tiny",
+                "aarch64",
+                quant,
+                out,
+                weights=str(checkpoint("tiny")),
+                progress=lambda _: None,
+            )
             made[quant] = out
         return made[quant]
 
@@ -76,8 +83,8 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _reference(checkpoint, artifact):
-    from qwen35_mobile.parity.reference import Reference
     from qwen35_mobile.compile.artifact import read_manifest
+    from qwen35_mobile.parity.reference import Reference
 
     manifest = read_manifest(artifact)
     dtypes = {p["name"]: p["dtype"] for p in manifest["parameters"]}
@@ -87,7 +94,9 @@ def _reference(checkpoint, artifact):
 @pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
 def test_emulated_logits_match_transformers(quant, emulated, aarch64_build, checkpoint, prompts):
     got, info = emulated(quant)
-    assert info["machine"] == "aarch64"  # the worker ran on the emulated CPU (the contract accepted the library)
+    assert (
+        info["machine"] == "aarch64"
+    )  # the worker ran on the emulated CPU (the contract accepted the library)
     criteria = CRITERIA["float32" if quant == "q0f32" else "float16"]
     ref = _reference(checkpoint, aarch64_build(quant))
     worst, agree = 0.0, []
@@ -105,9 +114,13 @@ def test_emulated_logits_match_transformers(quant, emulated, aarch64_build, chec
             assert tokens == ref_tokens, f"prompt {i}: greedy tokens differ"
             worst = max(worst, _rel(got[f"p{i}.greedy_logits"], ref_rows))
         else:  # compare while both sides have seen the same tokens
-            n = next((k + 1 for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), NEW_TOKENS)
+            n = next(
+                (k + 1 for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), NEW_TOKENS
+            )
             worst = max(worst, _rel(got[f"p{i}.greedy_logits"][:n], ref_rows[:n]))
-    print(f"aarch64 {quant} under qemu vs transformers: max_rel {worst:.3g}, top-1 {np.mean(agree):.3f}, worker {info}")
+    print(
+        f"aarch64 {quant} under qemu vs transformers: max_rel {worst:.3g}, top-1 {np.mean(agree):.3f}, worker {info}"
+    )
     assert worst <= criteria["max_rel"]
     assert np.mean(agree) >= criteria["min_top1"]
 
@@ -136,17 +149,24 @@ def _fp16_arith(library) -> list[str]:
 
     dump = subprocess.run(
         ["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn", str(library)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    pattern = re.compile(r"\s(f(?:add|sub|mul|mla|mls|div|max|min|neg|abs|sqrt)\w*)\s+(?:h\d+|v\d+\.[48]h)\b")
+    pattern = re.compile(
+        r"\s(f(?:add|sub|mul|mla|mls|div|max|min|neg|abs|sqrt)\w*)\s+(?:h\d+|v\d+\.[48]h)\b"
+    )
     return [m.group(1) for m in pattern.finditer(dump)]
 
 
 def test_fp16_build_uses_half_precision_arithmetic(aarch64_build):
     from qwen35_mobile.compile.artifact import read_manifest
 
-    need(shutil.which("aarch64-linux-gnu-objdump") is None and "no aarch64-linux-gnu-objdump "
-         "(Debian: binutils-aarch64-linux-gnu)", "the aarch64 cross binutils")
+    need(
+        shutil.which("aarch64-linux-gnu-objdump") is None
+        and "no aarch64-linux-gnu-objdump (Debian: binutils-aarch64-linux-gnu)",
+        "the aarch64 cross binutils",
+    )
 
     f16, f32 = aarch64_build("q0f16"), aarch64_build("q0f32")
     assert "+fullfp16" in read_manifest(f16)["tvm_target"]["mattr"]
@@ -159,12 +179,16 @@ def test_fp16_build_uses_half_precision_arithmetic(aarch64_build):
 def test_host_refuses_the_aarch64_library(aarch64_build):
     from qwen35_mobile.bindings.contract import check_contract
 
-    if platform.machine() == "aarch64":  # not a missing tool: the one skip CI allows (tests/conftest.py)
+    if (
+        platform.machine() == "aarch64"
+    ):  # not a missing tool: the one skip CI allows (tests/conftest.py)
         pytest.skip("this machine is aarch64: it runs the library natively")
     with pytest.raises(UserError, match="aarch64"):
         check_contract(aarch64_build("q0f32"))
 
 
 def test_failure_raises_with_the_tail_of_stderr(emulator):
-    with pytest.raises(UserError, match="JOB.json"):  # the worker's usage, printed before importing TVM
+    with pytest.raises(
+        UserError, match="JOB.json"
+    ):  # the worker's usage, printed before importing TVM
         aarch64.run_in_qemu(aarch64.WORKER, [], timeout=120)

@@ -41,7 +41,9 @@ def _small_module():
     class Module:
         @R.function
         def main(
-            x: R.Tensor((4, 8), "float32"), w: R.Tensor((8, 16), "float32"), b: R.Tensor((16,), "float32")
+            x: R.Tensor((4, 8), "float32"),
+            w: R.Tensor((8, 16), "float32"),
+            b: R.Tensor((16,), "float32"),
         ):
             with R.dataflow():
                 y = R.nn.relu(R.add(R.matmul(x, w), b))
@@ -61,7 +63,11 @@ def _build(mod):
     with target:
         mod = relax.transform.LegalizeOps()(mod)
         mod = dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+            dl.gpu.Matmul(),
+            dl.gpu.GEMV(),
+            dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback(),
         )(mod)
     return tvm.compile(mod, target=target)
 

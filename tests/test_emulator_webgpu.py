@@ -30,6 +30,7 @@ from qwen35_mobile.parity.emulators import webgpu
 def _dawn():
     need(webgpu.available(), "the WebGPU emulator (Dawn over lavapipe)")
 
+
 WEBGPU = {"kind": "webgpu", "max_num_threads": 256, "max_shared_memory_per_block": 32768}
 FP32_TOL = 1e-5
 FP16_TOL = 2e-3
@@ -63,7 +64,10 @@ def _llvm(func: tvm.tirx.PrimFunc, args: list) -> list[np.ndarray]:
     """The same PrimFunc built for the CPU: every buffer argument after the call."""
     lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target="llvm")
     dev = tvm.cpu()
-    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) if isinstance(a, np.ndarray) else a for a in args]
+    tensors = [
+        tvm.runtime.tensor(np.ascontiguousarray(a), dev) if isinstance(a, np.ndarray) else a
+        for a in args
+    ]
     lib["main"](*tensors)
     return [t.numpy() for t in tensors if not isinstance(t, (int, float))]
 
@@ -73,7 +77,9 @@ def _matmul(dtype: str, m, n: int, k: int, out_dtype: str = "float32") -> tvm.ti
     w = te.placeholder((n, k), dtype, name="w")
     r = te.reduce_axis((0, k), name="r")
     c = te.compute(
-        (m, n), lambda i, j: te.sum(a[i, r].astype(out_dtype) * w[j, r].astype(out_dtype), axis=r), name="c"
+        (m, n),
+        lambda i, j: te.sum(a[i, r].astype(out_dtype) * w[j, r].astype(out_dtype), axis=r),
+        name="c",
     )
     return te.create_prim_func([a, w, c])
 
@@ -148,7 +154,11 @@ def test_dlight_rms_norm(dtype):
     x = te.placeholder((n, hidden), dtype, name="x")
     w = te.placeholder((hidden,), dtype, name="w")
     r = te.reduce_axis((0, hidden), name="r")
-    ss = te.compute((n,), lambda i: te.sum(x[i, r].astype("float32") * x[i, r].astype("float32"), axis=r), name="ss")
+    ss = te.compute(
+        (n,),
+        lambda i: te.sum(x[i, r].astype("float32") * x[i, r].astype("float32"), axis=r),
+        name="ss",
+    )
     y = te.compute(
         (n, hidden),
         lambda i, j: (
@@ -186,7 +196,9 @@ def _two_kernels(a: T.handle, c: T.handle, s: T.float32):
                 C[bx * 64 + tx] = tmp[bx * 64 + tx] + T.float32(1)
 
 
-@pytest.mark.parametrize("n", [1, 1000, 64 * 70000 + 3])  # the last: 70001 workgroups, folded into z
+@pytest.mark.parametrize(
+    "n", [1, 1000, 64 * 70000 + 3]
+)  # the last: 70001 workgroups, folded into z
 def test_two_kernels_scratch_scalar_and_big_grid(n):
     plan = webgpu.lower_for_dawn(_two_kernels, WEBGPU, func_name="two")
     assert len(plan.kernels) == 2
@@ -232,8 +244,16 @@ def test_gdn_recurrent_kernel(dtype):
 
     b, t = 2, 5
     x = _gdn_inputs(b, t, GDN["hk"], GDN["hv"], GDN["dk"], GDN["dv"], dtype)
-    args = [x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"],
-            np.zeros((b, t, GDN["hv"], GDN["dv"]), np.float32), np.zeros_like(x["state"])]
+    args = [
+        x["q"],
+        x["k"],
+        x["v"],
+        x["g"],
+        x["beta"],
+        x["state"],
+        np.zeros((b, t, GDN["hv"], GDN["dv"]), np.float32),
+        np.zeros_like(x["state"]),
+    ]
     gpu = gdn_recurrent_func(GDN["hk"], GDN["hv"], GDN["dk"], GDN["dv"], dtype, 256)
     cpu = gdn_recurrent_func(GDN["hk"], GDN["hv"], GDN["dk"], GDN["dv"], dtype, 256, emulate=True)
     out = webgpu.run_primfunc(gpu, WEBGPU, args, func_name="gdn_recurrent")
@@ -263,7 +283,15 @@ def test_gdn_chunk_kernels(dtype):
         )
 
     gpu, cpu = funcs(False), funcs(True)
-    prep_args = [x["q"], x["k"], x["g"], x["beta"], z(b, hv, nc, C), z(b, hv, nc, C, C), z(b, hv, nc, C, C)]
+    prep_args = [
+        x["q"],
+        x["k"],
+        x["g"],
+        x["beta"],
+        z(b, hv, nc, C),
+        z(b, hv, nc, C, C),
+        z(b, hv, nc, C, C),
+    ]
     ref_prep = _llvm(cpu[0], prep_args)
     out_prep = webgpu.run_primfunc(gpu[0], WEBGPU, prep_args, func_name="prep")
     for i in (4, 5, 6):
@@ -275,18 +303,33 @@ def test_gdn_chunk_kernels(dtype):
     out_solve = webgpu.run_primfunc(gpu[1], WEBGPU, solve_args, func_name="solve")
     _close(out_solve[5], ref_solve[5], FP32_TOL)
 
-    scan_args = [x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], qk, ref_solve[5],
-                 z(b, t, hv, dv), np.zeros_like(x["state"])]
+    scan_args = [
+        x["q"],
+        x["k"],
+        x["v"],
+        x["g"],
+        x["beta"],
+        x["state"],
+        qk,
+        ref_solve[5],
+        z(b, t, hv, dv),
+        np.zeros_like(x["state"]),
+    ]
     ref_scan = _llvm(cpu[2], scan_args)
     out_scan = webgpu.run_primfunc(gpu[2], WEBGPU, scan_args, func_name="scan")
     _close(out_scan[8], ref_scan[8], FP32_TOL)
     _close(out_scan[9], ref_scan[9], FP32_TOL)
 
     # The chain on Dawn alone (its own intermediates) against the recurrent twin on the CPU.
-    solve2 = webgpu.run_primfunc(gpu[1], WEBGPU, [x["k"], x["v"], x["beta"], *out_prep[4:6], z(b, hv, nc, C, dv + dk)],
-                                 func_name="solve")
-    scan2 = webgpu.run_primfunc(gpu[2], WEBGPU, [*scan_args[:6], out_prep[6], solve2[5], *scan_args[8:]],
-                                func_name="scan")
+    solve2 = webgpu.run_primfunc(
+        gpu[1],
+        WEBGPU,
+        [x["k"], x["v"], x["beta"], *out_prep[4:6], z(b, hv, nc, C, dv + dk)],
+        func_name="solve",
+    )
+    scan2 = webgpu.run_primfunc(
+        gpu[2], WEBGPU, [*scan_args[:6], out_prep[6], solve2[5], *scan_args[8:]], func_name="scan"
+    )
     rec = gdr.gdn_recurrent_func(hk, hv, dk, dv, dtype, 256, emulate=True)
     ref = _llvm(rec, [*scan_args[:6], z(b, t, hv, dv), np.zeros_like(x["state"])])
     tol = 1e-4 if dtype == "float32" else FP16_TOL  # chunked vs recurrent summation order
@@ -354,23 +397,35 @@ def test_tiny_model_dlight_kernels_match_cpu(quant):
     p = get_target("webgpu")
     target = p.tvm_target()
     with target:
-        graph = tvm.transform.Sequential(gpu_graph_passes(target))(export(preset("tiny"), quant, p).mod)
+        graph = tvm.transform.Sequential(gpu_graph_passes(target))(
+            export(preset("tiny"), quant, p).mod
+        )
     funcs = {
         gv.name_hint: f
         for gv, f in graph.functions_items()
-        if isinstance(f, tirx.PrimFunc) and not (f.attrs is not None and f.attrs.get("tirx.is_scheduled"))
+        if isinstance(f, tirx.PrimFunc)
+        and not (f.attrs is not None and f.attrs.get("tirx.is_scheduled"))
     }
     assert len(funcs) > 50
     rng = np.random.default_rng(0)
     worst = {}
     for name, func in funcs.items():
         with target:  # one function per module: dlight rewrites the module it is given
-            scheduled = dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({name: func}))[name]
+            scheduled = dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({name: func}))[
+                name
+            ]
         plan = webgpu.lower_for_dawn(scheduled, target, func_name=name)
-        if any(not isinstance(getattr(prm, "ty", None), tirx.BufferType) or not str(prm.dtype).startswith("float")
-               for prm in plan.host.params):
+        if any(
+            not isinstance(getattr(prm, "ty", None), tirx.BufferType)
+            or not str(prm.dtype).startswith("float")
+            for prm in plan.host.params
+        ):
             continue  # scalar or integer inputs (offsets, indices): random values run the CPU reference out of bounds
-        env = {prm: 5 for prm in plan.host.params if not isinstance(getattr(prm, "ty", None), tirx.BufferType)}
+        env = {
+            prm: 5
+            for prm in plan.host.params
+            if not isinstance(getattr(prm, "ty", None), tirx.BufferType)
+        }
         host = webgpu._Host(plan)
         host.env.update(env)
         args = []
@@ -382,13 +437,19 @@ def test_tiny_model_dlight_kernels_match_cpu(quant):
                 host.env.setdefault(v, 5)
             shape = tuple(int(host.eval(d)) for d in prm.shape)
             dt = str(prm.dtype)
-            args.append((0.5 * rng.standard_normal(shape)).astype(dt) if dt.startswith("float") else np.zeros(shape, dt))
+            args.append(
+                (0.5 * rng.standard_normal(shape)).astype(dt)
+                if dt.startswith("float")
+                else np.zeros(shape, dt)
+            )
         ref = _llvm(func, args)
         out = plan.run(args)
         tol = FP32_TOL if quant == "q0f32" else 1e-2  # float16 sums in other orders
         errs = []
         for o, r in zip(out, ref):
-            finite = np.isfinite(r.astype(np.float32))  # random inputs: log/sqrt of negatives on both
+            finite = np.isfinite(
+                r.astype(np.float32)
+            )  # random inputs: log/sqrt of negatives on both
             if finite.any():
                 errs.append(_close(o[finite], r[finite], tol))
         assert errs, f"{name}: no finite output to compare"

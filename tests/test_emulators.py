@@ -20,9 +20,9 @@ import pytest
 from conftest import need
 from PIL import Image
 
+from qwen35_mobile.errors import UserError
 from qwen35_mobile.parity.emulators import BrokenTool
 from qwen35_mobile.parity.emulators.run import available, run_emulator
-from qwen35_mobile.errors import UserError
 
 
 def _need(name: str) -> None:
@@ -32,8 +32,15 @@ def _need(name: str) -> None:
 def _run(name, artifact, checkpoint, tmp_path, quant="q0f32", **kw):
     _need(name)
     report_path = tmp_path / f"parity-{name}.json"
-    report = run_emulator(name, artifact("tiny", quant), checkpoint("tiny"), new_tokens=8,
-                          report=report_path, progress=lambda _: None, **kw)
+    report = run_emulator(
+        name,
+        artifact("tiny", quant),
+        checkpoint("tiny"),
+        new_tokens=8,
+        report=report_path,
+        progress=lambda _: None,
+        **kw,
+    )
     assert json.loads(report_path.read_text())["pass"] == report["pass"]
     return report, report_path
 
@@ -49,7 +56,9 @@ def _check_plot(report):
 def _check_kernels(report, tolerance):
     k = report["kernels"]["summary"]
     assert k["pass"], k["first_failure"]
-    assert k["replayed"] >= 300 and k["kernels"] >= 50, k  # every call of a 120-token run, 2 decode steps
+    assert k["replayed"] >= 300 and k["kernels"] >= 50, (
+        k
+    )  # every call of a 120-token run, 2 decode steps
     assert 0 < k["max_rel"] <= tolerance
     steps = {r["step"] for r in report["kernels"]["calls"] if r["status"] == "pass"}
     assert steps == {"prefill", "prefill (continued)", "decode 1", "decode 2"}
@@ -79,8 +88,13 @@ def test_webgpu_every_wgsl_kernel_on_dawn(artifact, checkpoint, tmp_path, quant,
 def test_webgpu_other_gqa_ratio(artifact, checkpoint, tmp_path):
     """tiny-gva: twice as many value heads as key heads in the DeltaNet layers."""
     _need("webgpu")
-    report = run_emulator("webgpu", artifact("tiny-gva", "q0f16"), checkpoint("tiny-gva"),
-                          report=tmp_path / "gva.json", progress=lambda _: None)
+    report = run_emulator(
+        "webgpu",
+        artifact("tiny-gva", "q0f16"),
+        checkpoint("tiny-gva"),
+        report=tmp_path / "gva.json",
+        progress=lambda _: None,
+    )
     assert report["pass"]
     _check_kernels(report, 1e-2)
 
@@ -88,7 +102,10 @@ def test_webgpu_other_gqa_ratio(artifact, checkpoint, tmp_path):
 def test_aarch64_whole_model_and_every_kernel_under_qemu(artifact, checkpoint, tmp_path):
     report, _ = _run("aarch64", artifact, checkpoint, tmp_path)
     assert report["pass"]
-    assert report["model"]["summary"]["max_rel"] <= 1e-4 and report["model"]["summary"]["greedy_agreement"]
+    assert (
+        report["model"]["summary"]["max_rel"] <= 1e-4
+        and report["model"]["summary"]["greedy_agreement"]
+    )
     k = report["kernels"]["summary"]
     assert k["pass"] and k["replayed"] >= 300 and k["max_rel"] <= 1e-4
     _check_plot(report)
@@ -99,7 +116,9 @@ def test_metal_is_a_syntax_check_not_parity(artifact, checkpoint, tmp_path):
     syntax = report["syntax"]
     assert report["pass"] and syntax["pass"] and syntax["failing_kernels"] == []
     assert syntax["kernels"] > 50  # every kernel of the ios build (111 for tiny q0f16)
-    assert syntax["message"].startswith(f"{syntax['kernels']} Metal kernels pass the clang syntax check")
+    assert syntax["message"].startswith(
+        f"{syntax['kernels']} Metal kernels pass the clang syntax check"
+    )
     assert syntax["kind"] == "syntax check (clang, stub metal_stdlib), not parity"
     assert "model" not in report and "kernels" not in report and report["plot"] is None
 
@@ -127,7 +146,9 @@ def test_a_broken_kernel_is_named_by_the_report(artifact, checkpoint, tmp_path, 
     assert k["first_failure"]["device_kernel"] == broken and k["first_failure"]["step"] == step
     assert k["first_failure"]["max_rel"] > 0.1
     failing = {r["index"] for r in report["kernels"]["calls"] if r["status"] in ("fail", "error")}
-    calls_of_broken = {r["index"] for r in report["kernels"]["calls"] if r.get("device_kernel") == broken}
+    calls_of_broken = {
+        r["index"] for r in report["kernels"]["calls"] if r.get("device_kernel") == broken
+    }
     assert failing and failing <= calls_of_broken  # every other kernel still passes
     if "model" in report:  # the whole-model run is not broken: only the replay is
         assert report["model"]["pass"]
@@ -137,7 +158,14 @@ def test_a_broken_kernel_is_named_by_the_report(artifact, checkpoint, tmp_path, 
 def test_a_broken_metal_kernel_is_named_by_the_syntax_check(artifact, checkpoint, tmp_path):
     """The metal emulator's negative control: one Metal kernel's source made
     invalid on purpose fails the syntax check, which names it and no other."""
-    report, _ = _run("metal", artifact, checkpoint, tmp_path, quant="q0f16", break_kernel="tir_attention_merge_state")
+    report, _ = _run(
+        "metal",
+        artifact,
+        checkpoint,
+        tmp_path,
+        quant="q0f16",
+        break_kernel="tir_attention_merge_state",
+    )
     syntax = report["syntax"]
     assert not report["pass"] and not syntax["pass"]
     assert syntax["broken_on_purpose"] == ["qwen35_tir_attention_merge_state_kernel"]
@@ -164,7 +192,12 @@ def fresh_webgpu(monkeypatch):
     """webgpu.py with its cached verdict and runner set aside (restored after)."""
     from qwen35_mobile.parity.emulators import webgpu
 
-    for name, value in (("_CHECKED", False), ("_UNAVAILABLE", None), ("_BROKEN", None), ("_RUNNER", None)):
+    for name, value in (
+        ("_CHECKED", False),
+        ("_UNAVAILABLE", None),
+        ("_BROKEN", None),
+        ("_RUNNER", None),
+    ):
         monkeypatch.setattr(webgpu, name, value)
     return webgpu
 
@@ -176,11 +209,14 @@ def test_webgpu_without_node_is_not_installed(fresh_webgpu, monkeypatch):
     assert available("webgpu") == f"{reason} (scripts/setup_emulators.sh installs every emulator)"
 
 
-@pytest.mark.parametrize("script", [
-    "throw new Error('the launcher broke on purpose');\n",  # a traceback, exit 1
-    "process.stdout.write('not json\\n');\n",  # garbage on the protocol
-    "process.exit(0);\n",  # exits without a word
-])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "throw new Error('the launcher broke on purpose');\n",  # a traceback, exit 1
+        "process.stdout.write('not json\\n');\n",  # garbage on the protocol
+        "process.exit(0);\n",  # exits without a word
+    ],
+)
 def test_webgpu_with_a_crashing_launcher_is_broken(fresh_webgpu, monkeypatch, tmp_path, script):
     """Node, the npm package and an ICD are there, our launcher crashes: the
     check raises (every time), it never returns a reason to skip."""
@@ -238,7 +274,9 @@ def test_opencl_add_on_that_registers_nothing_is_broken(monkeypatch, tmp_path):
         ocl.why_unavailable()
 
 
-def test_opencl_without_a_driver_is_not_installed_with_one_and_no_device_broken(monkeypatch, tmp_path):
+def test_opencl_without_a_driver_is_not_installed_with_one_and_no_device_broken(
+    monkeypatch, tmp_path
+):
     ocl = _fresh_opencl(monkeypatch)
     monkeypatch.setattr(ocl, "load_opencl_runtime", lambda: None)  # the add-on is there
     monkeypatch.setenv("OCL_ICD_VENDORS", str(tmp_path / "no-vendors"))
@@ -261,17 +299,27 @@ def test_pyopencl_with_a_bogus_driver_is_broken(tmp_path):
     except ModuleNotFoundError:
         need("pyopencl is not installed", "pyopencl")
     (tmp_path / "bogus.icd").write_text(str(tmp_path / "libnot-a-driver.so") + "\n")
-    probe = ("from qwen35_mobile.parity.static_checks import opencl_devices\n"
-             "try:\n    opencl_devices()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    probe = (
+        "from qwen35_mobile.parity.static_checks import opencl_devices\n"
+        "try:\n    opencl_devices()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
     env = {"OCL_ICD_VENDORS": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.stdout.startswith("BrokenTool OpenCL drivers are installed"), out.stdout + out.stderr
     env["OCL_ICD_VENDORS"] = str(tmp_path / "none")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
-    assert out.stdout.startswith("CheckUnavailable no OpenCL driver is installed"), out.stdout + out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.stdout.startswith("CheckUnavailable no OpenCL driver is installed"), (
+        out.stdout + out.stderr
+    )
 
 
-def test_aarch64_without_qemu_is_not_installed_and_a_broken_sysroot_is_broken(monkeypatch, tmp_path):
+def test_aarch64_without_qemu_is_not_installed_and_a_broken_sysroot_is_broken(
+    monkeypatch, tmp_path
+):
     from qwen35_mobile.parity.emulators import aarch64
 
     monkeypatch.setattr(aarch64, "_PROBED", {})
@@ -279,8 +327,13 @@ def test_aarch64_without_qemu_is_not_installed_and_a_broken_sysroot_is_broken(mo
     monkeypatch.setattr(aarch64, "QEMU", "qemu-aarch64-nonexistent")
     assert aarch64.available().startswith("qemu-aarch64-nonexistent not found")
     monkeypatch.setattr(aarch64, "QEMU", real_qemu)
-    need(shutil.which(real_qemu) is None and f"no {real_qemu} (Debian: qemu-user-static)", "qemu-user")
-    sysroot = tmp_path / "sysroot"  # every file the check looks for, but a python3.11 that is not a program
+    need(
+        shutil.which(real_qemu) is None and f"no {real_qemu} (Debian: qemu-user-static)",
+        "qemu-user",
+    )
+    sysroot = (
+        tmp_path / "sysroot"
+    )  # every file the check looks for, but a python3.11 that is not a program
     (sysroot / "usr/bin").mkdir(parents=True)
     (sysroot / "usr/bin/python3.11").write_bytes(b"\x7fELF broken")
     for package in ("tvm", "tvm_ffi", "numpy", "qwen35_mobile"):
@@ -306,7 +359,9 @@ def test_metal_without_clang_is_not_installed_and_a_failing_clang_is_broken(monk
     monkeypatch.setenv("PATH", str(fake))
     static_checks._metal_probe.cache_clear()
     try:
-        with pytest.raises(BrokenTool, match="fails a known-good Metal kernel(.|\n)*broken on purpose"):
+        with pytest.raises(
+            BrokenTool, match="fails a known-good Metal kernel(.|\n)*broken on purpose"
+        ):
             available("metal")
     finally:
         static_checks._metal_probe.cache_clear()
@@ -316,7 +371,9 @@ def test_need_fails_under_ci_and_skips_outside(monkeypatch):
     import conftest
 
     monkeypatch.setattr(conftest, "CI", True)
-    with pytest.raises(pytest.fail.Exception, match="Dawn is not installed, and CI=true requires it: no node"):
+    with pytest.raises(
+        pytest.fail.Exception, match="Dawn is not installed, and CI=true requires it: no node"
+    ):
         conftest.need("no node", "Dawn")
     monkeypatch.setattr(conftest, "CI", False)
     with pytest.raises(pytest.skip.Exception, match="Dawn is not installed: no node"):

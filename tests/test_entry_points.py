@@ -10,7 +10,14 @@ from qwen35_mobile.compile import pipeline
 from qwen35_mobile.compile.config import PRESETS
 from qwen35_mobile.compile.pipeline import TEXT, EntryPoint
 
-DECODER = ["embed", "prefill", "prefill_all_logits", "decode", "create_paged_kv_cache", "create_rnn_state"]
+DECODER = [
+    "embed",
+    "prefill",
+    "prefill_all_logits",
+    "decode",
+    "create_paged_kv_cache",
+    "create_rnn_state",
+]
 
 
 def test_parameters_are_the_text_decoders():
@@ -77,13 +84,21 @@ def test_a_module_joins_the_decoders_export():
     before = {gv.name_hint: exported.mod[gv] for gv in exported.mod.get_global_vars()}
     params = list(exported.params)
 
-    with pytest.raises(ValueError, match=r"the module defines \['embed'\], which are already defined"):
-        exported.add_entry_point("vision", EntryPoint(["vision_embed"], []), mod=_vision_module("embed"))
+    with pytest.raises(
+        ValueError, match=r"the module defines \['embed'\], which are already defined"
+    ):
+        exported.add_entry_point(
+            "vision", EntryPoint(["vision_embed"], []), mod=_vision_module("embed")
+        )
     proj = ("visual.proj.weight", (48, 64), "float32")
-    exported.add_entry_point("vision", EntryPoint(["image_embed"], [proj]), mod=_vision_module("image_embed"))
+    exported.add_entry_point(
+        "vision", EntryPoint(["image_embed"], [proj]), mod=_vision_module("image_embed")
+    )
 
     assert exported.functions == [*DECODER, "image_embed"]
     assert exported.params == [*params, proj]
     after = {gv.name_hint: exported.mod[gv] for gv in exported.mod.get_global_vars()}
     assert set(after) == set(before) | {"image_embed"}
-    assert all(after[name].same_as(func) for name, func in before.items())  # the decoder's, untouched
+    assert all(
+        after[name].same_as(func) for name, func in before.items()
+    )  # the decoder's, untouched

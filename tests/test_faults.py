@@ -33,14 +33,23 @@ def cli(*args) -> list[str]:
 
 
 def compile_cmd(ckpt: Path, out: Path, *extra) -> list[str]:
-    return cli("compile", "--model", ckpt, "--target", "host", "--quant", "q0f32", "-o", out, *extra)
+    return cli(
+        "compile", "--model", ckpt, "--target", "host", "--quant", "q0f32", "-o", out, *extra
+    )
 
 
 def start(cmd: list[str], **options) -> subprocess.Popen:
     # Its own session, so that the test can end what a killed compile leaves
     # running (a linker TVM started) by the process group it started.
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True, **options)
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+        **options,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = WAIT) -> tuple[int, str, str]:
@@ -62,7 +71,9 @@ def siblings(out: Path) -> list[str]:
 
 
 def partials(out: Path) -> list[str]:
-    return [n for n in siblings(out) if n.startswith((f".{out.name}.partial-", f".{out.name}.old-"))]
+    return [
+        n for n in siblings(out) if n.startswith((f".{out.name}.partial-", f".{out.name}.old-"))
+    ]
 
 
 def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None) -> bool:
@@ -81,7 +92,9 @@ _verify: list[bool] = []
 
 def has_verify() -> bool:
     if not _verify:
-        _verify.append(subprocess.run(cli("verify", "--help"), capture_output=True, env=ENV).returncode == 0)
+        _verify.append(
+            subprocess.run(cli("verify", "--help"), capture_output=True, env=ENV).returncode == 0
+        )
     return _verify[0]
 
 
@@ -93,7 +106,9 @@ def state(out: Path) -> str:
     assert manifest["files"], manifest
     for rel, record in manifest["files"].items():
         data = (out / rel).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == record["sha256"], f"{out / rel} differs from the manifest"
+        assert hashlib.sha256(data).hexdigest() == record["sha256"], (
+            f"{out / rel} differs from the manifest"
+        )
     if has_verify():
         result = subprocess.run(cli("verify", out), capture_output=True, text=True, env=ENV)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -125,8 +140,12 @@ def race(ckpt, tmp_path_factory) -> dict:
     second_seconds = time.monotonic() - t1
     first_running = first.poll() is None
     code1, stdout1, err1 = finish(first)
-    return {"out": out, "seconds": time.monotonic() - t0, "first": (first.pid, code1, stdout1, err1),
-            "second": (code2, err2, second_seconds, first_running)}
+    return {
+        "out": out,
+        "seconds": time.monotonic() - t0,
+        "first": (first.pid, code1, stdout1, err1),
+        "second": (code2, err2, second_seconds, first_running),
+    }
 
 
 def test_second_compile_into_the_same_out_fails_at_once(race):
@@ -197,6 +216,7 @@ def _file_size_limit(limit: int):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+
     return apply
 
 
@@ -208,7 +228,9 @@ def test_a_file_size_limit_too_small_for_a_library_is_refused_at_once(ckpt, tmp_
     code, stdout, err = finish(start(compile_cmd(ckpt, out), preexec_fn=_file_size_limit(1 << 20)))
     assert code == 2, err
     line = one_line(err)
-    assert line.startswith("qwen35-mobile: error: ") and str(out) in line and "no space left" in line, line
+    assert (
+        line.startswith("qwen35-mobile: error: ") and str(out) in line and "no space left" in line
+    ), line
     assert "ulimit -f" in line and "[2/4]" not in stdout, stdout
     assert state(out) == "absent" and siblings(out) == []
     print(f"1 MB file-size limit: refused after {time.monotonic() - t0:.1f} s: {line}")
@@ -218,11 +240,18 @@ def _mount_tmpfs(mnt: Path, size: str) -> str | None:
     """Mount a tmpfs (as root, where the sandbox allows); None, or why not."""
     mnt.mkdir()
     try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
     except OSError as e:
         return str(e)
-    return None if result.returncode == 0 else (result.stderr.strip() or f"mount exited {result.returncode}")
+    return (
+        None
+        if result.returncode == 0
+        else (result.stderr.strip() or f"mount exited {result.returncode}")
+    )
 
 
 def _fill(path: Path, leave: int = 0) -> None:
@@ -251,10 +280,14 @@ def test_disk_full(ckpt, tmp_path):
     if why_not is not None:
         out = tmp_path / "out"
         t0 = time.monotonic()
-        code, stdout, err = finish(start(compile_cmd(ckpt, out), preexec_fn=_file_size_limit(32 << 20)))
+        code, stdout, err = finish(
+            start(compile_cmd(ckpt, out), preexec_fn=_file_size_limit(32 << 20))
+        )
         assert code == 2, err
         line = one_line(err)
-        assert str(out) in line and "no space left (a file exceeded the file-size limit" in line, line
+        assert str(out) in line and "no space left (a file exceeded the file-size limit" in line, (
+            line
+        )
         assert "[3/4] converting weights" in stdout, stdout
         assert state(out) == "absent" and siblings(out) == []
         print(f"no tmpfs ({why_not}); 32 MB file-size limit: {time.monotonic() - t0:.1f} s: {line}")

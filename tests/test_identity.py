@@ -68,9 +68,25 @@ def builds(twin_checkpoints, artifact, tmp_path_factory):
                 compile_model(str(first), target, "q0f32", one, progress=lambda _: None)
             two = root / target / "two" / "another-name"
             # In another process: TVM's hash-map orders differ between processes, not within one.
-            subprocess.run([sys.executable, "-m", "qwen35_mobile.cli", "compile", "--model", str(second),
-                            "--target", target, "--quant", "q0f32", "-o", str(two)],
-                           check=True, capture_output=True, timeout=1200)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "qwen35_mobile.cli",
+                    "compile",
+                    "--model",
+                    str(second),
+                    "--target",
+                    target,
+                    "--quant",
+                    "q0f32",
+                    "-o",
+                    str(two),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=1200,
+            )
             made[target] = one, two
         return made[target]
 
@@ -85,17 +101,27 @@ def test_two_builds_are_byte_identical(target, builds, twin_checkpoints):
     a, b = digests(one), digests(two)
     assert set(a) == set(b), set(a) ^ set(b)
     assert [name for name in a if a[name] != b[name]] == []
-    assert {"manifest.json", "tensor-cache.json", json.loads((one / "manifest.json").read_text())["library"]} <= set(a)
+    assert {
+        "manifest.json",
+        "tensor-cache.json",
+        json.loads((one / "manifest.json").read_text())["library"],
+    } <= set(a)
 
     # The build facts are there, and they are what differs.
     infos = [json.loads((d / BUILD_INFO).read_text()) for d in (one, two)]
     for info, ckpt in zip(infos, (first, second)):
         assert info["compile_seconds"] > 0 and info["library_compile_seconds"] > 0
-        assert info["checkpoint_path"] == str(ckpt.resolve()) and info["build_host"] == socket.gethostname()
+        assert (
+            info["checkpoint_path"] == str(ckpt.resolve())
+            and info["build_host"] == socket.gethostname()
+        )
     manifest = json.loads((two / "manifest.json").read_text())
     assert BUILD_INFO not in manifest["files"] and "compile_seconds" not in manifest
     assert manifest["model"] == first.name and manifest["checkpoint"]["name"] == first.name
-    assert manifest["checkpoint"]["config_sha256"] == hashlib.sha256((first / "config.json").read_bytes()).hexdigest()
+    assert (
+        manifest["checkpoint"]["config_sha256"]
+        == hashlib.sha256((first / "config.json").read_bytes()).hexdigest()
+    )
     text = (two / "manifest.json").read_text()
     for fact in (str(two.parent), str(first.parent), str(second.parent)):
         assert fact not in text, fact
@@ -109,7 +135,9 @@ def test_a_device_build_verifies_here(builds, capsys):
     assert result.ok and "built for target 'android'" in result.runs_here, result
     assert main(["verify", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"OK {out}") and lines[1].startswith("info: "), lines
+    assert len(lines) == 2 and lines[0].startswith(f"OK {out}") and lines[1].startswith("info: "), (
+        lines
+    )
 
 
 def test_static_library_tar_is_deterministic(tmp_path):
@@ -127,7 +155,9 @@ def test_static_library_tar_is_deterministic(tmp_path):
     with tarfile.open(tmp_path / "a.tar") as tar:  # gzip'd, as TVM's own tar (tar -czf) makes it
         members = tar.getmembers()
         assert [m.name for m in members] == ["devc.o", "lib0.o"]
-        assert all(m.mtime == 0 and m.uid == m.gid == 0 and m.uname == m.gname == "" for m in members)
+        assert all(
+            m.mtime == 0 and m.uid == m.gid == 0 and m.uname == m.gname == "" for m in members
+        )
         assert tar.extractfile("lib0.o").read() == b"\x7fELF host"
 
 
@@ -146,13 +176,30 @@ def test_shape_funcs_sorted_only_where_independent():
     def load(slot):
         return tirx.BufferLoad(heap, [tirx.IntImm("int64", slot)])
 
-    seq = [store(5, load(0) * 8), store(2, load(0) * 3), store(7, load(5) + 1), store(6, load(0)),
-           store(1, tirx.floordiv(load(0) + 63, 64)), store(3, load(7) * 2), store(4, load(0))]
+    seq = [
+        store(5, load(0) * 8),
+        store(2, load(0) * 3),
+        store(7, load(5) + 1),
+        store(6, load(0)),
+        store(1, tirx.floordiv(load(0) + 63, 64)),
+        store(3, load(7) * 2),
+        store(4, load(0)),
+    ]
     order = [int(s.indices[0].value) for s in _sorted_seq(seq)]
-    assert order == [2, 5, 1, 6, 7, 3, 4]  # runs: {5, 2} | {7, 6, 1} (7 reads 5) | {3, 4} (3 reads 7)
+    assert order == [
+        2,
+        5,
+        1,
+        6,
+        7,
+        3,
+        4,
+    ]  # runs: {5, 2} | {7, 6, 1} (7 reads 5) | {3, 4} (3 reads 7)
 
 
-def test_android_build_is_the_same_with_the_opencl_runtime_loaded(builds, twin_checkpoints, tmp_path):
+def test_android_build_is_the_same_with_the_opencl_runtime_loaded(
+    builds, twin_checkpoints, tmp_path
+):
     """A process that has loaded the project's OpenCL add-on (the parity rig
     does) builds the same android library: the add-on's module writes its
     functions in the order the compiler gave them, as TVM's own source module

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import tvm
+from tvm.relax.frontend import nn
+
 from qwen35_mobile.compile import kernels as K
 from qwen35_mobile.compile.config import preset
 from qwen35_mobile.compile.model.qwen35 import Qwen35LM
 from qwen35_mobile.targets import get_target
-from tvm.relax.frontend import nn
 
 ROOT = Path(K.__file__).resolve().parents[1]  # compile/
 

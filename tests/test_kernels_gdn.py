@@ -18,12 +18,11 @@ import functools
 import numpy as np
 import pytest
 import tvm
+from conftest import need_module  # noqa: E402
 from tvm import relax
 from tvm.relax.frontend import nn
 
 from qwen35_mobile.compile.kernels import block_cols_for_target, causal_conv1d, gated_delta_rule
-
-from conftest import need_module  # noqa: E402
 
 torch = need_module("torch")
 from deltanet_reference import assert_close, conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
@@ -57,7 +56,9 @@ class _GatedDeltaRule(nn.Module):
 
 
 @functools.cache
-def _gdn_vm(hk: int, hv: int, dk: int, dv: int, dtype: str, block_cols: int | None) -> relax.VirtualMachine:
+def _gdn_vm(
+    hk: int, hv: int, dk: int, dv: int, dtype: str, block_cols: int | None
+) -> relax.VirtualMachine:
     spec = {
         "q": nn.spec.Tensor(["b", "t", hk, dk], dtype),
         "k": nn.spec.Tensor(["b", "t", hk, dk], dtype),
@@ -69,12 +70,16 @@ def _gdn_vm(hk: int, hv: int, dk: int, dv: int, dtype: str, block_cols: int | No
     return _compile(_GatedDeltaRule(block_cols), spec)
 
 
-def _gdn_kernel(x: dict[str, np.ndarray], dtype: str, block_cols: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _gdn_kernel(
+    x: dict[str, np.ndarray], dtype: str, block_cols: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     _, _, hk, dk = x["q"].shape
     hv, dv = x["v"].shape[2:]
     vm = _gdn_vm(hk, hv, dk, dv, dtype, block_cols)
     q = (x["q"] * np.float32(dk**-0.5)).astype(dtype)
-    o, new_state = _run(vm, q, x["k"].astype(dtype), x["v"].astype(dtype), x["g"], x["beta"], x["state"])
+    o, new_state = _run(
+        vm, q, x["k"].astype(dtype), x["v"].astype(dtype), x["g"], x["beta"], x["state"]
+    )
     assert o.dtype == np.float32 and new_state.dtype == np.float32
     return o, new_state
 
@@ -151,7 +156,9 @@ class _CausalConv(nn.Module):
 
 
 @functools.cache
-def _conv_vm(channels: int, kernel: int, dtype: str, weight_shape: tuple[int, ...]) -> relax.VirtualMachine:
+def _conv_vm(
+    channels: int, kernel: int, dtype: str, weight_shape: tuple[int, ...]
+) -> relax.VirtualMachine:
     spec = {
         "x": nn.spec.Tensor(["b", "t", channels], dtype),
         "conv_state": nn.spec.Tensor(["b", channels, kernel - 1], dtype),
@@ -160,7 +167,9 @@ def _conv_vm(channels: int, kernel: int, dtype: str, weight_shape: tuple[int, ..
     return _compile(_CausalConv(), spec)
 
 
-def _conv_kernel(x: np.ndarray, state: np.ndarray, weight: np.ndarray, hf_layout: bool) -> tuple[np.ndarray, np.ndarray]:
+def _conv_kernel(
+    x: np.ndarray, state: np.ndarray, weight: np.ndarray, hf_layout: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """weight [C, K]; passed as [C, 1, K] when ``hf_layout``."""
     channels, kernel = weight.shape
     if hf_layout:
@@ -171,11 +180,15 @@ def _conv_kernel(x: np.ndarray, state: np.ndarray, weight: np.ndarray, hf_layout
     return y, new_state
 
 
-def _conv_update_reference(x: np.ndarray, state: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _conv_update_reference(
+    x: np.ndarray, state: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """transformers' causal_conv1d_update in fp32; it updates the state in place."""
     state_t = torch.from_numpy(state.astype(np.float32))
     x_t = torch.from_numpy(x.astype(np.float32)).transpose(1, 2)
-    y = hf.causal_conv1d_update(x_t, state_t, torch.from_numpy(weight.astype(np.float32)), None, "silu")
+    y = hf.causal_conv1d_update(
+        x_t, state_t, torch.from_numpy(weight.astype(np.float32)), None, "silu"
+    )
     return y.transpose(1, 2).numpy(), state_t.numpy()
 
 
@@ -194,7 +207,9 @@ def test_causal_conv1d_fresh_sequence(t):
     """A zero state reproduces causal_conv1d_fn (the prefill path)."""
     x, _, weight = conv_inputs(2, t, 64, 4, seed=t)
     y, _ = _conv_kernel(x, np.zeros((2, 64, 3), np.float32), weight, hf_layout=True)
-    ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
+    ref = hf.causal_conv1d_fn(
+        torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu"
+    )
     assert_close(y, ref.transpose(1, 2).numpy(), FP32_TOL)
 
 
@@ -205,7 +220,9 @@ def test_causal_conv1d_continues_across_calls():
     for lo, hi in ((0, 2), (2, 3), (3, 9)):
         y, state = _conv_kernel(np.ascontiguousarray(x[:, lo:hi]), state, weight, hf_layout=True)
         pieces.append(y)
-    ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
+    ref = hf.causal_conv1d_fn(
+        torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu"
+    )
     assert_close(np.concatenate(pieces, axis=1), ref.transpose(1, 2).numpy(), FP32_TOL)
     np.testing.assert_array_equal(state, x[:, -3:].transpose(0, 2, 1))
 

@@ -21,13 +21,15 @@ import re
 import numpy as np
 import pytest
 import tvm
+from conftest import need_module, need_tool  # noqa: E402
 from tvm import relax
 from tvm.relax.frontend import nn
 
 from qwen35_mobile.compile.kernels.gpu_causal_conv import causal_conv1d
-from qwen35_mobile.compile.kernels.gpu_gated_delta_rule import gated_delta_rule, max_threads_for_target
-
-from conftest import need_module, need_tool  # noqa: E402
+from qwen35_mobile.compile.kernels.gpu_gated_delta_rule import (
+    gated_delta_rule,
+    max_threads_for_target,
+)
 
 torch = need_module("torch")
 from deltanet_reference import assert_close, conv_inputs, gdn_inputs, gdn_reference  # noqa: E402
@@ -41,7 +43,9 @@ FP16_TOL = 2e-3
 GPU_TARGETS = {
     "cuda": lambda: tvm.target.Target({"kind": "cuda", "arch": "sm_80"}),
     "opencl": lambda: tvm.target.Target({"kind": "opencl"}, host={"kind": "llvm"}),
-    "metal": lambda: tvm.target.Target({"kind": "metal"}, host={"kind": "llvm", "mtriple": "arm64-apple-darwin"}),
+    "metal": lambda: tvm.target.Target(
+        {"kind": "metal"}, host={"kind": "llvm", "mtriple": "arm64-apple-darwin"}
+    ),
     "webgpu": lambda: tvm.target.Target(
         {"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
     ),
@@ -135,15 +139,23 @@ def _device_sources(module: nn.Module, spec: dict, target: tvm.target.Target) ->
 def _threads_per_block(source: str, kind: str) -> dict[str, int]:
     """Threads per block of each of our kernels (not TVM's own, e.g. a reshape), from the source."""
     if kind == "cuda":
-        found = {name: int(n) for n, name in re.findall(r"__launch_bounds__\((\d+)\) (\w+)\(", source)}
+        found = {
+            name: int(n) for n, name in re.findall(r"__launch_bounds__\((\d+)\) (\w+)\(", source)
+        }
     elif kind == "webgpu":
         found = {
             name: int(x) * int(y) * int(z)
-            for x, y, z, name in re.findall(r"@workgroup_size\((\d+), (\d+), (\d+)\)\s*fn (\w+)\(", source)
+            for x, y, z, name in re.findall(
+                r"@workgroup_size\((\d+), (\d+), (\d+)\)\s*fn (\w+)\(", source
+            )
         }
     else:
         return {}  # opencl / metal sources carry no launch sizes
-    return {name: n for name, n in found.items() if name.startswith(("gated_delta_rule", "causal_conv1d"))}
+    return {
+        name: n
+        for name, n in found.items()
+        if name.startswith(("gated_delta_rule", "causal_conv1d"))
+    }
 
 
 @pytest.mark.parametrize("kind", list(GPU_TARGETS))
@@ -185,17 +197,28 @@ def test_webgpu_kernels_bind_at_most_10_storage_buffers(dtype):
     target = GPU_TARGETS["webgpu"]()
     module, spec = _GatedDeltaRule(None, None, False, target), _gdn_spec(2, 4, 128, 128, dtype)
     source = _device_sources(module, spec, target)
-    counts = {n: c for n, c in wgsl_storage_buffers(source).items() if n.startswith("gated_delta_rule")}
-    assert set(counts) == {f"gated_delta_rule_chunk_{k}_kernel" for k in ("prep", "solve", "scan")}, counts
+    counts = {
+        n: c for n, c in wgsl_storage_buffers(source).items() if n.startswith("gated_delta_rule")
+    }
+    assert set(counts) == {
+        f"gated_delta_rule_chunk_{k}_kernel" for k in ("prep", "solve", "scan")
+    }, counts
     assert WEBGPU_MAX_STORAGE_BUFFERS == 10
     assert max(counts.values()) <= 10, counts
-    assert counts["gated_delta_rule_chunk_scan_kernel"] == 10  # q k v g beta state qk uw o new_state
+    assert (
+        counts["gated_delta_rule_chunk_scan_kernel"] == 10
+    )  # q k v g beta state qk uw o new_state
 
 
 def test_max_threads_for_target():
     assert max_threads_for_target(GPU_TARGETS["cuda"]()) == 256  # cuda allows 1024; capped
     assert max_threads_for_target(GPU_TARGETS["opencl"]()) == 256
-    assert max_threads_for_target(tvm.target.Target({"kind": "cuda", "arch": "sm_80", "max_num_threads": 128})) == 128
+    assert (
+        max_threads_for_target(
+            tvm.target.Target({"kind": "cuda", "arch": "sm_80", "max_num_threads": 128})
+        )
+        == 128
+    )
     assert max_threads_for_target(None) == 256
 
 
@@ -225,7 +248,9 @@ def _gdn_kernel(x, dtype, chunked, max_threads=None) -> tuple[np.ndarray, np.nda
     hv, dv = x["v"].shape[2:]
     vm = _gdn_vm(hk, hv, dk, dv, dtype, chunked, max_threads)
     q = (x["q"] * np.float32(dk**-0.5)).astype(dtype)
-    o, new_state = _run(vm, q, x["k"].astype(dtype), x["v"].astype(dtype), x["g"], x["beta"], x["state"])
+    o, new_state = _run(
+        vm, q, x["k"].astype(dtype), x["v"].astype(dtype), x["g"], x["beta"], x["state"]
+    )
     assert o.dtype == np.float32 and new_state.dtype == np.float32
     return o, new_state
 
@@ -236,7 +261,9 @@ GDN_BATCH_LEN = [(1, 1), (1, 5), (1, 64), (1, 130), (3, 1), (3, 5), (3, 130)]
 GDN_MODES = [
     pytest.param(False, False, id="recurrent"),
     pytest.param(True, True, id="chunked"),
-    pytest.param(None, True, id="auto"),  # run-time switch: recurrent below 64 tokens, chunked from 64
+    pytest.param(
+        None, True, id="auto"
+    ),  # run-time switch: recurrent below 64 tokens, chunked from 64
 ]
 
 
@@ -310,13 +337,19 @@ def _conv_update_reference(x, state, weight):
     """transformers' causal_conv1d_update in fp32; it updates the state in place."""
     state_t = torch.from_numpy(state.astype(np.float32))
     x_t = torch.from_numpy(x.astype(np.float32)).transpose(1, 2)
-    y = hf.causal_conv1d_update(x_t, state_t, torch.from_numpy(weight.astype(np.float32)), None, "silu")
+    y = hf.causal_conv1d_update(
+        x_t, state_t, torch.from_numpy(weight.astype(np.float32)), None, "silu"
+    )
     return y.transpose(1, 2).numpy(), state_t.numpy()
 
 
 @pytest.mark.parametrize(
     "channels,hf_layout,max_threads",
-    [(64, True, None), (40, False, None), (40, True, 16)],  # 40 over 16 threads: a partial last block
+    [
+        (64, True, None),
+        (40, False, None),
+        (40, True, 16),
+    ],  # 40 over 16 threads: a partial last block
 )
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (1, 2), (3, 5), (1, 130)])
 def test_gpu_causal_conv1d_update(channels, hf_layout, max_threads, b, t):
@@ -334,7 +367,9 @@ def test_gpu_causal_conv1d_fresh_sequence_in_pieces():
     for lo, hi in ((0, 2), (2, 3), (3, 67)):
         y, state = _conv_kernel(x[:, lo:hi], state, weight, hf_layout=True)
         pieces.append(y)
-    ref = hf.causal_conv1d_fn(torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu")
+    ref = hf.causal_conv1d_fn(
+        torch.from_numpy(x).transpose(1, 2), torch.from_numpy(weight), None, activation="silu"
+    )
     assert_close(np.concatenate(pieces, axis=1), ref.transpose(1, 2).numpy(), FP32_TOL)
     np.testing.assert_array_equal(state, x[:, -3:].transpose(0, 2, 1))
 
@@ -362,7 +397,9 @@ def _opencl_context():
     return cl, ctx, cl.CommandQueue(ctx)
 
 
-def _cl_launch(cl, ctx, queue, source: str, launches, arrays: dict[str, np.ndarray], scalars: dict[str, int]):
+def _cl_launch(
+    cl, ctx, queue, source: str, launches, arrays: dict[str, np.ndarray], scalars: dict[str, int]
+):
     """Build ``source`` and run ``launches`` = [(kernel, (grid_x, grid_y), threads)] in order.
 
     Kernel arguments are bound by name as TVM emits them (``<Buffer>_ptr`` then the
@@ -370,7 +407,10 @@ def _cl_launch(cl, ctx, queue, source: str, launches, arrays: dict[str, np.ndarr
     intermediates, and is updated with the results."""
     program = cl.Program(ctx, source).build()
     mf = cl.mem_flags
-    buffers = {name: cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=a) for name, a in arrays.items()}
+    buffers = {
+        name: cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=a)
+        for name, a in arrays.items()
+    }
     for kernel, (gx, gy), threads in launches:
         params = re.search(rf"__kernel void {kernel}\(([^)]*)\)", source).group(1)
         args = []
@@ -426,7 +466,11 @@ def test_gpu_gated_delta_rule_on_opencl(chunked):
         solve_threads = _pow2_at_most(dk + dv, 256)
         launches = [
             ("gated_delta_rule_chunk_prep_kernel", (nc, b * hv), CHUNK),
-            ("gated_delta_rule_chunk_solve_kernel", (nc * -(-(dk + dv) // solve_threads), b * hv), solve_threads),
+            (
+                "gated_delta_rule_chunk_solve_kernel",
+                (nc * -(-(dk + dv) // solve_threads), b * hv),
+                solve_threads,
+            ),
             ("gated_delta_rule_chunk_scan_kernel", (b * hv, 1), dv),
         ]
     else:
@@ -443,7 +487,13 @@ def test_gpu_causal_conv1d_on_opencl():
     x, state, weight = conv_inputs(b, t, channels, 4, seed=9)
     module = _CausalConv(16, False, OPENCL)
     source = _opencl_source(module, _conv_spec(channels, 4, "float32", (channels, 4)))
-    arrays = {"X": x, "S_in": state, "W": weight, "Y": np.zeros_like(x), "S_out": np.zeros_like(state)}
+    arrays = {
+        "X": x,
+        "S_in": state,
+        "W": weight,
+        "Y": np.zeros_like(x),
+        "S_out": np.zeros_like(state),
+    }
     out = _cl_launch(
         cl, ctx, queue, source, [("causal_conv1d_kernel", (b * 3, 1), 16)], arrays, {"B": b, "L": t}
     )

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import need_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +21,13 @@ def _lint(package_parent: Path | None = None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin"}
     if package_parent is not None:  # a copy of the package, found first on sys.path
         env["PYTHONPATH"] = str(package_parent)
-    return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
-                          cwd=package_parent or ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=package_parent or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _copy_package(dest: Path) -> Path:
@@ -31,7 +35,9 @@ def _copy_package(dest: Path) -> Path:
     pkg = dest / "qwen35_mobile"
     for src in ROOT.rglob("*.py"):
         rel = src.relative_to(ROOT)
-        if rel.parts[0] in (".venv", ".emulators", "tests", "scripts", "demo", "out") or rel.parts[0].startswith("."):
+        if rel.parts[0] in (".venv", ".emulators", "tests", "scripts", "demo", "out") or rel.parts[
+            0
+        ].startswith("."):
             continue
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, pkg / rel)
@@ -44,11 +50,14 @@ def test_imports_follow_the_layers():
     assert "1 kept, 0 broken" in out.stdout
 
 
-@pytest.mark.parametrize("module,reverse_import", [
-    ("bindings/model.py", "from ..compile import config as _reversed"),  # runtime -> compiler
-    ("compile/pipeline.py", "from ..parity import report as _reversed"),  # compiler -> rig
-    ("parity/report.py", "from .. import cli as _reversed"),  # rig -> CLI
-])
+@pytest.mark.parametrize(
+    "module,reverse_import",
+    [
+        ("bindings/model.py", "from ..compile import config as _reversed"),  # runtime -> compiler
+        ("compile/pipeline.py", "from ..parity import report as _reversed"),  # compiler -> rig
+        ("parity/report.py", "from .. import cli as _reversed"),  # rig -> CLI
+    ],
+)
 def test_a_reversed_import_breaks_the_contract(tmp_path, module, reverse_import):
     """Negative control: the same check on a copy with one import the wrong way fails, naming it."""
     pkg = _copy_package(tmp_path)

@@ -32,25 +32,42 @@ def test_q0f32_parity(name, artifact, checkpoint):
 
 
 def test_q0f16_parity(artifact, checkpoint):
-    report = run_parity(artifact("tiny", "q0f16"), checkpoint("tiny"), new_tokens=32, progress=lambda _: None)
+    report = run_parity(
+        artifact("tiny", "q0f16"), checkpoint("tiny"), new_tokens=32, progress=lambda _: None
+    )
     _check(report, 5e-2, exact=False)
     assert report["summary"]["max_rel"] > 1e-6  # it really ran in fp16
 
 
 def test_parity_fails_against_other_weights(artifact, checkpoint):
     """The check can fail: a build compared with a checkpoint of other weights."""
-    report = run_parity(artifact("tiny"), checkpoint("tiny", seed=1), new_tokens=4, progress=lambda _: None)
+    report = run_parity(
+        artifact("tiny"), checkpoint("tiny", seed=1), new_tokens=4, progress=lambda _: None
+    )
     assert not report["pass"] and report["summary"]["max_rel"] > 1e-2
 
 
 def test_parity_command_writes_the_report(artifact, checkpoint, tmp_path, capsys):
     out = tmp_path / "parity.json"
-    code = main(["parity", str(artifact("tiny")), "--reference", str(checkpoint("tiny")), "--new-tokens", "4",
-                 "--report", str(out)])
+    code = main(
+        [
+            "parity",
+            str(artifact("tiny")),
+            "--reference",
+            str(checkpoint("tiny")),
+            "--new-tokens",
+            "4",
+            "--report",
+            str(out),
+        ]
+    )
     assert code == 0
     assert "parity PASS" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["tolerance"]["max_rel"] == 1e-4 and len(report["cases"]) == 3 * len(DEFAULT_PROMPTS) + 2
+    assert (
+        report["tolerance"]["max_rel"] == 1e-4
+        and len(report["cases"]) == 3 * len(DEFAULT_PROMPTS) + 2
+    )
 
 
 @pytest.mark.parametrize("quant, tol, exact", [("q4f32_1", 1e-4, True), ("q4f16_1", 5e-2, False)])
@@ -65,7 +82,11 @@ def test_q4_parity_against_dequantized_weights(quant, tol, exact, artifact, chec
     # function entirely (docs/surprises.md: top-1 ~1-6 %, KL ~5-9 nats), so a cost computed by
     # mistake against the dequantized weights (top-1 ~1, KL ~0) fails here
     assert cost["against"].startswith("transformers on the original (unquantized) weights")
-    assert cost["positions"] == sum(len(c["steps"]) for c in report["cases"] if c["case"] == "prefill") > 64
+    assert (
+        cost["positions"]
+        == sum(len(c["steps"]) for c in report["cases"] if c["case"] == "prefill")
+        > 64
+    )
     assert cost["top1_agreement"] <= 0.2, cost
     assert 2.0 <= cost["kl_mean"] <= cost["kl_max"], cost
     manifest = json.loads((art / "manifest.json").read_text())

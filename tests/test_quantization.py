@@ -17,11 +17,14 @@ import re
 import numpy as np
 import pytest
 import tvm
-import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 
-from qwen35_mobile.compile.model.quantized import QuantizedEmbedding, QuantizedLinear, quantize_model
+from qwen35_mobile.compile.model.quantized import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    quantize_model,
+)
 from qwen35_mobile.compile.quantization import (
     GROUP_SIZE,
     QUANTIZATIONS,
@@ -50,7 +53,9 @@ def _weights(n, k, seed=0):
 def test_round_trip_error_bound(fmt, k):
     w = _weights(37, k)
     packed, scale = quantize_weight(w, fmt)
-    assert packed.shape == packed_shape(37, k) == (37, 4 * -(-k // 32)) and packed.dtype == np.uint32
+    assert (
+        packed.shape == packed_shape(37, k) == (37, 4 * -(-k // 32)) and packed.dtype == np.uint32
+    )
     assert scale.shape == scale_shape(37, k) and scale.dtype == np.dtype(_model_dtype(fmt))
     deq = dequantize_weight(packed, scale, fmt, k=k)
     assert deq.shape == (37, k) and deq.dtype == np.float32
@@ -64,7 +69,9 @@ def test_round_trip_error_bound(fmt, k):
         assert np.all(np.abs(w16 - deq) <= per_elem * 0.52)
     # scale = max|w| / 7 per group (on the real elements only for a padded group)
     pad = np.zeros((37, scale.shape[1] * GROUP_SIZE - k), np.float32)
-    groups = np.concatenate([w.astype(_model_dtype(fmt)).astype(np.float32), pad], 1).reshape(37, -1, GROUP_SIZE)
+    groups = np.concatenate([w.astype(_model_dtype(fmt)).astype(np.float32), pad], 1).reshape(
+        37, -1, GROUP_SIZE
+    )
     np.testing.assert_allclose(scale.astype(np.float32), np.abs(groups).max(-1) / 7, rtol=1e-3)
     # padding nibbles are stored as 0 (MLC's pack_weight)
     if k % 32:
@@ -138,7 +145,9 @@ def _mlc_quantize_te(n, k, dtype):
     q = te.compute(
         (n, k),
         lambda i, j: tirx.min(
-            tirx.max(tirx.round(w[i, j] / scale[i, j // 32] + tirx.const(7, dtype)), tirx.const(0, dtype)),
+            tirx.max(
+                tirx.round(w[i, j] / scale[i, j // 32] + tirx.const(7, dtype)), tirx.const(0, dtype)
+            ),
             tirx.const(14, dtype),
         ).astype("uint32"),
         name="q",
@@ -147,7 +156,11 @@ def _mlc_quantize_te(n, k, dtype):
     packed = te.compute(
         (n, groups * 4),
         lambda i, j: te.sum(
-            tirx.if_then_else(j * 8 + r8 < k, q[i, j * 8 + r8] << (r8 * 4).astype("uint32"), tirx.const(0, "uint32")),
+            tirx.if_then_else(
+                j * 8 + r8 < k,
+                q[i, j * 8 + r8] << (r8 * 4).astype("uint32"),
+                tirx.const(0, "uint32"),
+            ),
             axis=r8,
         ),
         name="packed",
@@ -184,7 +197,9 @@ class _Small(nn.Module):
     def __init__(self, fmt):
         dtype = _model_dtype(fmt)
         self.res = QuantizedLinear(IN, OUT, fmt, "float32")  # fp32 out (residual)
-        self.half = QuantizedLinear(ODD_IN, 40, fmt, dtype)  # 80 = 2.5 groups: padded, model-dtype out
+        self.half = QuantizedLinear(
+            ODD_IN, 40, fmt, dtype
+        )  # 80 = 2.5 groups: padded, model-dtype out
         self.embed = QuantizedEmbedding(VOCAB, IN, fmt)
 
     def linear(self, x: nn.Tensor, y: nn.Tensor):
@@ -201,7 +216,11 @@ def _export(fmt):
     dtype = _model_dtype(fmt)
     none = {"$": {"param_mode": "packed", "effect_mode": "none"}}
     spec = {
-        "linear": {"x": nn.spec.Tensor([1, "m", IN], dtype), "y": nn.spec.Tensor([1, "m", ODD_IN], dtype), **none},
+        "linear": {
+            "x": nn.spec.Tensor([1, "m", IN], dtype),
+            "y": nn.spec.Tensor([1, "m", ODD_IN], dtype),
+            **none,
+        },
         "take": {"ids": nn.spec.Tensor(["m"], "int32"), **none},
         "head": {"x": nn.spec.Tensor([1, "m", IN], dtype), **none},
     }
@@ -228,9 +247,12 @@ def test_compiled_against_numpy(fmt, pipeline, target):
     dtype = _model_dtype(fmt)
     mod, named = _export(fmt)
     assert [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named] == [
-        ("res.weight", (OUT, IN // 8), "uint32"), ("res.scale", (OUT, IN // 32), dtype),
-        ("half.weight", (40, 12), "uint32"), ("half.scale", (40, 3), dtype),
-        ("embed.weight", (VOCAB, IN // 8), "uint32"), ("embed.scale", (VOCAB, IN // 32), dtype),
+        ("res.weight", (OUT, IN // 8), "uint32"),
+        ("res.scale", (OUT, IN // 32), dtype),
+        ("half.weight", (40, 12), "uint32"),
+        ("half.scale", (40, 3), dtype),
+        ("embed.weight", (VOCAB, IN // 8), "uint32"),
+        ("embed.scale", (VOCAB, IN // 32), dtype),
     ]
     if pipeline == "default":
         ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
@@ -248,12 +270,18 @@ def test_compiled_against_numpy(fmt, pipeline, target):
         np.testing.assert_allclose(got_res.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         ref_half = (y.astype(np.float32) @ p["half"][2].T).astype(dtype)
         assert got_half.numpy().dtype == np.dtype(dtype)
-        np.testing.assert_allclose(got_half.numpy().astype(np.float32), ref_half.astype(np.float32), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            got_half.numpy().astype(np.float32), ref_half.astype(np.float32), rtol=2e-3, atol=1e-3
+        )
 
         ids = rng.integers(0, VOCAB, m).astype(np.int32)
         taken = vm["take"](tvm.runtime.tensor(ids), args).numpy()
         assert taken.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(taken.astype(np.float32), p["embed"][2][ids])
+        # out-of-range ids are clipped to the table, as the fp embedding's take(mode="clip")
+        wild = np.array([-5, VOCAB, VOCAB + 1000, 3], np.int32)
+        clipped = vm["take"](tvm.runtime.tensor(wild), args).numpy().astype(np.float32)
+        np.testing.assert_array_equal(clipped, p["embed"][2][np.clip(wild, 0, VOCAB - 1)])
 
         logits = vm["head"](tvm.runtime.tensor(x), args).numpy()
         ref = x.astype(np.float32) @ p["embed"][2].T
@@ -266,7 +294,9 @@ def test_compiled_against_numpy(fmt, pipeline, target):
     got, _ = vm["linear"](tvm.runtime.tensor(eye), tvm.runtime.tensor(zeros), args)
     np.testing.assert_array_equal(got.numpy()[0], p["res"][2].T)
     for k in (0, 13, IN - 1):
-        got, _ = vm["linear"](tvm.runtime.tensor(eye[:, k : k + 1]), tvm.runtime.tensor(zeros[:, :1]), args)
+        got, _ = vm["linear"](
+            tvm.runtime.tensor(eye[:, k : k + 1]), tvm.runtime.tensor(zeros[:, :1]), args
+        )
         np.testing.assert_array_equal(got.numpy()[0, 0], p["res"][2][:, k])
 
 
@@ -276,13 +306,18 @@ def test_dequantize_fused_into_matmul_after_pipeline(target):
     prims = {gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)}
     kernels = {name: f for name, f in prims.items() if not name.startswith("shape_func")}
     readers = {
-        weight: [name for name, f in kernels.items() if any(p.name.startswith(weight) for p in f.params)]
+        weight: [
+            name for name, f in kernels.items() if any(p.name.startswith(weight) for p in f.params)
+        ]
         for weight in ("res_weight", "half_weight", "embed_weight")
     }
     # One function per linear reads the packed weight and the input, unpacks the
     # nibbles, and accumulates the product in fp32; no standalone dequantize.
     assert len(readers["res_weight"]) == 1 and len(readers["half_weight"]) == 1
-    assert sorted("matmul" in n for n in readers["embed_weight"]) == [False, True]  # take + tied head
+    assert sorted("matmul" in n for n in readers["embed_weight"]) == [
+        False,
+        True,
+    ]  # take + tied head
     for name, func in kernels.items():
         script = func.script()
         assert ">>" in script and "T.uint32(15)" in script, name
@@ -302,11 +337,17 @@ def test_gpu_codegen_with_dlight():
     mod, _ = _export("q4f16_1")
     target = tvm.target.Target({"kind": "opencl"}, host={"kind": "llvm"})
     with target:
-        mod = tvm.transform.Sequential([
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR(),
-            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Fallback()),
-        ])(mod)
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                dl.ApplyDefaultSchedule(
+                    dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Fallback()
+                ),
+            ]
+        )(mod)
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     assert len([n for n in kernels if "dequantize" in n and "matmul" in n]) == 3
     assert all("threadIdx" in f.script() for f in kernels.values())
@@ -359,7 +400,9 @@ def test_quantize_tiny_qwen(name, fmt):
     lin = model.layers[c.linear_attention_layers[0]].linear_attn
     assert after["layers.0.linear_attn.A_log"] == ((c.linear_num_value_heads,), "float32")
     assert after["layers.0.linear_attn.dt_bias"] == ((c.linear_num_value_heads,), "float32")
-    assert isinstance(lin.out_proj, QuantizedLinear) and lin.out_proj.out_dtype == "float32"  # residual
+    assert (
+        isinstance(lin.out_proj, QuantizedLinear) and lin.out_proj.out_dtype == "float32"
+    )  # residual
     assert lin.in_proj_qkv.out_dtype == dtype
     assert not any(isinstance(m, (Linear, nn.Linear, nn.Embedding)) for _, m in _modules(model))
     # The converter side: QuantizeMap.convert yields exactly the exported tensors.
@@ -388,20 +431,30 @@ def test_quantized_tiny_qwen_builds_fused():
     target = cpu_target({"kind": "llvm", "mcpu": "native"})
     lowered = cpu_pipeline(target)(mod)
     names = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)]
-    assert not [n for n in names if n.startswith("dequantize") and "matmul" not in n and "take" not in n]
-    assert len([n for n in names if "dequantize" in n and "matmul" in n]) >= 6  # q/k/v/o, in_proj_*, out, mlp, head
+    assert not [
+        n for n in names if n.startswith("dequantize") and "matmul" not in n and "take" not in n
+    ]
+    assert (
+        len([n for n in names if "dequantize" in n and "matmul" in n]) >= 6
+    )  # q/k/v/o, in_proj_*, out, mlp, head
 
     rng = np.random.default_rng(0)
     converted = {}
     for name, (shape, dtype) in before.items():
         array = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-        converted.update(model.quantize_map.convert(name, array.astype(dtype) if dtype == "float32" else array))
-    params = [tvm.runtime.tensor(np.ascontiguousarray(converted[n]).astype(after[n][1])) for n in after]
+        converted.update(
+            model.quantize_map.convert(name, array.astype(dtype) if dtype == "float32" else array)
+        )
+    params = [
+        tvm.runtime.tensor(np.ascontiguousarray(converted[n]).astype(after[n][1])) for n in after
+    ]
     ex = tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     ids = np.array([0, 5, 248319], np.int32)
     rows = vm["embed"](tvm.runtime.tensor(ids), params).numpy()
-    table = dequantize_weight(converted["embed_tokens.weight"], converted["embed_tokens.scale"], "q4f16_1")
+    table = dequantize_weight(
+        converted["embed_tokens.weight"], converted["embed_tokens.scale"], "q4f16_1"
+    )
     np.testing.assert_array_equal(rows.astype(np.float32), table[ids])
 
 
@@ -422,12 +475,19 @@ def test_registry_entries_and_unknown_name():
     from qwen35_mobile.errors import UserError
 
     assert {n: (q.model_dtype, q.quantized) for n, q in QUANTIZATIONS.items()} == {
-        "q0f32": ("float32", False), "q0f16": ("float16", False),
-        "q4f16_1": ("float16", True), "q4f32_1": ("float32", True),
+        "q0f32": ("float32", False),
+        "q0f16": ("float16", False),
+        "q4f16_1": ("float16", True),
+        "q4f32_1": ("float32", True),
     }
     assert all(q.name == n and q.description for n, q in QUANTIZATIONS.items())
-    assert get("q4f16_1") is QUANTIZATIONS["q4f16_1"] and get(QUANTIZATIONS["q0f16"]) is QUANTIZATIONS["q0f16"]
-    with pytest.raises(UserError, match=r"unknown quantization 'q3f7'; known: q0f32, q0f16, q4f16_1, q4f32_1"):
+    assert (
+        get("q4f16_1") is QUANTIZATIONS["q4f16_1"]
+        and get(QUANTIZATIONS["q0f16"]) is QUANTIZATIONS["q0f16"]
+    )
+    with pytest.raises(
+        UserError, match=r"unknown quantization 'q3f7'; known: q0f32, q0f16, q4f16_1, q4f32_1"
+    ):
         get("q3f7")
     with pytest.raises(ValueError, match="not a group quantization"):
         quantize_weight(_weights(4, 32), "q0f16")
@@ -435,19 +495,28 @@ def test_registry_entries_and_unknown_name():
 
 def test_registry_keeps_dtypes_stored_and_converts():
     lin, emb = "layers.0.mlp.down_proj.weight", "embed_tokens.weight"
-    kept = {"layers.0.linear_attn.A_log": (4,), "layers.0.linear_attn.dt_bias": (4,), "norm.weight": (64,),
-            "layers.0.linear_attn.conv1d.weight": (96, 1, 4), "layers.3.self_attn.q_norm.weight": (32,)}
+    kept = {
+        "layers.0.linear_attn.A_log": (4,),
+        "layers.0.linear_attn.dt_bias": (4,),
+        "norm.weight": (64,),
+        "layers.0.linear_attn.conv1d.weight": (96, 1, 4),
+        "layers.3.self_attn.q_norm.weight": (32,),
+    }
     for name, q in QUANTIZATIONS.items():
         for param, shape in kept.items():
             assert q.keeps(param, shape)
             want = "float32" if param.endswith(("A_log", "dt_bias")) else q.model_dtype
             assert q.stored(param, shape) == [(param, shape, want)], (name, param)
-        assert q.keeps(lin, (64, 80)) == q.keeps(emb, (1000, 64)) == q.keeps("lm_head.weight", (1000, 64)) == (
-            not q.quantized
+        assert (
+            q.keeps(lin, (64, 80))
+            == q.keeps(emb, (1000, 64))
+            == q.keeps("lm_head.weight", (1000, 64))
+            == (not q.quantized)
         )
     q = QUANTIZATIONS["q4f16_1"]
     assert q.stored(lin, (64, 80)) == [
-        (lin, packed_shape(64, 80), "uint32"), ("layers.0.mlp.down_proj.scale", scale_shape(64, 80), "float16")
+        (lin, packed_shape(64, 80), "uint32"),
+        ("layers.0.mlp.down_proj.scale", scale_shape(64, 80), "float16"),
     ]
     assert q.nbytes(lin, (64, 80)) == 64 * 12 * 4 + 64 * 3 * 2
     w = _weights(64, 80)
@@ -455,9 +524,13 @@ def test_registry_keeps_dtypes_stored_and_converts():
     assert [(n, a.shape, str(a.dtype)) for n, a in out] == q.stored(lin, w.shape)
     np.testing.assert_array_equal(out[0][1], quantize_weight(w, q)[0])
     norm = np.ones(64, np.float32)
-    assert q.convert("norm.weight", norm) == [("norm.weight", norm)]  # kept: as it is, cast by the converter
+    assert q.convert("norm.weight", norm) == [
+        ("norm.weight", norm)
+    ]  # kept: as it is, cast by the converter
     # The reference's values: dequantized, fp16-rounded, or untouched.
-    np.testing.assert_array_equal(q.reference_weight(lin, w), dequantize_weight(*quantize_weight(w, q), q, k=80))
+    np.testing.assert_array_equal(
+        q.reference_weight(lin, w), dequantize_weight(*quantize_weight(w, q), q, k=80)
+    )
     a_log = np.full(4, 0.1, np.float32)
     assert QUANTIZATIONS["q0f16"].reference_weight("layers.0.linear_attn.A_log", a_log) is a_log
     half = QUANTIZATIONS["q0f16"].reference_weight(lin, w)
@@ -508,4 +581,7 @@ def test_export_builds_the_model_once(monkeypatch):
     exported = pipeline.export(preset("tiny"), "q4f16_1", get_target("host"))
     assert len(built) == 1
     assert exported.params == pipeline.parameters(preset("tiny"), "q4f16_1").params
-    assert exported.quantize_map.param_map["embed_tokens.weight"] == ["embed_tokens.weight", "embed_tokens.scale"]
+    assert exported.quantize_map.param_map["embed_tokens.weight"] == [
+        "embed_tokens.weight",
+        "embed_tokens.scale",
+    ]

@@ -18,6 +18,12 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from tvm import relax, te
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.script import tirx as T
+
 from qwen35_mobile.compile.schedule_cpu import (
     GEMV_MAX_ROWS,
     KV_CACHE_SERIAL,
@@ -36,11 +42,6 @@ from qwen35_mobile.compile.schedule_cpu import (
     needs_schedule,
     schedule_for_cpu,
 )
-from tvm import relax, te
-from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
-from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import op
-from tvm.script import tirx as T
 
 HIDDEN, INTER, VOCAB = 64, 96, 72  # VOCAB: not a multiple of the 32-column panel
 _PARAM_ORDER = (

@@ -28,7 +28,10 @@ Components: main
 def _apt_sh(etc: Path, script: str) -> str:
     out = subprocess.run(
         ["bash", "-c", f"set -euo pipefail; . scripts/lib/apt.sh; {script}"],
-        cwd=ROOT, env={"APT_ETC": str(etc), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+        cwd=ROOT,
+        env={"APT_ETC": str(etc), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -48,19 +51,27 @@ def test_mirror_from_deb822_uris_not_comments(tmp_path):
 
 
 def test_mirror_from_one_line_sources_and_default(tmp_path):
-    etc = _etc(tmp_path, {"sources.list": "# deb http://commented.example/debian bookworm main\n"
-                                         "deb http://plain.example/debian/ bookworm main\n"})
+    etc = _etc(
+        tmp_path,
+        {
+            "sources.list": "# deb http://commented.example/debian bookworm main\n"
+            "deb http://plain.example/debian/ bookworm main\n"
+        },
+    )
     assert _apt_sh(etc, "debian_mirror") == "http://plain.example/debian"
     empty = _etc(tmp_path / "empty", {})
     assert _apt_sh(empty, "debian_mirror") == "http://deb.debian.org/debian"
 
 
 def test_backports_written_once_and_repaired(tmp_path):
-    etc = _etc(tmp_path, {
-        "sources.list.d/debian.sources": DEB822,
-        # what the earlier script wrote from the commented snapshot line
-        "sources.list.d/bookworm-backports.list": "deb http://snapshot.debian.org/archive/debian bookworm-backports main\n",
-    })
+    etc = _etc(
+        tmp_path,
+        {
+            "sources.list.d/debian.sources": DEB822,
+            # what the earlier script wrote from the commented snapshot line
+            "sources.list.d/bookworm-backports.list": "deb http://snapshot.debian.org/archive/debian bookworm-backports main\n",
+        },
+    )
     _apt_sh(etc, "ensure_backports bookworm")
     ours = etc / "sources.list.d/qwen35-mobile-backports.list"
     assert not (etc / "sources.list.d/bookworm-backports.list").exists()
@@ -69,21 +80,33 @@ def test_backports_written_once_and_repaired(tmp_path):
     before = ours.stat().st_mtime_ns
     _apt_sh(etc, "ensure_backports bookworm")  # idempotent: nothing rewritten
     assert ours.stat().st_mtime_ns == before
-    ours.write_text("deb http://snapshot.debian.org/archive/debian bookworm-backports main\n")  # broken by hand
+    ours.write_text(
+        "deb http://snapshot.debian.org/archive/debian bookworm-backports main\n"
+    )  # broken by hand
     _apt_sh(etc, "ensure_backports bookworm")
     assert [ln for ln in ours.read_text().splitlines() if not ln.startswith("#")] == lines
 
 
 def test_backports_left_to_the_system_when_it_has_them(tmp_path):
-    etc = _etc(tmp_path, {
-        "sources.list.d/debian.sources": DEB822.replace("bookworm bookworm-updates", "bookworm bookworm-backports"),
-        "sources.list.d/qwen35-mobile-backports.list": "deb http://mirror.example/debian bookworm-backports main\n",
-    })
+    etc = _etc(
+        tmp_path,
+        {
+            "sources.list.d/debian.sources": DEB822.replace(
+                "bookworm bookworm-updates", "bookworm bookworm-backports"
+            ),
+            "sources.list.d/qwen35-mobile-backports.list": "deb http://mirror.example/debian bookworm-backports main\n",
+        },
+    )
     _apt_sh(etc, "ensure_backports bookworm")
     assert not (etc / "sources.list.d/qwen35-mobile-backports.list").exists()
     # a commented-out backports line does not count as having them
-    etc2 = _etc(tmp_path / "b", {"sources.list": "deb http://m.example/debian bookworm main\n"
-                                                 "# deb http://m.example/debian bookworm-backports main\n"})
+    etc2 = _etc(
+        tmp_path / "b",
+        {
+            "sources.list": "deb http://m.example/debian bookworm main\n"
+            "# deb http://m.example/debian bookworm-backports main\n"
+        },
+    )
     _apt_sh(etc2, "ensure_backports bookworm")
     assert (etc2 / "sources.list.d/qwen35-mobile-backports.list").exists()
 
@@ -96,8 +119,11 @@ def test_aarch64_sysroot_runs_this_checkout():
     from conftest import need
 
     sysroot = ROOT / ".emulators/aarch64-sysroot"
-    need(not (sysroot / "usr/bin/python3.11").exists() and "scripts/setup_emulators.sh aarch64 sets it up",
-         "the aarch64 sysroot")
+    need(
+        not (sysroot / "usr/bin/python3.11").exists()
+        and "scripts/setup_emulators.sh aarch64 sets it up",
+        "the aarch64 sysroot",
+    )
     link = sysroot / "usr/lib/python3/dist-packages/qwen35_mobile"
     assert link.is_symlink(), f"{link} is not a link to this checkout"
     assert Path(os.readlink(link)) == ROOT

@@ -26,6 +26,9 @@ def test_ruff_finds_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nx = 1\n" + "y = '" + "z" * 120 + "'\n")
     for command in (["check", "--no-cache"], ["format", "--check", "--no-cache"]):
-        out = subprocess.run([str(RUFF), *command, "--config", str(ROOT / "pyproject.toml"), str(bad)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [str(RUFF), *command, "--config", str(ROOT / "pyproject.toml"), str(bad)],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 1, out.stdout + out.stderr

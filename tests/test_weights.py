@@ -25,7 +25,9 @@ def _text_tensors(rng: np.random.Generator, untied: bool = False) -> dict[str, n
         "embed_tokens.weight": rng.standard_normal((64, 16), np.float32).astype(BF16),
         "layers.0.input_layernorm.weight": rng.standard_normal(16, np.float32),
         "layers.0.linear_attn.A_log": rng.standard_normal(4, np.float32),
-        "layers.0.linear_attn.conv1d.weight": rng.standard_normal((24, 1, 4), np.float32).astype(np.float16),
+        "layers.0.linear_attn.conv1d.weight": rng.standard_normal((24, 1, 4), np.float32).astype(
+            np.float16
+        ),
         "layers.0.mlp.up_proj.weight": rng.standard_normal((32, 16), np.float32).astype(BF16),
         "layers.0.mlp.down_proj.weight": rng.standard_normal((16, 32), np.float32),
         "norm.weight": rng.standard_normal(16, np.float32).astype(BF16),
@@ -38,8 +40,12 @@ def _text_tensors(rng: np.random.Generator, untied: bool = False) -> dict[str, n
 def _extra_tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Vision tower and MTP head tensors, which the converter skips."""
     return {
-        "model.visual.patch_embed.proj.weight": rng.standard_normal((8, 3, 2, 2, 2), np.float32).astype(BF16),
-        "model.visual.blocks.0.attn.qkv.weight": rng.standard_normal((24, 8), np.float32).astype(BF16),
+        "model.visual.patch_embed.proj.weight": rng.standard_normal(
+            (8, 3, 2, 2, 2), np.float32
+        ).astype(BF16),
+        "model.visual.blocks.0.attn.qkv.weight": rng.standard_normal((24, 8), np.float32).astype(
+            BF16
+        ),
         "model.visual.merger.norm.weight": rng.standard_normal(8, np.float32),
         "mtp.fc.weight": rng.standard_normal((16, 32), np.float32).astype(BF16),
         "mtp.norm.weight": rng.standard_normal(16, np.float32),
@@ -50,7 +56,9 @@ def _hf(params: dict[str, np.ndarray], prefix: str = MM) -> dict[str, np.ndarray
     return {k if k == "lm_head.weight" else prefix + k: v for k, v in params.items()}
 
 
-def _expected(params: dict[str, np.ndarray], dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], str]]:
+def _expected(
+    params: dict[str, np.ndarray], dtype: str = "float32"
+) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (v.shape, dtype) for k, v in params.items()}
 
 
@@ -63,7 +71,9 @@ def _write_sharded(ckpt_dir, tensors: dict[str, np.ndarray], n_files: int = 2) -
         save_file(part, str(ckpt_dir / file))
         weight_map.update(dict.fromkeys(part, file))
     total = sum(a.nbytes for a in tensors.values())
-    (ckpt_dir / W.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (ckpt_dir / W.INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
 
 
 @pytest.fixture
@@ -102,11 +112,16 @@ def test_open_lists_tensors_and_maps_names(request, layout, text):
     assert ckpt.skipped == {"model.visual.": 3, "mtp.": 2}
     assert ckpt.unmapped == []
     got = ckpt.get(MM + "embed_tokens.weight")
-    assert got.dtype == BF16 and np.array_equal(got.view(np.uint16), text["embed_tokens.weight"].view(np.uint16))
+    assert got.dtype == BF16 and np.array_equal(
+        got.view(np.uint16), text["embed_tokens.weight"].view(np.uint16)
+    )
 
 
 def test_bare_text_checkpoint(tmp_path, text):
-    save_file({**_hf(text, "model."), "mtp.fc.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / W.SINGLE_FILE))
+    save_file(
+        {**_hf(text, "model."), "mtp.fc.weight": np.zeros((2, 2), np.float32)},
+        str(tmp_path / W.SINGLE_FILE),
+    )
     ckpt = W.open_checkpoint(tmp_path)
     assert ckpt.params == {k: "model." + k for k in text}
     assert ckpt.hf_name("norm.weight") == "model.norm.weight"
@@ -175,7 +190,9 @@ def test_corrupt_header_named(single):
     data = bytearray(file.read_bytes())
     data[8] = ord("#")  # the header's opening brace
     file.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"model\.safetensors: safetensors header is not valid JSON"):
+    with pytest.raises(
+        UserError, match=r"model\.safetensors: safetensors header is not valid JSON"
+    ):
         W.open_checkpoint(single)
 
 
@@ -196,7 +213,9 @@ def test_truncated_safetensors_named(sharded):
 
 def test_index_missing_shard_named(sharded):
     (sharded / "model-00001-of-00002.safetensors").unlink()
-    with pytest.raises(UserError, match=r"index\.json: shard 'model-00001-of-00002\.safetensors' .* does not exist"):
+    with pytest.raises(
+        UserError, match=r"index\.json: shard 'model-00001-of-00002\.safetensors' .* does not exist"
+    ):
         W.open_checkpoint(sharded)
 
 
@@ -204,7 +223,9 @@ def test_index_names_tensor_absent_from_shard(sharded):
     index = json.loads((sharded / W.INDEX_FILE).read_text())
     index["weight_map"]["model.language_model.ghost.weight"] = "model-00001-of-00002.safetensors"
     (sharded / W.INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(UserError, match="maps 'model.language_model.ghost.weight' to 'model-00001-of-00002"):
+    with pytest.raises(
+        UserError, match="maps 'model.language_model.ghost.weight' to 'model-00001-of-00002"
+    ):
         W.open_checkpoint(sharded)
 
 
@@ -215,7 +236,9 @@ def test_index_names_tensor_absent_from_shard(sharded):
 def test_round_trip_to_float32_is_exact(request, layout, text, tmp_path):
     ckpt = W.open_checkpoint(request.getfixturevalue(layout))
     calls = []
-    summary = W.convert_checkpoint(ckpt, _expected(text), tmp_path / "out", progress=lambda *a: calls.append(a))
+    summary = W.convert_checkpoint(
+        ckpt, _expected(text), tmp_path / "out", progress=lambda *a: calls.append(a)
+    )
     got = W.load_tensor_cache(tmp_path / "out")
     assert list(got) == list(text)
     for name, src in text.items():
@@ -224,8 +247,12 @@ def test_round_trip_to_float32_is_exact(request, layout, text, tmp_path):
     assert calls == [(i + 1, len(text), name) for i, name in enumerate(text)]
     n = sum(a.size for a in text.values())
     assert summary == {
-        "num_tensors": len(text), "num_params": n, "nbytes": 4 * n, "num_shards": 1,
-        "skipped": {"model.visual.": 3, "mtp.": 2}, "ignored": [],
+        "num_tensors": len(text),
+        "num_params": n,
+        "nbytes": 4 * n,
+        "num_shards": 1,
+        "skipped": {"model.visual.": 3, "mtp.": 2},
+        "ignored": [],
     }
     meta = json.loads((tmp_path / "out" / W.CACHE_FILE).read_text())["metadata"]
     assert meta == {"ParamSize": len(text), "ParamBytes": 4 * n, "BitsPerParam": 32.0}
@@ -257,7 +284,10 @@ def test_tvmjs_reads_our_cache(single, text, tmp_path):
 
 def test_shard_size_limit(tmp_path):
     rng = np.random.default_rng(2)
-    params = {f"layers.{i}.mlp.up_proj.weight": rng.standard_normal((i + 1, 100), np.float32) for i in range(12)}
+    params = {
+        f"layers.{i}.mlp.up_proj.weight": rng.standard_normal((i + 1, 100), np.float32)
+        for i in range(12)
+    }
     params["embed_tokens.weight"] = rng.standard_normal((40, 100), np.float32)  # 16000 bytes > cap
     d = tmp_path / "ckpt"
     d.mkdir()
@@ -273,16 +303,23 @@ def test_shard_size_limit(tmp_path):
         assert len(data) <= cap or len(shard["records"]) == 1
         offset = 0
         for rec in shard["records"]:
-            assert rec["format"] == "raw" and rec["byteOffset"] == offset and rec["dtype"] == "float32"
+            assert (
+                rec["format"] == "raw" and rec["byteOffset"] == offset and rec["dtype"] == "float32"
+            )
             offset += rec["nbytes"]
         assert offset == len(data)
-    assert any(s["records"][0]["name"] == "embed_tokens.weight" and s["nbytes"] == 16000 for s in shards)
+    assert any(
+        s["records"][0]["name"] == "embed_tokens.weight" and s["nbytes"] == 16000 for s in shards
+    )
     got = W.load_tensor_cache(tmp_path / "out")
     assert all(np.array_equal(got[k], v) for k, v in params.items())
 
     # A rerun with a larger cap leaves no stale shard behind.
     W.convert_checkpoint(W.open_checkpoint(d), _expected(params), tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["params_shard_0.bin", W.CACHE_FILE]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "params_shard_0.bin",
+        W.CACHE_FILE,
+    ]
 
 
 def test_tied_model_ignores_lm_head(tmp_path):
@@ -306,7 +343,9 @@ def test_untied_model_needs_lm_head(single, text, tmp_path):
 
 def test_missing_tensor_named(single, text, tmp_path):
     expected = {**_expected(text), "layers.0.mlp.gate_proj.weight": ((32, 16), "float32")}
-    with pytest.raises(UserError, match="lacks tensor 'model.language_model.layers.0.mlp.gate_proj.weight'"):
+    with pytest.raises(
+        UserError, match="lacks tensor 'model.language_model.layers.0.mlp.gate_proj.weight'"
+    ):
         W.convert_checkpoint(W.open_checkpoint(single), expected, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
@@ -335,8 +374,12 @@ def test_int_tensor_refused(tmp_path, text):
 def test_float16_overflow_refused(tmp_path, text):
     tensors = {**_hf(text), MM + "norm.weight": np.full(16, 1e5, np.float32)}
     save_file(tensors, str(tmp_path / W.SINGLE_FILE))
-    with pytest.raises(UserError, match="'model.language_model.norm.weight' has values beyond the float16 range"):
-        W.convert_checkpoint(W.open_checkpoint(tmp_path), _expected(text, "float16"), tmp_path / "out")
+    with pytest.raises(
+        UserError, match="'model.language_model.norm.weight' has values beyond the float16 range"
+    ):
+        W.convert_checkpoint(
+            W.open_checkpoint(tmp_path), _expected(text, "float16"), tmp_path / "out"
+        )
 
 
 # ---- reading the tensor cache -------------------------------------------------
@@ -363,7 +406,9 @@ def test_flipped_byte_detected_and_named(cache, text):
 def test_truncated_shard_detected_and_named(cache):
     shard = cache / "params_shard_0.bin"
     shard.write_bytes(shard.read_bytes()[:-4])
-    with pytest.raises(UserError, match=r"params_shard_0\.bin: \d+ bytes but tensor-cache\.json records \d+"):
+    with pytest.raises(
+        UserError, match=r"params_shard_0\.bin: \d+ bytes but tensor-cache\.json records \d+"
+    ):
         W.load_tensor_cache(cache, verify=False)
 
 

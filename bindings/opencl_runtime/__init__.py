@@ -21,8 +21,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from ...errors import UserError
-from ...errors import BrokenTool
+from ...errors import BrokenTool, UserError
 
 ENV = "QWEN35_OPENCL_RUNTIME"
 LIBRARY = "libtvm_runtime_opencl.so"
@@ -43,7 +42,11 @@ class AddOnMissing(UserError):
 def opencl_icds() -> list[Path]:
     """The OpenCL drivers (ICD files) the ICD loader will find: ``$OCL_ICD_VENDORS``
     (a directory or one file) or ``$OPENCL_VENDOR_PATH``, else ``/etc/OpenCL/vendors``."""
-    where = os.environ.get("OCL_ICD_VENDORS") or os.environ.get("OPENCL_VENDOR_PATH") or "/etc/OpenCL/vendors"
+    where = (
+        os.environ.get("OCL_ICD_VENDORS")
+        or os.environ.get("OPENCL_VENDOR_PATH")
+        or "/etc/OpenCL/vendors"
+    )
     path = Path(where)
     if path.is_file():
         return [path]
@@ -122,12 +125,16 @@ def why_unavailable() -> str | None:
         return str(err)
     icds = opencl_icds()
     if not icds:
-        return ("no OpenCL driver is installed (no ICD file in /etc/OpenCL/vendors or $OCL_ICD_VENDORS); "
-                "install PoCL: scripts/setup_emulators.sh (Debian: pocl-opencl-icd)")
+        return (
+            "no OpenCL driver is installed (no ICD file in /etc/OpenCL/vendors or $OCL_ICD_VENDORS); "
+            "install PoCL: scripts/setup_emulators.sh (Debian: pocl-opencl-icd)"
+        )
     try:
         count = opencl_device_count()
     except Exception as err:  # noqa: BLE001 - installed, so any failure is a finding
-        raise BrokenTool(f"the OpenCL runtime add-on failed to list devices: {type(err).__name__}: {err}") from err
+        raise BrokenTool(
+            f"the OpenCL runtime add-on failed to list devices: {type(err).__name__}: {err}"
+        ) from err
     if count == 0:
         raise BrokenTool(
             f"OpenCL drivers are installed ({', '.join(map(str, icds))}) but the add-on sees no OpenCL device"

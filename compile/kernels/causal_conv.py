@@ -23,7 +23,14 @@ from .checks import conv_dims
 __all__ = ["causal_conv1d", "causal_conv1d_func"]
 
 # Cephes' expf polynomial for exp(f), |f| <= ln(2) / 2 (relative error ~1e-7).
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
 
 
 def _exp_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -63,7 +70,9 @@ def _channel_block(channels: int) -> int:
     return block
 
 
-def causal_conv1d_func(channels: int, kernel_size: int, dtype: str, weight_dtype: str) -> tvm.tirx.PrimFunc:
+def causal_conv1d_func(
+    channels: int, kernel_size: int, dtype: str, weight_dtype: str
+) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc ``(x, conv_state, weight, y, new_state)``.
 
     Shapes, with symbolic batch ``B`` and sequence length ``L``: x and y

@@ -53,7 +53,9 @@ def block_cols_for_target(target: Target | None) -> int:
         return 32
     if codegen.llvm_cpu_has_features("avx512f", target):
         return 64
-    if codegen.llvm_cpu_has_features("avx2", target) or codegen.llvm_cpu_has_features("neon", target):
+    if codegen.llvm_cpu_has_features("avx2", target) or codegen.llvm_cpu_has_features(
+        "neon", target
+    ):
         return 32
     return 16
 
@@ -74,12 +76,21 @@ def gated_delta_rule_func(
     o ``[B, L, Hv, Dv]`` float32.  ``block_cols`` must divide ``head_v_dim``.
     """
     if num_v_heads % num_k_heads:
-        raise ValueError(f"num_v_heads {num_v_heads} is not a multiple of num_k_heads {num_k_heads}")
+        raise ValueError(
+            f"num_v_heads {num_v_heads} is not a multiple of num_k_heads {num_k_heads}"
+        )
     if head_v_dim % block_cols:
         raise ValueError(f"block_cols {block_cols} does not divide head_v_dim {head_v_dim}")
     if head_k_dim % _KV_SPLIT:
         raise ValueError(f"head_k_dim {head_k_dim} is not a multiple of {_KV_SPLIT}")
-    hk, hv, dk, dv, cb, split = num_k_heads, num_v_heads, head_k_dim, head_v_dim, block_cols, _KV_SPLIT
+    hk, hv, dk, dv, cb, split = (
+        num_k_heads,
+        num_v_heads,
+        head_k_dim,
+        head_v_dim,
+        block_cols,
+        _KV_SPLIT,
+    )
     group = hv // hk  # value heads per key head
     blocks = dv // cb  # column blocks per value head
     f32 = "float32"

@@ -88,7 +88,9 @@ def gpu_causal_conv1d_func(
                                 T.Cast(f32, S_in[b, c, T.min(t + j, ctx - 1)]),
                                 T.Cast(f32, X[b, T.max(t + j - ctx, 0), c]),
                             )
-                        Y[b, t, c] = T.Cast(dtype, acc[0] / (T.float32(1) + T.exp(T.float32(0) - acc[0])))
+                        Y[b, t, c] = T.Cast(
+                            dtype, acc[0] / (T.float32(1) + T.exp(T.float32(0) - acc[0]))
+                        )
                     # new_state[:, :, j] = xx[:, L + j, :]
                     for j in range(ctx):
                         S_out[b, c, j] = T.if_then_else(

@@ -51,7 +51,7 @@ with the thread bindings replaced by serial loops and ``local`` scratch by
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tvm
 from tvm.relax.frontend.nn import Tensor, op
@@ -107,7 +107,9 @@ def _loop_kinds(emulate: bool) -> tuple[Callable, str]:
 
 def _check_heads(num_k_heads: int, num_v_heads: int) -> int:
     if num_v_heads % num_k_heads:
-        raise ValueError(f"num_v_heads {num_v_heads} is not a multiple of num_k_heads {num_k_heads}")
+        raise ValueError(
+            f"num_v_heads {num_v_heads} is not a multiple of num_k_heads {num_k_heads}"
+        )
     return num_v_heads // num_k_heads
 
 
@@ -198,7 +200,9 @@ def gdn_chunk_prep_func(
     """
     group = _check_heads(num_k_heads, num_v_heads)
     hk, hv, dk, C = num_k_heads, num_v_heads, head_k_dim, CHUNK
-    tx = _pow2_at_most(C, max_threads)  # rows of the chunk per pass (all 64 unless the target allows fewer)
+    tx = _pow2_at_most(
+        C, max_threads
+    )  # rows of the chunk per pass (all 64 unless the target allows fewer)
     loop, scope = _loop_kinds(emulate)
     f32 = "float32"
 
@@ -239,7 +243,9 @@ def gdn_chunk_prep_func(
                             for s in range(C):
                                 if s <= t:
                                     acc[0] = acc[0] + T.if_then_else(
-                                        n * C + s < L, G[b, T.min(n * C + s, L - 1), h], T.float32(0)
+                                        n * C + s < L,
+                                        G[b, T.min(n * C + s, L - 1), h],
+                                        T.float32(0),
                                     )
                             Gc[b, h, n, t] = acc[0]
                             acc[1] = T.float32(0)
@@ -259,7 +265,9 @@ def gdn_chunk_prep_func(
                                         )
                                     QK[b, h, n, t, s] = acc[3] * T.exp(acc[0] - acc[1])
                                     Lm[b, h, n, t, s] = T.if_then_else(
-                                        s < t, Beta[b, tok, h] * acc[2] * T.exp(acc[0] - acc[1]), T.float32(0)
+                                        s < t,
+                                        Beta[b, tok, h] * acc[2] * T.exp(acc[0] - acc[1]),
+                                        T.float32(0),
                                     )
                                 else:
                                     QK[b, h, n, t, s] = T.float32(0)
@@ -314,7 +322,9 @@ def gdn_chunk_solve_func(
         for by in loop(B * hv, "blockIdx.y"):
             for bx in loop(NC * nb, "blockIdx.x"):
                 for tid in loop(tx, "threadIdx.x"):
-                    X = T.alloc_buffer((C,), f32, scope=scope)  # this thread's column of the solution
+                    X = T.alloc_buffer(
+                        (C,), f32, scope=scope
+                    )  # this thread's column of the solution
                     acc = T.alloc_buffer((1,), f32, scope=scope)
                     b: T.let = by // hv
                     h: T.let = by % hv
@@ -326,7 +336,10 @@ def gdn_chunk_solve_func(
                             tok: T.let = T.min(n * C + t, L - 1)
                             if n * C + t < L:
                                 if j < dv:
-                                    acc[0] = T.Cast(f32, V[b, tok, h, T.min(j, dv - 1)]) * Beta[b, tok, h]
+                                    acc[0] = (
+                                        T.Cast(f32, V[b, tok, h, T.min(j, dv - 1)])
+                                        * Beta[b, tok, h]
+                                    )
                                 else:
                                     acc[0] = (
                                         T.Cast(f32, K[b, tok, kh, T.max(j - dv, 0)])
@@ -445,7 +458,10 @@ def gdn_chunk_scan_func(
                         for i in range(dk):
                             acc[0] = S[i] * acc[1]
                             for t in range(C):
-                                acc[0] = acc[0] + T.Cast(f32, K[b, T.min(n * C + t, L - 1), kh, i]) * vn[t]
+                                acc[0] = (
+                                    acc[0]
+                                    + T.Cast(f32, K[b, T.min(n * C + t, L - 1), kh, i]) * vn[t]
+                                )
                             S[i] = acc[0]
                 else:
                     for t in range(L):
@@ -521,7 +537,10 @@ def gated_delta_rule(
             func,
             name,
             args=[q, k, v, g, beta, state],
-            out=(Tensor.placeholder(o_shape, "float32"), Tensor.placeholder(state_shape, "float32")),
+            out=(
+                Tensor.placeholder(o_shape, "float32"),
+                Tensor.placeholder(state_shape, "float32"),
+            ),
         )
 
     min_len = 0 if chunked else CHUNK
@@ -538,14 +557,18 @@ def gated_delta_rule(
             Tensor.placeholder((batch, hv, num_chunks, CHUNK, CHUNK), "float32"),
         ),
     )
-    solve = gdn_chunk_solve_func(num_k_heads, hv, dk, dv, dtype, max_threads, min_len, emulate=emulate)
+    solve = gdn_chunk_solve_func(
+        num_k_heads, hv, dk, dv, dtype, max_threads, min_len, emulate=emulate
+    )
     uw = op.tensor_ir_op(
         solve,
         f"{name}_chunk_solve",
         args=[k, v, beta, gc, lmat],
         out=Tensor.placeholder((batch, hv, num_chunks, CHUNK, dv + dk), "float32"),
     )
-    scan = gdn_chunk_scan_func(num_k_heads, hv, dk, dv, dtype, max_threads, min_len, emulate=emulate)
+    scan = gdn_chunk_scan_func(
+        num_k_heads, hv, dk, dv, dtype, max_threads, min_len, emulate=emulate
+    )
     return op.tensor_ir_op(
         scan,
         f"{name}_chunk_scan",

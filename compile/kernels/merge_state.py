@@ -26,7 +26,9 @@ from tvm.script import tirx as T
 NAME = "tir_attention_merge_state"
 
 
-def merge_state_func(num_heads: int, head_dim: int, dtype: str, max_threads: int = 256) -> tvm.tirx.PrimFunc:
+def merge_state_func(
+    num_heads: int, head_dim: int, dtype: str, max_threads: int = 256
+) -> tvm.tirx.PrimFunc:
     """``(V [N, H, D] dtype, S [N, H] f32, V_other, S_other)``, V and S updated in place."""
     vec = 4 if head_dim % 4 == 0 else 1
     bdx = head_dim // vec  # threads per head, each ``vec`` columns
@@ -36,7 +38,9 @@ def merge_state_func(num_heads: int, head_dim: int, dtype: str, max_threads: int
     f32 = "float32"
 
     @T.prim_func(private=True)
-    def merge_state(v_handle: T.handle, s_handle: T.handle, v_other_handle: T.handle, s_other_handle: T.handle):
+    def merge_state(
+        v_handle: T.handle, s_handle: T.handle, v_other_handle: T.handle, s_other_handle: T.handle
+    ):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         N = T.int32()
         V = T.match_buffer(v_handle, (N, H, D), dtype)
@@ -56,8 +60,11 @@ def merge_state_func(num_heads: int, head_dim: int, dtype: str, max_threads: int
                             for i in T.serial(vec):
                                 V[bx, h, tx * vec + i] = T.Cast(
                                     dtype,
-                                    (T.Cast(f32, V[bx, h, tx * vec + i]) * w[0]
-                                     + T.Cast(f32, V_other[bx, h, tx * vec + i]) * w[1]) / (w[0] + w[1]),
+                                    (
+                                        T.Cast(f32, V[bx, h, tx * vec + i]) * w[0]
+                                        + T.Cast(f32, V_other[bx, h, tx * vec + i]) * w[1]
+                                    )
+                                    / (w[0] + w[1]),
                                 )
                         # every thread of the head has read S before one writes it
                         T.tvm_storage_sync("shared")
@@ -67,11 +74,16 @@ def merge_state_func(num_heads: int, head_dim: int, dtype: str, max_threads: int
     return merge_state
 
 
-def replace_merge_state(mod: tvm.IRModule, num_heads: int, head_dim: int, dtype: str, max_threads: int) -> tvm.IRModule:
+def replace_merge_state(
+    mod: tvm.IRModule, num_heads: int, head_dim: int, dtype: str, max_threads: int
+) -> tvm.IRModule:
     """``mod`` with TVM's GPU merge kernel (if present) replaced by ours."""
     for gvar, func in mod.functions_items():
         if gvar.name_hint == NAME and isinstance(func, tvm.tirx.PrimFunc):
             mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)  # copy before update
-            mod.update_func(gvar, merge_state_func(num_heads, head_dim, dtype, max_threads).with_attrs(func.attrs))
+            mod.update_func(
+                gvar,
+                merge_state_func(num_heads, head_dim, dtype, max_threads).with_attrs(func.attrs),
+            )
             return mod
     return mod

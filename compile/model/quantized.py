@@ -33,7 +33,11 @@ from ..quantization import (
 )
 
 __all__ = [
-    "QuantizedEmbedding", "QuantizedLinear", "dequantize_matmul_te", "dequantize_te", "quantize_model",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "dequantize_matmul_te",
+    "dequantize_te",
+    "quantize_model",
 ]
 
 
@@ -47,7 +51,9 @@ def _dequant_value(word, scale, k, dtype: str):
     fp16 emulate by a convert per operation; measured 2x faster on x86).
     """
     shift = ((k % ELEMS_PER_WORD) * BITS).astype(STORAGE_DTYPE)
-    nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << BITS) - 1, STORAGE_DTYPE))
+    nibble = tirx.bitwise_and(
+        tirx.shift_right(word, shift), tirx.const((1 << BITS) - 1, STORAGE_DTYPE)
+    )
     value = (nibble.astype("float32") - tirx.const(MAX_INT, "float32")) * scale.astype("float32")
     return value if dtype == "float32" else value.astype(dtype)
 
@@ -56,7 +62,9 @@ def dequantize_te(weight, scale, n, k: int, dtype: str):
     """TE compute ``[n, k]``: the dequantized weight (the fused kernel's producer)."""
     return te.compute(
         (n, k),
-        lambda i, j: _dequant_value(weight[i, j // ELEMS_PER_WORD], scale[i, j // GROUP_SIZE], j, dtype),
+        lambda i, j: _dequant_value(
+            weight[i, j // ELEMS_PER_WORD], scale[i, j // GROUP_SIZE], j, dtype
+        ),
         name="dequantize",
     )
 
@@ -72,7 +80,9 @@ def dequantize_matmul_te(x, weight, scale, n: int, k: int, dtype: str):
     r = te.reduce_axis((tirx.IntImm("int64", 0), k), name="k")
     return te.compute(
         (*x.shape[:-1], n),
-        lambda *i: te.sum(x[(*i[:-1], r)].astype("float32") * w[i[-1], r].astype("float32"), axis=r),
+        lambda *i: te.sum(
+            x[(*i[:-1], r)].astype("float32") * w[i[-1], r].astype("float32"), axis=r
+        ),
         name="NT_matmul",
     )
 
@@ -109,7 +119,13 @@ class QuantizedLinear(_Quantized):
     (``dequantize_NT_matmul``); an output cast fuses into it under ``FuseOps``.
     """
 
-    def __init__(self, in_features: int, out_features: int, fmt: str | Quantization, out_dtype: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str | Quantization,
+        out_dtype: str | None = None,
+    ):
         f = grouped(fmt)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.out_dtype = out_dtype or f.model_dtype
@@ -117,7 +133,9 @@ class QuantizedLinear(_Quantized):
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+            raise ValueError(
+                f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
         y = self._matmul(x, self.out_features, self.in_features)
         return y if self.out_dtype == "float32" else y.astype(self.out_dtype)
 
@@ -137,12 +155,19 @@ class QuantizedEmbedding(_Quantized):
         self._make_params(self.num, self.dim, f)
 
     def forward(self, ids):
-        dtype, dim = self.fmt.model_dtype, self.dim
+        dtype, dim, last = self.fmt.model_dtype, self.dim, self.num - 1
 
         def gather(idx, w, s):
+            def row(i):  # out-of-range ids are clipped, like the fp embedding's take(mode="clip")
+                return tirx.max(
+                    tirx.min(idx[i], tirx.IntImm(idx.dtype, last)), tirx.IntImm(idx.dtype, 0)
+                )
+
             return te.compute(
                 (idx.shape[0], dim),
-                lambda i, j: _dequant_value(w[idx[i], j // ELEMS_PER_WORD], s[idx[i], j // GROUP_SIZE], j, dtype),
+                lambda i, j: _dequant_value(
+                    w[row(i), j // ELEMS_PER_WORD], s[row(i), j // GROUP_SIZE], j, dtype
+                ),
                 name="dequantize_take",
             )
 
@@ -191,7 +216,9 @@ def quantize_model(model, fmt: str | Quantization, name_prefix: str = ""):
                 if f.keeps(f"{name}.weight", shape):
                     return node
                 if getattr(node, "bias", None) is not None:
-                    raise ValueError(f"{name}: Linear with a bias is not supported by quantize_model")
+                    raise ValueError(
+                        f"{name}: Linear with a bias is not supported by quantize_model"
+                    )
                 check_dtype(name, node.weight)
                 out = getattr(node, "out", None) or node.out_dtype or node.weight.dtype
                 record(name, shape)

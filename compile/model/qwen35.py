@@ -98,7 +98,11 @@ class GatedAttention(nn.Module):
     attention, then attn * sigmoid(gate) and o_proj."""
 
     def __init__(self, c: Qwen35Config, dtype: str):
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
         self.q_proj = Linear(c.hidden_size, self.num_heads * self.head_dim * 2, dtype)
         self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, dtype)
         self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, dtype)
@@ -171,8 +175,13 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: Tensor, state: RNNState, lin_layer_id: int) -> tuple[Tensor, RNNState]:
         b, s, _ = x.shape
         (conv_size, _), (rec_size, _) = self.state_shapes()
-        conv_state = op.reshape(state.get(lin_layer_id, 0, b, conv_size, self.dtype), (b, self.conv_dim, self.kernel - 1))
-        rec_state = op.reshape(state.get(lin_layer_id, 1, b, rec_size, F32), (b, self.hv, self.dk, self.dv))
+        conv_state = op.reshape(
+            state.get(lin_layer_id, 0, b, conv_size, self.dtype),
+            (b, self.conv_dim, self.kernel - 1),
+        )
+        rec_state = op.reshape(
+            state.get(lin_layer_id, 1, b, rec_size, F32), (b, self.hv, self.dk, self.dv)
+        )
 
         mixed, conv_state = self.conv1d(self.in_proj_qkv(x), conv_state)  # [b, s, C]
         q, k, v = op.split(mixed, [self.hk * self.dk, 2 * self.hk * self.dk], axis=-1)
@@ -181,7 +190,9 @@ class GatedDeltaNet(nn.Module):
         v = op.reshape(v, (b, s, self.hv, self.dv)).astype(F32)  # q, k, v meet the state in fp32
 
         beta = op.sigmoid(self.in_proj_b(x).astype(F32))  # [b, s, Hv]
-        g = op.negative(op.exp(self.A_log)) * op.softplus(self.in_proj_a(x).astype(F32) + self.dt_bias)  # log-decay
+        g = op.negative(op.exp(self.A_log)) * op.softplus(
+            self.in_proj_a(x).astype(F32) + self.dt_bias
+        )  # log-decay
         # o [b, s, Hv, Dv] fp32
         o, rec_state = self.kernels.gated_delta_rule(q, k, v, g, beta, rec_state)
 
@@ -237,11 +248,15 @@ class Qwen35LM(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(c, t, dtype, kernels) for t in c.layer_types])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype, out_dtype=F32)
+            self.lm_head = nn.Linear(
+                c.hidden_size, c.vocab_size, bias=False, dtype=dtype, out_dtype=F32
+            )
         # mixer_ids[i]: index of layer i among the layers of its kind (KV cache
         # layer id for attention, RNN state layer id for DeltaNet).
         full, lin = c.full_attention_layers, c.linear_attention_layers
-        self.mixer_ids = [full.index(i) if i in full else lin.index(i) for i in range(c.num_hidden_layers)]
+        self.mixer_ids = [
+            full.index(i) if i in full else lin.index(i) for i in range(c.num_hidden_layers)
+        ]
 
     # ---- the network ------------------------------------------------------
     def _logits(self, x: Tensor) -> Tensor:
@@ -325,12 +340,27 @@ class Qwen35LM(nn.Module):
     def get_default_spec(self):
         h = self.config.hidden_size
         common = {"$": {"param_mode": "packed", "effect_mode": "none"}}
-        caches = {"kv_cache": nn.spec.Object(object_type=PagedKVCache), "state": nn.spec.Object(object_type=RNNState)}
+        caches = {
+            "kv_cache": nn.spec.Object(object_type=PagedKVCache),
+            "state": nn.spec.Object(object_type=RNNState),
+        }
         spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **common},
-            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), **caches, **common},
-            "prefill_all_logits": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), **caches, **common},
-            "decode": {"input_embed": nn.spec.Tensor(["batch_size", 1, h], self.dtype), **caches, **common},
+            "prefill": {
+                "input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                **caches,
+                **common,
+            },
+            "prefill_all_logits": {
+                "input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                **caches,
+                **common,
+            },
+            "decode": {
+                "input_embed": nn.spec.Tensor(["batch_size", 1, h], self.dtype),
+                **caches,
+                **common,
+            },
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -346,4 +376,3 @@ class Qwen35LM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
-

@@ -23,7 +23,9 @@ def _get_func(size: int, dtype: str):
     """out[b, :] = storage[seq_slot[b], history_slot[b], :]"""
 
     @T.prim_func(private=True, s_tir=True)
-    def rnn_state_get(var_storage: T.handle, var_seq: T.handle, var_hist: T.handle, var_out: T.handle):
+    def rnn_state_get(
+        var_storage: T.handle, var_seq: T.handle, var_hist: T.handle, var_out: T.handle
+    ):
         T.func_attr({"tirx.noalias": True})
         num_seqs, max_history, batch = T.int64(), T.int64(), T.int64()
         storage = T.match_buffer(var_storage, (num_seqs, max_history, size), dtype)
@@ -45,7 +47,9 @@ def _set_func(size: int, dtype: str):
     the next one, so that a rollback (popn) can return to the old one."""
 
     @T.prim_func(private=True, s_tir=True)
-    def rnn_state_set(var_storage: T.handle, var_seq: T.handle, var_hist: T.handle, var_data: T.handle):
+    def rnn_state_set(
+        var_storage: T.handle, var_seq: T.handle, var_hist: T.handle, var_data: T.handle
+    ):
         T.func_attr({"tirx.noalias": True})
         num_seqs, max_history, batch = T.int64(), T.int64(), T.int64()
         storage = T.match_buffer(var_storage, (num_seqs, max_history, size), dtype)
@@ -55,7 +59,11 @@ def _set_func(size: int, dtype: str):
         for b, s in T.grid(batch, size):
             with T.sblock("copy"):
                 vb, vs = T.axis.remap("SS", [b, s])
-                storage[seq_slot[vb], T.Cast("int32", T.floormod(T.Cast("int64", hist_slot[vb]) + 1, max_history)), vs] = data[vb, vs]
+                storage[
+                    seq_slot[vb],
+                    T.Cast("int32", T.floormod(T.Cast("int64", hist_slot[vb]) + 1, max_history)),
+                    vs,
+                ] = data[vb, vs]
 
     return rnn_state_set
 
@@ -70,11 +78,17 @@ class RNNState(Object):
         num_layers: int,
         states: list[tuple[int, str]],
         name: str = "rnn_state",
-    ) -> "RNNState":
+    ) -> RNNState:
         """``states``: (flat size, dtype) of each state kept per layer."""
         bb = rx.BlockBuilder.current()
-        f_gets = [bb.add_func(_get_func(size, dtype), f"rnn_state_get_{i}") for i, (size, dtype) in enumerate(states)]
-        f_sets = [bb.add_func(_set_func(size, dtype), f"rnn_state_set_{i}") for i, (size, dtype) in enumerate(states)]
+        f_gets = [
+            bb.add_func(_get_func(size, dtype), f"rnn_state_get_{i}")
+            for i, (size, dtype) in enumerate(states)
+        ]
+        f_sets = [
+            bb.add_func(_set_func(size, dtype), f"rnn_state_set_{i}")
+            for i, (size, dtype) in enumerate(states)
+        ]
         init = [rx.op.zeros(rx.ShapeExpr([size]), dtype) for size, dtype in states]
         return RNNState(
             _expr=rx.call_pure_packed(
@@ -90,7 +104,9 @@ class RNNState(Object):
             _name=name,
         )
 
-    def get(self, layer_id: int, state_id: int, batch: tirx.PrimExpr, size: int, dtype: str) -> Tensor:
+    def get(
+        self, layer_id: int, state_id: int, batch: tirx.PrimExpr, size: int, dtype: str
+    ) -> Tensor:
         """The state of every sequence in the batch: ``[batch, size]``."""
         return Tensor(
             _expr=rx.BlockBuilder.current().emit(
@@ -102,7 +118,7 @@ class RNNState(Object):
             )
         )
 
-    def set(self, layer_id: int, state_id: int, value: Tensor) -> "RNNState":
+    def set(self, layer_id: int, state_id: int, value: Tensor) -> RNNState:
         """Store the new state ``[batch, size]``; returns the state object."""
         return RNNState(
             _expr=rx.BlockBuilder.current().emit(

@@ -30,8 +30,6 @@ import dataclasses
 from ...errors import BrokenTool, UserError  # noqa: F401 (BrokenTool: re-exported)
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Emulator:
     name: str
@@ -39,7 +37,9 @@ class Emulator:
     description: str
     whole_model: str | None = None  # preset of the library run end to end here
     kernels: str | None = None  # preset whose device kernels are replayed one by one
-    kernel_host: str | None = None  # preset those kernels are compiled with to launch them here (default: kernels)
+    kernel_host: str | None = (
+        None  # preset those kernels are compiled with to launch them here (default: kernels)
+    )
     twin: str | None = None  # host-twin preset the replayed kernels are compared with
     syntax: str | None = None  # preset whose device source is only syntax-checked
     dtypes: tuple[str, ...] = ("float32", "float16")  # model dtypes it can run
@@ -92,4 +92,6 @@ def get_emulator(name: str) -> Emulator:
     try:
         return EMULATORS[name]
     except KeyError:
-        raise UserError(f"unknown emulator '{name}'; known emulators: {', '.join(EMULATORS)}") from None
+        raise UserError(
+            f"unknown emulator '{name}'; known emulators: {', '.join(EMULATORS)}"
+        ) from None

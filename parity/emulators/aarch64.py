@@ -21,8 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,7 +45,9 @@ def python() -> Path:
     return sysroot() / "usr" / "bin" / "python3.11"
 
 
-_PROBED: dict[tuple[str, str], str | None] = {}  # (qemu, sysroot) -> None, or why qemu cannot run its Python
+_PROBED: dict[
+    tuple[str, str], str | None
+] = {}  # (qemu, sysroot) -> None, or why qemu cannot run its Python
 _PROBE = "import platform, qwen35_mobile.parity.emulators.worker; print(platform.machine())"
 
 
@@ -68,11 +70,25 @@ def available() -> str | None:
     cmd = [QEMU, "-L", str(root), str(python()), "-c", _PROBE]
     if key not in _PROBED:
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
-                                  env=_env(1, None), cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+                env=_env(1, None),
+                cwd=tempfile.gettempdir(),
+                stdin=subprocess.DEVNULL,
+            )
             ok = done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == ["aarch64"]
-            _PROBED[key] = None if ok else (
-                f"exit {done.returncode}: " + " | ".join((done.stdout + done.stderr).strip().splitlines()[-8:]))
+            _PROBED[key] = (
+                None
+                if ok
+                else (
+                    f"exit {done.returncode}: "
+                    + " | ".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+                )
+            )
         except (OSError, subprocess.TimeoutExpired) as err:
             _PROBED[key] = f"{type(err).__name__}: {err}"
     if _PROBED[key]:
@@ -99,8 +115,14 @@ def setup(*, quiet: bool = True) -> str | None:
 def _env(threads: int | None, extra: dict[str, str] | None) -> dict[str, str]:
     """The environment of the emulated Python: the host's, less anything that
     would point it at the host's Python packages."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CONDA", "QEMU_"))}
-    env["TVM_NUM_THREADS"] = str(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CONDA", "QEMU_"))
+    }
+    env["TVM_NUM_THREADS"] = str(
+        threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1
+    )
     env["PYTHONUNBUFFERED"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
     env.update(extra or {})
@@ -131,8 +153,13 @@ def run_in_qemu(
         raise UserError(f"the aarch64 emulator cannot run: {reason}")
     cmd = command(module, args)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        env=_env(threads, env), cwd=tempfile.gettempdir(),
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=_env(threads, env),
+        cwd=tempfile.gettempdir(),
     )
     out: list[str] = []
     err: list[str] = []
@@ -148,7 +175,10 @@ def run_in_qemu(
     def read_out() -> None:
         out.append(proc.stdout.read())
 
-    readers = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
+    readers = [
+        threading.Thread(target=read_err, daemon=True),
+        threading.Thread(target=read_out, daemon=True),
+    ]
     for r in readers:
         r.start()
     try:
@@ -159,13 +189,16 @@ def run_in_qemu(
         for r in readers:
             r.join(5)
         raise UserError(
-            f"qemu-aarch64: '{module}' ran past {timeout:.0f} s and was stopped; last output:\n" + "\n".join(tail)
+            f"qemu-aarch64: '{module}' ran past {timeout:.0f} s and was stopped; last output:\n"
+            + "\n".join(tail)
         ) from None
     for r in readers:
         r.join()
     done = subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
     if done.returncode != 0:
-        raise UserError(f"qemu-aarch64: '{module}' failed (exit {done.returncode}):\n" + "\n".join(tail))
+        raise UserError(
+            f"qemu-aarch64: '{module}' failed (exit {done.returncode}):\n" + "\n".join(tail)
+        )
     return done
 
 
@@ -184,10 +217,17 @@ def run_job(
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.npz"
-        job.write_text(json.dumps({"prompts": [list(map(int, ids)) for ids in encoded], "new_tokens": int(new_tokens)}))
+        job.write_text(
+            json.dumps(
+                {"prompts": [list(map(int, ids)) for ids in encoded], "new_tokens": int(new_tokens)}
+            )
+        )
         done = run_in_qemu(
-            WORKER, [str(Path(artifact).resolve()), str(job), str(out)],
-            timeout=timeout, threads=threads, progress=progress,
+            WORKER,
+            [str(Path(artifact).resolve()), str(job), str(out)],
+            timeout=timeout,
+            threads=threads,
+            progress=progress,
         )
         with np.load(out) as data:
             arrays = {k: data[k] for k in data.files}
@@ -205,14 +245,22 @@ def ours(artifact: Path, **options) -> Callable[[list[list[int]], int], dict[str
     return collect
 
 
-if __name__ == "__main__":  # python -m qwen35_mobile.parity.emulators.aarch64: say whether it can run
+if (
+    __name__ == "__main__"
+):  # python -m qwen35_mobile.parity.emulators.aarch64: say whether it can run
     reason = available()
     print(reason or f"ready: {' '.join(command('MODULE', []))}")
     sys.exit(1 if reason else 0)
 
 
-def replay(artifact: Path, calls: list, *, timeout: float | None = 1800, progress=None,
-           override: tuple[Path, list[str]] | None = None) -> list:
+def replay(
+    artifact: Path,
+    calls: list,
+    *,
+    timeout: float | None = 1800,
+    progress=None,
+    override: tuple[Path, list[str]] | None = None,
+) -> list:
     """Run captured kernel calls (:mod:`.capture`) with ``artifact``'s aarch64
     library under qemu, in one process; returns the calls with what it wrote.
     ``override``: (a library, kernel names) the replay takes those kernels from
@@ -220,13 +268,25 @@ def replay(artifact: Path, calls: list, *, timeout: float | None = 1800, progres
     from .capture import load_calls, save_calls
 
     with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-replay-") as tmp:
-        calls_path, job, out = Path(tmp) / "calls.npz", Path(tmp) / "job.json", Path(tmp) / "out.npz"
+        calls_path, job, out = (
+            Path(tmp) / "calls.npz",
+            Path(tmp) / "job.json",
+            Path(tmp) / "out.npz",
+        )
         save_calls(calls, calls_path)
         spec: dict = {"replay": str(calls_path)}
         if override:
-            spec["override"] = {"library": str(Path(override[0]).resolve()), "kernels": list(override[1])}
+            spec["override"] = {
+                "library": str(Path(override[0]).resolve()),
+                "kernels": list(override[1]),
+            }
         job.write_text(json.dumps(spec))
-        run_in_qemu(WORKER, [str(Path(artifact).resolve()), str(job), str(out)], timeout=timeout, progress=progress)
+        run_in_qemu(
+            WORKER,
+            [str(Path(artifact).resolve()), str(job), str(out)],
+            timeout=timeout,
+            progress=progress,
+        )
         return load_calls(out)
 
 
@@ -248,7 +308,9 @@ def broken_kernel_library(mod, dtype: str, name: str, out: Path) -> Path:
     target = preset.tvm_target(dtype)
     with target:
         lowered = cpu_pipeline(target)(mod)
-    funcs = {gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    funcs = {
+        gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    }
     if name not in funcs:
         raise UserError(f"--break-kernel: no kernel '{name}' in the aarch64 build")
     broken = break_kernel(funcs[name]).with_attr("global_symbol", name)

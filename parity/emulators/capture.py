@@ -40,7 +40,9 @@ class Call:
     step: str  # "prefill" or "decode N"
     before: list  # np.ndarray for tensors, int/float for scalars
     after: list  # np.ndarray for tensors (None for scalars)
-    via: str = "vm"  # "vm": a call of the Relax VM; "kv_cache"/"rnn_state": called by that runtime object
+    via: str = (
+        "vm"  # "vm": a call of the Relax VM; "kv_cache"/"rnn_state": called by that runtime object
+    )
 
 
 def _copy(arg):
@@ -56,7 +58,9 @@ def _copy(arg):
 def state_kernel_names(mod) -> dict[str, list[str]]:
     """Per state object (``kv_cache``, ``rnn_state``), the TIR functions its
     create builtin receives in ``mod``, in the order the runtime receives them."""
-    return {via: _kernel_names(mod, func, builtin) for via, (builtin, func) in STATE_BUILTINS.items()}
+    return {
+        via: _kernel_names(mod, func, builtin) for via, (builtin, func) in STATE_BUILTINS.items()
+    }
 
 
 def _kernel_names(mod, relax_func: str, builtin: str) -> list[str]:
@@ -74,8 +78,12 @@ def _kernel_names(mod, relax_func: str, builtin: str) -> list[str]:
             names.append(expr.name_hint)
 
     def visit(expr):
-        if isinstance(expr, relax.Call) and expr.args and isinstance(expr.args[0], relax.ExternFunc) \
-                and expr.args[0].global_symbol == builtin:
+        if (
+            isinstance(expr, relax.Call)
+            and expr.args
+            and isinstance(expr.args[0], relax.ExternFunc)
+            and expr.args[0].global_symbol == builtin
+        ):
             for arg in expr.args[1:]:
                 flatten(arg)
 
@@ -155,7 +163,9 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
     from ...bindings.engine import Engine
 
     recorder = Recorder()
-    with _wrapped_state_builtins(recorder, state_kernel_names(mod if mod is not None else export_from_manifest(twin))):
+    with _wrapped_state_builtins(
+        recorder, state_kernel_names(mod if mod is not None else export_from_manifest(twin))
+    ):
         engine = Engine(twin)
         engine.vm.set_instrument(recorder.instrument)
         seq = engine.add_sequence()
@@ -163,7 +173,10 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
         # Two prefill calls: the second attends to the cache the first filled
         # (paged prefill + state merge), and continues the DeltaNet state.
         split = len(prompt_ids) * 4 // 7 if len(prompt_ids) > 1 else len(prompt_ids)
-        for label, part in (("prefill", prompt_ids[:split]), ("prefill (continued)", prompt_ids[split:])):
+        for label, part in (
+            ("prefill", prompt_ids[:split]),
+            ("prefill (continued)", prompt_ids[split:]),
+        ):
             if part:
                 recorder.step = label
                 logits = engine.prefill(seq, part)
@@ -185,7 +198,9 @@ def export_from_manifest(artifact: Path, preset: str | None = None):
 
     manifest = read_manifest(artifact)
     config = Qwen35Config.from_json(manifest["config"])
-    return pipeline.export(config, manifest["quantization"], get_target(preset or manifest["target"])).mod
+    return pipeline.export(
+        config, manifest["quantization"], get_target(preset or manifest["target"])
+    ).mod
 
 
 def save_calls(calls: list[Call], path: Path, *, with_after: bool = False) -> None:
@@ -202,8 +217,16 @@ def save_calls(calls: list[Call], path: Path, *, with_after: bool = False) -> No
                     arrays[f"{i}.a{j}"] = call.after[j]
             else:
                 scalars[j] = value
-        meta.append({"index": call.index, "name": call.name, "step": call.step, "via": call.via,
-                     "nargs": len(call.before), "scalars": scalars})
+        meta.append(
+            {
+                "index": call.index,
+                "name": call.name,
+                "step": call.step,
+                "via": call.via,
+                "nargs": len(call.before),
+                "scalars": scalars,
+            }
+        )
     arrays["calls"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(path, **arrays)
 
@@ -215,14 +238,22 @@ def load_calls(path: Path) -> list[Call]:
         for i, m in enumerate(meta):
             scalars = {int(k): v for k, v in m["scalars"].items()}
             before = [scalars[j] if j in scalars else data[f"{i}.b{j}"] for j in range(m["nargs"])]
-            after = [None if j in scalars else (data[f"{i}.a{j}"] if f"{i}.a{j}" in data.files else None)
-                     for j in range(m["nargs"])]
+            after = [
+                None if j in scalars else (data[f"{i}.a{j}"] if f"{i}.a{j}" in data.files else None)
+                for j in range(m["nargs"])
+            ]
             calls.append(Call(m["index"], m["name"], m["step"], before, after, m["via"]))
     return calls
 
 
-def run_calls(library: Path, calls: list[Call], progress=None, *, override: Path | None = None,
-              override_kernels: list[str] = ()) -> list[Call]:
+def run_calls(
+    library: Path,
+    calls: list[Call],
+    progress=None,
+    *,
+    override: Path | None = None,
+    override_kernels: list[str] = (),
+) -> list[Call]:
     """Run each call's kernel from the (CPU) library ``library`` on the call's
     ``before`` tensors; the returned calls hold what that library wrote.  The
     kernels named in ``override_kernels`` come from the library ``override``

@@ -40,7 +40,9 @@ class KernelRunner:
         if name not in self.built:
             mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
             self.built[name] = tvm.compile(mod, self.target)[name]
-        dev_args = [tvm.runtime.tensor(a, self.device) if isinstance(a, np.ndarray) else a for a in args]
+        dev_args = [
+            tvm.runtime.tensor(a, self.device) if isinstance(a, np.ndarray) else a for a in args
+        ]
         self.built[name](*dev_args)
         self.device.sync()
         return [a.numpy() if isinstance(a, tvm.runtime.Tensor) else None for a in dev_args]

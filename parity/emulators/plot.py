@@ -14,8 +14,21 @@ from PIL import Image, ImageDraw, ImageFont
 
 W, PANEL_H, MARGIN_L, MARGIN_R, TOP = 1200, 330, 70, 20, 40
 LOG_MIN, LOG_MAX = -9.0, 1.0
-GREEN, RED, GREY, BLUE, BLACK = (40, 150, 60), (210, 40, 40), (150, 150, 150), (40, 90, 200), (0, 0, 0)
-SERIES = [(40, 90, 200), (230, 130, 20), (130, 60, 170), (20, 160, 160), (200, 60, 120), (110, 110, 40)]
+GREEN, RED, GREY, BLUE, BLACK = (
+    (40, 150, 60),
+    (210, 40, 40),
+    (150, 150, 150),
+    (40, 90, 200),
+    (0, 0, 0),
+)
+SERIES = [
+    (40, 90, 200),
+    (230, 130, 20),
+    (130, 60, 170),
+    (20, 160, 160),
+    (200, 60, 120),
+    (110, 110, 40),
+]
 
 
 def _font(size: int):
@@ -34,7 +47,14 @@ def _y(value: float, top: int, height: int) -> float:
     return top + height * (LOG_MAX - v) / (LOG_MAX - LOG_MIN)
 
 
-def _axes(draw: ImageDraw.ImageDraw, top: int, height: int, title: str, xlabel: str, tolerance: float | None) -> None:
+def _axes(
+    draw: ImageDraw.ImageDraw,
+    top: int,
+    height: int,
+    title: str,
+    xlabel: str,
+    tolerance: float | None,
+) -> None:
     font = _font(13)
     draw.text((MARGIN_L, top - 22), title, fill=BLACK, font=_font(15))
     draw.rectangle([MARGIN_L, top, W - MARGIN_R, top + height], outline=BLACK)
@@ -52,15 +72,21 @@ def _axes(draw: ImageDraw.ImageDraw, top: int, height: int, title: str, xlabel: 
 
 def _kernel_panel(draw, top: int, rows: list[dict], tolerance: float) -> None:
     ran = [r for r in rows if r["status"] in ("pass", "fail", "error")]
-    _axes(draw, top, PANEL_H, "max relative error of each kernel call (device vs host twin, same inputs)",
-          "kernel calls in execution order (bottom row: bit-exact; red: over tolerance or failed to run)", tolerance)
+    _axes(
+        draw,
+        top,
+        PANEL_H,
+        "max relative error of each kernel call (device vs host twin, same inputs)",
+        "kernel calls in execution order (bottom row: bit-exact; red: over tolerance or failed to run)",
+        tolerance,
+    )
     if not ran:
         return
     font = _font(12)
     width = W - MARGIN_L - MARGIN_R
     x_of = {r["index"]: MARGIN_L + width * (i + 0.5) / len(ran) for i, r in enumerate(ran)}
     last_step = None
-    for i, r in enumerate(ran):  # step boundaries
+    for r in ran:  # step boundaries
         if r["step"] != last_step:
             x = x_of[r["index"]]
             draw.line([x, top, x, top + PANEL_H], fill=GREY)
@@ -79,8 +105,14 @@ def _kernel_panel(draw, top: int, rows: list[dict], tolerance: float) -> None:
 
 
 def _step_panel(draw, top: int, series: dict[str, list[float]], tolerance: float | None) -> None:
-    _axes(draw, top, PANEL_H, "max relative logit error per decode step (device vs transformers)",
-          "decode step", tolerance)
+    _axes(
+        draw,
+        top,
+        PANEL_H,
+        "max relative logit error per decode step (device vs transformers)",
+        "decode step",
+        tolerance,
+    )
     steps = max((len(v) for v in series.values()), default=0)
     if not steps:
         return
@@ -88,7 +120,10 @@ def _step_panel(draw, top: int, series: dict[str, list[float]], tolerance: float
     width = W - MARGIN_L - MARGIN_R
     for k, (name, values) in enumerate(series.items()):
         color = SERIES[k % len(SERIES)]
-        pts = [(MARGIN_L + width * (i + 0.5) / steps, _y(v, top, PANEL_H)) for i, v in enumerate(values)]
+        pts = [
+            (MARGIN_L + width * (i + 0.5) / steps, _y(v, top, PANEL_H))
+            for i, v in enumerate(values)
+        ]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
         for x, y in pts:
@@ -96,9 +131,16 @@ def _step_panel(draw, top: int, series: dict[str, list[float]], tolerance: float
         draw.text((MARGIN_L + 8 + 160 * k, top + PANEL_H - 18), name, fill=color, font=font)
 
 
-def plot(path: Path, title: str, *, kernels: list[dict] | None = None, kernel_tolerance: float | None = None,
-         steps: dict[str, list[float]] | None = None, step_tolerance: float | None = None,
-         note: str | None = None) -> Path:
+def plot(
+    path: Path,
+    title: str,
+    *,
+    kernels: list[dict] | None = None,
+    kernel_tolerance: float | None = None,
+    steps: dict[str, list[float]] | None = None,
+    step_tolerance: float | None = None,
+    note: str | None = None,
+) -> Path:
     """Write the PNG: a kernel panel and/or a decode-step panel."""
     panels = [p for p in (kernels is not None, steps is not None) if p]
     height = TOP + len(panels) * (PANEL_H + 60) + (30 if note else 0) + 10

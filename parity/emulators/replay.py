@@ -11,7 +11,7 @@ the kernels before it.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -78,8 +78,9 @@ def compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))), max_abs
 
 
-def device_name(call: Call, twin_names: dict[str, list[str]], device_names: dict[str, list[str]],
-                kernels: dict) -> str | None:
+def device_name(
+    call: Call, twin_names: dict[str, list[str]], device_names: dict[str, list[str]], kernels: dict
+) -> str | None:
     """The device build's name for the twin's kernel ``call.name``.  VM calls
     keep their names; the KV cache's CPU kernels are named like the GPU ones
     with ``_cpu``, or else sit at the same position of the cache's kernel list."""
@@ -95,25 +96,47 @@ def device_name(call: Call, twin_names: dict[str, list[str]], device_names: dict
 
 def _row(call: Call, after: list, written: list[int], tolerance: float, **extra) -> dict:
     """The report row of one replayed call: the worst error of the ``written`` arguments."""
-    errs = [compare(after[i], call.after[i]) for i in written if isinstance(call.after[i], np.ndarray)]
+    errs = [
+        compare(after[i], call.after[i]) for i in written if isinstance(call.after[i], np.ndarray)
+    ]
     max_rel = max((e[0] for e in errs), default=0.0)
-    return {"index": call.index, "kernel": call.name, "step": call.step, "via": call.via, **extra,
-            "max_rel": max_rel, "max_abs": max((e[1] for e in errs), default=0.0),
-            "status": "pass" if max_rel <= tolerance else "fail"}
+    return {
+        "index": call.index,
+        "kernel": call.name,
+        "step": call.step,
+        "via": call.via,
+        **extra,
+        "max_rel": max_rel,
+        "max_abs": max((e[1] for e in errs), default=0.0),
+        "status": "pass" if max_rel <= tolerance else "fail",
+    }
 
 
 def compare_calls(calls: list[Call], done: list[Call], tolerance: float) -> list[dict]:
     """Rows for calls the emulator ran in one batch (``done[i].after``: what
     it wrote); every tensor argument is compared (inputs agree trivially)."""
     return [
-        _row(call, ran.after, [i for i, a in enumerate(call.after) if isinstance(a, np.ndarray)], tolerance,
-             device_kernel=call.name)
+        _row(
+            call,
+            ran.after,
+            [i for i, a in enumerate(call.after) if isinstance(a, np.ndarray)],
+            tolerance,
+            device_kernel=call.name,
+        )
         for call, ran in zip(calls, done)
     ]
 
 
-def replay(calls: list[Call], kernels: dict, names: Callable[[Call], str | None], run: Runner, *,
-           dtype: str, tolerance: float | None = None, progress=print) -> list[dict]:
+def replay(
+    calls: list[Call],
+    kernels: dict,
+    names: Callable[[Call], str | None],
+    run: Runner,
+    *,
+    dtype: str,
+    tolerance: float | None = None,
+    progress=print,
+) -> list[dict]:
     """One row per captured call: the kernel, the step, the error of its outputs."""
     tol = tolerance if tolerance is not None else KERNEL_TOLERANCE[dtype]
     rows = []
@@ -125,17 +148,33 @@ def replay(calls: list[Call], kernels: dict, names: Callable[[Call], str | None]
         name = names(call)
         func = kernels.get(name) if name else None
         if func is None:
-            rows.append({**row, "status": "skipped", "why": "no kernel of that name in the device build"})
+            rows.append(
+                {**row, "status": "skipped", "why": "no kernel of that name in the device build"}
+            )
             continue
         row["device_kernel"] = name
         if not is_device_function(func):
-            rows.append({**row, "status": "skipped", "why": "host code in the device build (no GPU threads)"})
+            rows.append(
+                {
+                    **row,
+                    "status": "skipped",
+                    "why": "host code in the device build (no GPU threads)",
+                }
+            )
             continue
-        outs = written_params(func) or [i for i, a in enumerate(call.after) if isinstance(a, np.ndarray)]
+        outs = written_params(func) or [
+            i for i, a in enumerate(call.after) if isinstance(a, np.ndarray)
+        ]
         try:
             after = run(name, func, list(call.before))
         except Exception as err:  # a kernel that fails to build or launch is a finding, not a crash
-            rows.append({**row, "status": "error", "why": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"})
+            rows.append(
+                {
+                    **row,
+                    "status": "error",
+                    "why": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}",
+                }
+            )
             continue
         rows.append(_row(call, after, outs, tol, device_kernel=name, outputs=outs))
     return rows
@@ -156,8 +195,14 @@ def summarize(rows: list[dict], tolerance: float) -> dict:
         "max_rel": max((r["max_rel"] for r in ran), default=0.0),
         "tolerance": tolerance,
         "failing_kernels": sorted({r.get("device_kernel", r["kernel"]) for r in bad}),
-        "first_failure": ({k: bad[0].get(k) for k in ("index", "kernel", "device_kernel", "step", "max_rel", "why")}
-                          if bad else None),
+        "first_failure": (
+            {
+                k: bad[0].get(k)
+                for k in ("index", "kernel", "device_kernel", "step", "max_rel", "why")
+            }
+            if bad
+            else None
+        ),
         "worst_per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])),
     }
 

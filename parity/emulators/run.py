@@ -37,7 +37,9 @@ def _why_unavailable(name: str) -> str | None:
         except CheckUnavailable as err:
             return str(err)
         return None
-    return importlib.import_module(f".{name}", __package__).available()  # aarch64.py, opencl.py, webgpu.py
+    return importlib.import_module(
+        f".{name}", __package__
+    ).available()  # aarch64.py, opencl.py, webgpu.py
 
 
 def available(name: str) -> str | None:
@@ -51,8 +53,12 @@ def _compile(reference: Path, preset: str, quant: str, out: Path, chat: dict, pr
     from ...compile.compiler import compile_model
 
     compile_model(
-        str(reference), preset, quant, out,
-        context_window=int(chat["context_window_size"]), prefill_chunk=int(chat["prefill_chunk_size"]),
+        str(reference),
+        preset,
+        quant,
+        out,
+        context_window=int(chat["context_window_size"]),
+        prefill_chunk=int(chat["prefill_chunk_size"]),
         progress=lambda msg: progress(f"  [{preset}] {msg.strip()}"),
     )
     return out
@@ -77,8 +83,17 @@ def _runner(emulator: str, preset):
     raise ValueError(f"no kernel runner for {emulator}")
 
 
-def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dict, work: Path,
-                  prompt_ids: list[int], break_kernel: str | None, progress) -> dict:
+def _kernel_check(
+    em,
+    artifact: Path,
+    reference: Path,
+    manifest: dict,
+    chat: dict,
+    work: Path,
+    prompt_ids: list[int],
+    break_kernel: str | None,
+    progress,
+) -> dict:
     from ...compile.twin import device_kernels
     from ...targets import get_target
     from . import capture as cap
@@ -88,7 +103,9 @@ def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dic
     progress(f"host twin ({em.twin}): compiling")
     twin = _compile(reference, em.twin, quant, work / "twin", chat, progress)
     twin_mod = cap.export_from_manifest(artifact, em.twin)
-    progress(f"host twin: running {len(prompt_ids)} prompt tokens + {REPLAY_DECODE_STEPS} decode steps, recording every kernel call")
+    progress(
+        f"host twin: running {len(prompt_ids)} prompt tokens + {REPLAY_DECODE_STEPS} decode steps, recording every kernel call"
+    )
     calls = cap.capture(twin, prompt_ids, REPLAY_DECODE_STEPS, mod=twin_mod)
 
     preset = get_target(em.kernels)
@@ -99,8 +116,12 @@ def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dic
         override = None
         if break_kernel:
             progress(f"building {break_kernel} of the {preset.name} build broken on purpose")
-            lib = aarch64.broken_kernel_library(cap.export_from_manifest(artifact, preset.name), manifest["dtype"],
-                                                break_kernel, work / "broken" / "kernel.so")
+            lib = aarch64.broken_kernel_library(
+                cap.export_from_manifest(artifact, preset.name),
+                manifest["dtype"],
+                break_kernel,
+                work / "broken" / "kernel.so",
+            )
             override = (lib, [break_kernel])
         progress(f"replaying {len(calls)} kernel calls with the {preset.name} library under qemu")
         done = aarch64.replay(work / "model", calls, progress=progress, override=override)
@@ -111,25 +132,36 @@ def _kernel_check(em, artifact: Path, reference: Path, manifest: dict, chat: dic
         kernels = device_kernels(device_mod, preset)
         if break_kernel:
             if break_kernel not in kernels:
-                raise UserError(f"--break-kernel: no kernel '{break_kernel}' in the {preset.name} build")
+                raise UserError(
+                    f"--break-kernel: no kernel '{break_kernel}' in the {preset.name} build"
+                )
             kernels[break_kernel] = rp.break_kernel(kernels[break_kernel])
         twin_names, dev_names = cap.state_kernel_names(twin_mod), cap.state_kernel_names(device_mod)
         progress(f"replaying {len(calls)} kernel calls on the {em.name} emulator")
         rows = rp.replay(
-            calls, kernels, lambda c: rp.device_name(c, twin_names, dev_names, kernels),
-            _runner(em.name, get_target(em.kernel_host or em.kernels)), dtype=manifest["dtype"],
-            tolerance=tolerance, progress=progress,
+            calls,
+            kernels,
+            lambda c: rp.device_name(c, twin_names, dev_names, kernels),
+            _runner(em.name, get_target(em.kernel_host or em.kernels)),
+            dtype=manifest["dtype"],
+            tolerance=tolerance,
+            progress=progress,
         )
     progress(f"replay: {len(calls)} calls in {time.time() - t0:.0f} s")
-    return {"summary": rp.summarize(rows, tolerance), "calls": rows,
-            "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS}}
+    return {
+        "summary": rp.summarize(rows, tolerance),
+        "calls": rows,
+        "run": {"prompt_tokens": len(prompt_ids), "decode_steps": REPLAY_DECODE_STEPS},
+    }
 
 
-def _syntax_check(em, reference: Path, manifest: dict, work: Path, break_kernel: str | None, progress) -> dict:
+def _syntax_check(
+    em, reference: Path, manifest: dict, work: Path, break_kernel: str | None, progress
+) -> dict:
     from ...compile import pipeline
     from ...compile.config import Qwen35Config
-    from ..static_checks import break_metal_kernel, device_source, metal_clang, metal_syntax_errors
     from ...targets import get_target
+    from ..static_checks import break_metal_kernel, device_source, metal_clang, metal_syntax_errors
 
     preset = get_target(em.syntax)
     config = Qwen35Config.from_json(manifest["config"])
@@ -137,23 +169,36 @@ def _syntax_check(em, reference: Path, manifest: dict, work: Path, break_kernel:
     path = work / preset.output
     pipeline.build(pipeline.export(config, manifest["quantization"], preset), preset, path)
     source = device_source(path)
-    out = {"kind": "syntax check (clang, stub metal_stdlib), not parity", "kernels": source.count("kernel void")}
+    out = {
+        "kind": "syntax check (clang, stub metal_stdlib), not parity",
+        "kernels": source.count("kernel void"),
+    }
     if break_kernel:
         source, broken = break_metal_kernel(source, break_kernel, preset.system_lib_prefix or "")
         out["broken_on_purpose"] = broken
     errors = metal_syntax_errors(source)
     out["pass"] = not errors
     out["failing_kernels"] = sorted(errors)
-    out["message"] = (f"{out['kernels']} Metal kernels pass the clang syntax check ({metal_clang()}, stub metal_stdlib)"
-                      if not errors else
-                      f"{len(errors)} of {out['kernels']} Metal kernels fail the clang syntax check: "
-                      f"{', '.join(sorted(errors))}\n{next(iter(errors.values()))[:4000]}")
+    out["message"] = (
+        f"{out['kernels']} Metal kernels pass the clang syntax check ({metal_clang()}, stub metal_stdlib)"
+        if not errors
+        else f"{len(errors)} of {out['kernels']} Metal kernels fail the clang syntax check: "
+        f"{', '.join(sorted(errors))}\n{next(iter(errors.values()))[:4000]}"
+    )
     return out
 
 
-def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int = 32,
-                 report: Path | None = None, break_kernel: str | None = None, keep: Path | None = None,
-                 progress=print) -> dict:
+def run_emulator(
+    name: str,
+    artifact: Path,
+    reference: Path,
+    *,
+    new_tokens: int = 32,
+    report: Path | None = None,
+    break_kernel: str | None = None,
+    keep: Path | None = None,
+    progress=print,
+) -> dict:
     """Run emulator ``name`` for ``artifact``; write and return the report."""
     from ...compile.artifact import read_manifest
     from ..report import DEFAULT_PROMPTS, run_parity
@@ -166,7 +211,9 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
     if dtype not in em.dtypes:
         raise UserError(f"the {name} emulator cannot run {dtype} builds: {em.why_not_dtypes}")
     if not (reference / "config.json").exists():
-        raise UserError(f"{reference}: no config.json; --reference must be the checkpoint the artifact came from")
+        raise UserError(
+            f"{reference}: no config.json; --reference must be the checkpoint the artifact came from"
+        )
     reason = available(name)
     if reason:
         raise UserError(f"the {name} emulator is not installed here: {reason}")
@@ -183,22 +230,28 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
         "dtype": dtype,
     }
     if manifest["target"] not in em.stands_for and manifest["target"] != em.whole_model:
-        out["note"] = (f"the artifact was built for '{manifest['target']}'; this emulator checks the code of "
-                       f"{', '.join(em.stands_for)} builds of the same model, quantization and sizes")
+        out["note"] = (
+            f"the artifact was built for '{manifest['target']}'; this emulator checks the code of "
+            f"{', '.join(em.stands_for)} builds of the same model, quantization and sizes"
+        )
     verdicts = []
     with tempfile.TemporaryDirectory(prefix=f"qwen35-{name}-") as tmp:
         work = Path(keep) if keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if em.whole_model:
             progress(f"whole model ({em.whole_model}): compiling")
-            build = _compile(reference, em.whole_model, manifest["quantization"], work / "model", chat, progress)
+            build = _compile(
+                reference, em.whole_model, manifest["quantization"], work / "model", chat, progress
+            )
             ours = None
             if name == "aarch64":
                 from . import aarch64
 
                 ours = aarch64.ours(build, progress=progress)
             t1 = time.time()
-            model = run_parity(build, reference, new_tokens=new_tokens, ours=ours, progress=progress)
+            model = run_parity(
+                build, reference, new_tokens=new_tokens, ours=ours, progress=progress
+            )
             model["seconds"] = round(time.time() - t1, 1)
             out["model"] = model
             verdicts.append(model["pass"])
@@ -208,7 +261,9 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
             tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))
             ids = tok.encode(DEFAULT_PROMPTS[2], add_special_tokens=False).ids[:REPLAY_TOKENS]
             t1 = time.time()
-            out["kernels"] = _kernel_check(em, artifact, reference, manifest, chat, work, ids, break_kernel, progress)
+            out["kernels"] = _kernel_check(
+                em, artifact, reference, manifest, chat, work, ids, break_kernel, progress
+            )
             out["kernels"]["seconds"] = round(time.time() - t1, 1)
             verdicts.append(out["kernels"]["summary"]["pass"])
         if em.syntax:
@@ -225,10 +280,13 @@ def run_emulator(name: str, artifact: Path, reference: Path, *, new_tokens: int 
         k = out.get("kernels")
         m = out.get("model")
         plot(
-            png, f"qwen35-mobile parity --emulator {name}: {manifest['quantization']} "
-                 f"({'PASS' if out['pass'] else 'FAIL'})",
-            kernels=k["calls"] if k else None, kernel_tolerance=k["summary"]["tolerance"] if k else None,
-            steps=greedy_series(m) if m else None, step_tolerance=m["tolerance"]["max_rel"] if m else None,
+            png,
+            f"qwen35-mobile parity --emulator {name}: {manifest['quantization']} "
+            f"({'PASS' if out['pass'] else 'FAIL'})",
+            kernels=k["calls"] if k else None,
+            kernel_tolerance=k["summary"]["tolerance"] if k else None,
+            steps=greedy_series(m) if m else None,
+            step_tolerance=m["tolerance"]["max_rel"] if m else None,
         )
     return out
 

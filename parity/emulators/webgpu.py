@@ -99,10 +99,14 @@ def _node() -> str | None:
 
 def _node_major(node: str) -> int:
     """Node's major version (``node --version``: ``v20.19.2``)."""
-    done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
     m = re.match(r"v(\d+)\.", done.stdout.strip())
     if done.returncode != 0 or not m:
-        raise BrokenTool(f"{node} --version failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[:500]}")
+        raise BrokenTool(
+            f"{node} --version failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[:500]}"
+        )
     return int(m.group(1))
 
 
@@ -135,7 +139,9 @@ class _Runner:
     def _stderr_tail(self) -> str:
         try:
             self._stderr.seek(0)
-            lines = [ln for ln in self._stderr.read().splitlines() if "artificially reduced" not in ln]
+            lines = [
+                ln for ln in self._stderr.read().splitlines() if "artificially reduced" not in ln
+            ]
             return "\n".join(lines[-20:])
         except (OSError, ValueError):
             return ""
@@ -145,11 +151,15 @@ class _Runner:
         if not ready:
             self.proc.kill()
             self.proc.wait()
-            raise DawnError(f"the Dawn runner did not answer in {_TIMEOUT:.0f} s (QWEN35_DAWN_TIMEOUT); killed it")
+            raise DawnError(
+                f"the Dawn runner did not answer in {_TIMEOUT:.0f} s (QWEN35_DAWN_TIMEOUT); killed it"
+            )
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=10)
-            raise DawnError(f"the Dawn runner exited ({self.proc.returncode}): {self._stderr_tail()}")
+            raise DawnError(
+                f"the Dawn runner exited ({self.proc.returncode}): {self._stderr_tail()}"
+            )
         reply = json.loads(line)
         if reply.get("fatal"):
             raise DawnError(reply.get("error"))
@@ -240,9 +250,12 @@ def available() -> str | None:
                 _runner()
         except Exception as err:  # noqa: BLE001 - everything is installed: any failure is ours to fix
             _BROKEN, _CHECKED = (
-                f"the WebGPU emulator is installed but does not work: {RUNNER.name} ({node}) "
-                f"could not create a WebGPU device: {type(err).__name__}: {err}"
-            ), True
+                (
+                    f"the WebGPU emulator is installed but does not work: {RUNNER.name} ({node}) "
+                    f"could not create a WebGPU device: {type(err).__name__}: {err}"
+                ),
+                True,
+            )
             raise BrokenTool(_BROKEN) from err
     _UNAVAILABLE, _CHECKED = why, True
     return why
@@ -304,7 +317,11 @@ class KernelPlan:
         return {k.name: k.code for k in self.kernels.values()}
 
     def run(
-        self, args: Sequence[np.ndarray | int | float], *, read_all: bool = False, scalars_as_none: bool = False
+        self,
+        args: Sequence[np.ndarray | int | float],
+        *,
+        read_all: bool = False,
+        scalars_as_none: bool = False,
     ) -> list[np.ndarray | None]:
         """One array per buffer parameter after the run (see :func:`run_primfunc`)."""
         outs = _run_plan(self, args, read_all=read_all)
@@ -331,7 +348,9 @@ def _as_target(target):
         target = PRESETS[target].tvm_target() if target in PRESETS else {"kind": target}
     target = target if isinstance(target, Target) else Target(target)
     if target.kind.name != "webgpu":
-        raise ValueError(f"target kind {target.kind.name!r}: the Dawn launcher runs webgpu kernels only")
+        raise ValueError(
+            f"target kind {target.kind.name!r}: the Dawn launcher runs webgpu kernels only"
+        )
     if target.host is None:
         target = target.with_host(tvm.target.Target({"kind": "llvm"}))
     return target
@@ -342,10 +361,18 @@ def _single_func(func_or_mod, func_name: str | None):
     from tvm import tirx
 
     if isinstance(func_or_mod, tirx.PrimFunc):
-        name = func_name or (func_or_mod.attrs.get("global_symbol") if func_or_mod.attrs else None) or "main"
+        name = (
+            func_name
+            or (func_or_mod.attrs.get("global_symbol") if func_or_mod.attrs else None)
+            or "main"
+        )
         return str(name), func_or_mod
     if isinstance(func_or_mod, tvm.IRModule):
-        prims = [(gv.name_hint, f) for gv, f in func_or_mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+        prims = [
+            (gv.name_hint, f)
+            for gv, f in func_or_mod.functions_items()
+            if isinstance(f, tirx.PrimFunc)
+        ]
         if func_name is not None:
             prims = [(n, f) for n, f in prims if n == func_name]
         if len(prims) != 1:
@@ -461,7 +488,9 @@ def lower_for_dawn(func_or_mod, target=None, *, func_name: str | None = None) ->
             access=access,
             pod_types=pod_types,
         )
-    plan = KernelPlan(name=name, host=host, kernels=kernels, source=source, params=list(host.params))
+    plan = KernelPlan(
+        name=name, host=host, kernels=kernels, source=source, params=list(host.params)
+    )
     _PLANS[cache_key] = plan
     return plan
 
@@ -498,7 +527,11 @@ def _cast(dtype: str, v):
         return bool(v)
     if dtype.startswith("int") or dtype.startswith("uint"):
         v = int(v)
-        bits = int(dtype[3:] if dtype.startswith("int") else dtype[4:]) if dtype not in ("int", "uint") else 32
+        bits = (
+            int(dtype[3:] if dtype.startswith("int") else dtype[4:])
+            if dtype not in ("int", "uint")
+            else 32
+        )
         v &= (1 << bits) - 1
         if dtype.startswith("int") and v >= 1 << (bits - 1):
             v -= 1 << bits
@@ -638,7 +671,9 @@ class _Host:
             if body is not None:
                 self.exec(body)
         else:
-            raise _Unsupported(f"{self.plan.name}: host statement {type(s).__name__} is not supported")
+            raise _Unsupported(
+                f"{self.plan.name}: host statement {type(s).__name__} is not supported"
+            )
 
     def _alloc(self, buf):
         scope = buf.scope()
@@ -657,9 +692,15 @@ class _Host:
             self._launch(call)
             return
         name = _op_name(call)
-        if name in ("tirx.tvm_call_packed", "tirx.call_packed") and call.args and str(call.args[0].value) == "__tvm_set_device":
+        if (
+            name in ("tirx.tvm_call_packed", "tirx.call_packed")
+            and call.args
+            and str(call.args[0].value) == "__tvm_set_device"
+        ):
             return
-        raise _Unsupported(f"{self.plan.name}: host call {name} {call.args[0] if call.args else ''}")
+        raise _Unsupported(
+            f"{self.plan.name}: host call {name} {call.args[0] if call.args else ''}"
+        )
 
     def _launch(self, call):
         kname = str(call.args[0].value)
@@ -669,7 +710,9 @@ class _Host:
         args = list(call.args[1:])
         ntags = len(kernel.launch_tags)
         if len(args) != len(kernel.params) + ntags:
-            raise DawnError(f"{kname}: {len(args)} launch arguments for {len(kernel.params)} params + {ntags} launch params")
+            raise DawnError(
+                f"{kname}: {len(args)} launch arguments for {len(kernel.params)} params + {ntags} launch params"
+            )
         values = [self.eval(a) for a in args]
         params, launch = values[: len(kernel.params)], values[len(kernel.params) :]
         bind, pods = [], []
@@ -700,14 +743,20 @@ class _Host:
                 wz *= 2
             work[0], work[2] = wx, wz
         if len(kernel.access) != len(bind):
-            raise DawnError(f"{kname}: the WGSL binds {len(kernel.access)} storage buffers, the kernel has {len(bind)}")
+            raise DawnError(
+                f"{kname}: the WGSL binds {len(kernel.access)} storage buffers, the kernel has {len(bind)}"
+            )
         if kernel.pod_types and len(kernel.pod_types) != len(pods):
-            raise DawnError(f"{kname}: PODArgs has {len(kernel.pod_types)} scalar fields, the kernel {len(pods)} scalars")
+            raise DawnError(
+                f"{kname}: PODArgs has {len(kernel.pod_types)} scalar fields, the kernel {len(pods)} scalars"
+            )
         raw = bytearray()
         for i, (dtype, v) in enumerate(pods):
             wty = kernel.pod_types[i] if i < len(kernel.pod_types) else None
             if wty not in (None, "i32", "u32", "f32"):
-                raise DawnError(f"{kname}: PODArgs field {i} has WGSL type {wty}; TVM's runtime writes 4-byte scalars only")
+                raise DawnError(
+                    f"{kname}: PODArgs field {i} has WGSL type {wty}; TVM's runtime writes 4-byte scalars only"
+                )
             if dtype.startswith("int") or dtype == "bool":
                 raw += struct.pack("<i", _cast("int32", v))
             elif dtype.startswith("uint"):
@@ -729,7 +778,7 @@ class _Host:
         )
 
 
-def _solve_dim(h: "_Host", dim, n: int) -> bool:
+def _solve_dim(h: _Host, dim, n: int) -> bool:
     """Bind the one unknown variable of ``dim == n``; False when it cannot (yet)."""
     from tvm import tirx
 
@@ -817,7 +866,9 @@ def _run_plan(plan: KernelPlan, args: Sequence, *, read_all: bool = False) -> li
         if arr.dtype != want:
             raise TypeError(f"{plan.name}: {buf.name} is {want}, got {arr.dtype}")
         if len(arr.shape) != len(buf.shape):
-            raise ValueError(f"{plan.name}: {buf.name} has {len(buf.shape)} dims, got shape {arr.shape}")
+            raise ValueError(
+                f"{plan.name}: {buf.name} has {len(buf.shape)} dims, got shape {arr.shape}"
+            )
         for dim, n in zip(buf.shape, arr.shape):
             if isinstance(dim, tirx.Var) and dim not in h.env:
                 h.env[dim] = int(n)
@@ -838,16 +889,20 @@ def _run_plan(plan: KernelPlan, args: Sequence, *, read_all: bool = False) -> li
         if len(left) == len(pending):
             break
         pending = left
-    for i, buf, arr in buffers:
+    for _i, buf, arr in buffers:
         want = tuple(int(h.eval(d)) for d in buf.shape)
         if want != tuple(arr.shape):
-            raise ValueError(f"{plan.name}: {buf.name} must have shape {want}, got {tuple(arr.shape)}")
+            raise ValueError(
+                f"{plan.name}: {buf.name} must have shape {want}, got {tuple(arr.shape)}"
+            )
     h.exec(host.body)
 
     runner = _require()
     tmp = _tmpdir()
     stamp = next(_KEY_COUNTER)
-    written = {b for d in h.dispatches for b, acc in zip(d["bind"], d["access"]) if acc == "read_write"}
+    written = {
+        b for d in h.dispatches for b, acc in zip(d["bind"], d["access"]) if acc == "read_write"
+    }
     req_buffers = []
     for k, slot in enumerate(h.slots):
         path = None
@@ -866,7 +921,15 @@ def _run_plan(plan: KernelPlan, args: Sequence, *, read_all: bool = False) -> li
         if kern.key not in runner.sent_kernels:
             kernels[kern.key] = {"code": kern.code, "entry": kern.name}
     try:
-        runner.request({"op": "run", "kernels": kernels, "buffers": req_buffers, "dispatches": h.dispatches, "read": reads})
+        runner.request(
+            {
+                "op": "run",
+                "kernels": kernels,
+                "buffers": req_buffers,
+                "dispatches": h.dispatches,
+                "read": reads,
+            }
+        )
         runner.sent_kernels.update(kernels)
         results = {}
         for slot_index, path in reads:
@@ -911,4 +974,6 @@ def run_primfunc(
     (as ``capture.Call.after``).
     Lowering is cached per (function, target); the Node process persists.
     """
-    return lower_for_dawn(func_or_mod, target, func_name=func_name).run(args, scalars_as_none=scalars_as_none)
+    return lower_for_dawn(func_or_mod, target, func_name=func_name).run(
+        args, scalars_as_none=scalars_as_none
+    )

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     import tvm  # noqa: F401  (timed on its own: the biggest cost of starting under an emulator)
 
     t1 = time.time()
-    from ...errors import UserError
     from ...bindings.engine import Engine
+    from ...errors import UserError
     from ..report import collect_ours
 
     if "replay" in job:
@@ -48,12 +48,24 @@ def main(argv: list[str] | None = None) -> int:
 
         library = Path(artifact) / read_manifest(Path(artifact))["library"]
         override = job.get("override") or {}
-        calls = run_calls(library, load_calls(Path(job["replay"])), progress,
-                          override=Path(override["library"]) if override else None,
-                          override_kernels=override.get("kernels", []))
+        calls = run_calls(
+            library,
+            load_calls(Path(job["replay"])),
+            progress,
+            override=Path(override["library"]) if override else None,
+            override_kernels=override.get("kernels", []),
+        )
         t3 = time.time()
         save_calls(calls, Path(out_path), with_after=True)
-        print(json.dumps({"machine": platform.machine(), "import_s": round(t1 - t0, 2), "run_s": round(t3 - t1, 2)}))
+        print(
+            json.dumps(
+                {
+                    "machine": platform.machine(),
+                    "import_s": round(t1 - t0, 2),
+                    "run_s": round(t3 - t1, 2),
+                }
+            )
+        )
         return 0
     try:
         engine = Engine(Path(artifact))
@@ -61,16 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     t2 = time.time()
-    progress(f"worker ({platform.machine()}): tvm imported in {t1 - t0:.1f} s, {artifact} loaded in {t2 - t1:.1f} s")
-    arrays = collect_ours(engine, [list(p) for p in job["prompts"]], int(job["new_tokens"]), progress)
+    progress(
+        f"worker ({platform.machine()}): tvm imported in {t1 - t0:.1f} s, {artifact} loaded in {t2 - t1:.1f} s"
+    )
+    arrays = collect_ours(
+        engine, [list(p) for p in job["prompts"]], int(job["new_tokens"]), progress
+    )
     t3 = time.time()
     np.savez(out_path, **arrays)
-    print(json.dumps({
-        "machine": platform.machine(),
-        "import_s": round(t1 - t0, 2),
-        "load_s": round(t2 - t1, 2),
-        "run_s": round(t3 - t2, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "machine": platform.machine(),
+                "import_s": round(t1 - t0, 2),
+                "load_s": round(t2 - t1, 2),
+                "run_s": round(t3 - t2, 2),
+            }
+        )
+    )
     return 0
 
 
