@@ -2,9 +2,9 @@
 Hugging Face ``config.json`` (the multimodal ``qwen3_5`` wrapper with a
 ``text_config``, or a bare ``qwen3_5_text``).
 
-Only the text decoder is compiled so far; the vision tower's config is parsed
-and checked (:class:`VisionConfig`) so that the checkpoint writer and the
-manifest can describe it, and the tower can be built on it.
+The vision tower's hyper-parameters are a :class:`VisionConfig`; what an
+image goes through before the tower (the resize rule and the normalisation of
+the checkpoint's ``preprocessor_config.json``) is an :class:`ImageProcessorConfig`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class ConfigError(UserError):
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+VISION_ROPE_THETA = 10000.0  # the tower's axial RoPE (transformers' default for "axial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +143,162 @@ class VisionConfig:
         for name in cls.REQUIRED:
             if name not in raw:
                 raise ConfigError(f"config field 'vision_config.{name}' is missing")
+        rope = raw.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial" or rope.get("rope_theta", 1e4) != 1e4:
+            raise ConfigError(
+                f"config field 'vision_config.rope_parameters' is {rope!r}; the tower is "
+                f"compiled with Qwen3.5's axial 2-D RoPE, theta {VISION_ROPE_THETA:g}"
+            )
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessorConfig:
+    """What happens to an image before the tower: a checkpoint's
+    ``preprocessor_config.json`` (transformers' ``Qwen2VLImageProcessor``, the
+    processor of every Qwen3.5 size).
+
+    The resize rule (``smart_resize``): both sides rounded to multiples of
+    ``patch_size * merge_size`` (32), the pixel count kept within
+    ``[min_pixels, max_pixels]`` (the file's ``size.shortest_edge`` and
+    ``size.longest_edge``, despite their names), resampled with PIL filter
+    ``resample`` (3 = bicubic).  Then ``(x * rescale_factor - mean) / std`` per
+    channel, which the compiled graph does (``image_embed`` takes uint8 RGB).
+    The defaults are Qwen3-VL's published file, which Qwen3.5 shares.
+    """
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 65536  # 256 x 256
+    max_pixels: int = 16777216  # 4096 x 4096
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    resample: int = 3  # PIL.Image.Resampling.BICUBIC
+
+    FILE: ClassVar[str] = "preprocessor_config.json"
+
+    def __post_init__(self):
+        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
+            if not _positive_int(getattr(self, name)):
+                raise ConfigError(
+                    f"{self.FILE}: '{name}' must be a positive integer, got {getattr(self, name)!r}"
+                )
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                raise ConfigError(f"{self.FILE}: '{name}' must be 3 numbers, got {value!r}")
+        if not all(v > 0 for v in self.image_std):
+            raise ConfigError(f"{self.FILE}: 'image_std' must be positive, got {self.image_std!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(
+                f"{self.FILE}: size.shortest_edge ({self.min_pixels}) is larger than "
+                f"size.longest_edge ({self.max_pixels})"
+            )
+        if self.resample not in (0, 1, 2, 3, 4, 5):
+            raise ConfigError(f"{self.FILE}: 'resample' {self.resample!r} is no PIL filter")
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this (32): a merged token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    def check(self, vision: VisionConfig) -> None:
+        """The processor must cut the patches the tower was trained on."""
+        for ours, theirs in (
+            ("patch_size", "patch_size"),
+            ("temporal_patch_size", "temporal_patch_size"),
+            ("merge_size", "spatial_merge_size"),
+        ):
+            if getattr(self, ours) != getattr(vision, theirs):
+                raise ConfigError(
+                    f"{self.FILE}: '{ours}' is {getattr(self, ours)} but the config's "
+                    f"'vision_config.{theirs}' is {getattr(vision, theirs)}"
+                )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``preprocessor_config.json`` transformers reads."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen3VLProcessor",
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "rescale_factor": self.rescale_factor,
+            "resample": self.resample,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ImageProcessorConfig:
+        """The inverse of :meth:`to_json` (an artifact's description)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**values)
+
+    @classmethod
+    def from_hf(cls, raw: object) -> ImageProcessorConfig:
+        """Parse a ``preprocessor_config.json``; a :class:`ConfigError` names the field.
+        A processor that skips a step the compiled graph always does is refused."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{cls.FILE} must hold a JSON object")
+        for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if raw.get(flag, True) is not True:
+                raise ConfigError(
+                    f"{cls.FILE}: '{flag}' is {raw[flag]!r}; the compiled image path always does it"
+                )
+        values: dict[str, Any] = {}
+        size = raw.get("size") or {}
+        if not isinstance(size, dict):
+            raise ConfigError(f"{cls.FILE}: 'size' must be an object, got {size!r}")
+        for ours, keys in (
+            ("min_pixels", ("min_pixels", "shortest_edge")),
+            ("max_pixels", ("max_pixels", "longest_edge")),
+        ):
+            for key in keys:
+                if key in raw:
+                    values[ours] = raw[key]
+                if key in size:
+                    values[ours] = size[key]
+        for name in (
+            "patch_size",
+            "temporal_patch_size",
+            "merge_size",
+            "rescale_factor",
+            "resample",
+        ):
+            if name in raw:
+                values[name] = raw[name]
+        for name in ("image_mean", "image_std"):
+            if name in raw:
+                value = raw[name]
+                values[name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path | None) -> ImageProcessorConfig:
+        """A checkpoint's ``preprocessor_config.json``, or the defaults when it has none
+        (or there is no checkpoint: a preset)."""
+        file = None if ckpt_dir is None else Path(ckpt_dir) / cls.FILE
+        if file is None or not file.exists():
+            return cls()
+        try:
+            raw = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_hf(raw)
 
 
 @dataclasses.dataclass(frozen=True)

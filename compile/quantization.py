@@ -86,6 +86,9 @@ ROW_CHUNK = 4096  # rows quantized per numpy step (bounds the temporaries)
 # the DeltaNet decay in fp32 (docs/design.md).  Norms are stored in the model
 # dtype and compute in fp32.
 FP32_PARAMS = ("A_log", "dt_bias")
+# The vision tower's parameters (compile/model/vision.py): never group-quantized;
+# q4 builds keep them in the model dtype, like the norms.
+VISION_PREFIX = "visual."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +117,10 @@ class Quantization:
         """Whether parameter ``name`` of ``shape`` stays unquantized: all of them
         without quantization; else all but the 2-D ``.weight`` tensors (linear
         weights, the embedding, an untied ``lm_head``), so ``A_log``,
-        ``dt_bias``, norms and ``conv1d`` (3-D) stay."""
+        ``dt_bias``, norms and ``conv1d`` (3-D) stay, and the vision tower's
+        (``visual.*``) all stay."""
+        if name.startswith(VISION_PREFIX):
+            return True  # the tower stays in the model dtype (docs/vision.md)
         return not self.quantized or len(shape) != 2 or not name.endswith(".weight")
 
     def stored(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..bindings.tensor_cache import CACHE_FILE, load_tensor_cache  # noqa: F401 (the reader is the runtime's)
 from ..errors import UserError
+from .quantization import VISION_PREFIX
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,10 +83,9 @@ class NameRule:
 
 # Every checkpoint tensor, by the first row its name matches: which compiled
 # parameter it becomes, or why it is skipped (the manifest's ``not_compiled``).
-# A tensor no row matches is one the model does not use (an error).  Compiling
-# the vision tower is giving its row a ``param`` (e.g. ``"visual.*"``).
+# A tensor no row matches is one the model does not use (an error).
 NAME_TABLE: tuple[NameRule, ...] = (
-    NameRule("model.visual.*", None, "vision tower: weights skipped, not compiled yet"),
+    NameRule("model.visual.*", "visual.*"),  # the vision tower (image_embed)
     NameRule("mtp.*", None, "multi-token-prediction head: weights skipped, not compiled yet"),
     NameRule(LM_HEAD, LM_HEAD),  # top level in both layouts; untied models only
     NameRule("model.language_model.*", "*"),  # Qwen3_5ForConditionalGeneration
@@ -93,9 +93,13 @@ NAME_TABLE: tuple[NameRule, ...] = (
 )
 
 
-def not_compiled(table: tuple[NameRule, ...] = NAME_TABLE) -> dict[str, str]:
-    """The skipped rows: checkpoint-name pattern -> why (the manifest's ``not_compiled``)."""
-    return {rule.pattern: rule.reason for rule in table if rule.param is None}
+def not_compiled(vision: bool = True, table: tuple[NameRule, ...] = NAME_TABLE) -> dict[str, str]:
+    """The skipped rows: checkpoint-name pattern -> why (the manifest's
+    ``not_compiled``); ``vision=False``: a build without the tower skips it too."""
+    out = {rule.pattern: rule.reason for rule in table if rule.param is None}
+    if not vision:
+        out["model.visual.*"] = "vision tower: built without it (compile --no-vision)"
+    return out
 
 
 # safetensors dtype codes numpy can hold (little-endian, as stored).
@@ -456,8 +460,14 @@ def _plan(
     if missing:
         raise UserError(f"{ckpt.path}: checkpoint lacks tensor {_some(missing)}")
     tied = LM_HEAD not in expected
+    # A build without the vision tower (compile --no-vision) leaves its tensors behind.
+    tower = any(p.startswith(VISION_PREFIX) for p in expected)
     extra = [
-        hf for p, hf in ckpt.params.items() if p not in expected and not (tied and p == LM_HEAD)
+        hf
+        for p, hf in ckpt.params.items()
+        if p not in expected
+        and not (tied and p == LM_HEAD)
+        and (tower or not p.startswith(VISION_PREFIX))
     ]
     extra += ckpt.unmapped
     if extra:
@@ -465,6 +475,14 @@ def _plan(
             f"{ckpt.path}: checkpoint has tensors the model does not use: {_some(extra)}"
         )
     return plan
+
+
+def _left_behind_tower(ckpt: Checkpoint, expected) -> dict[str, int]:
+    """{"model.visual.": count} when a build without the tower leaves its tensors."""
+    if any(p.startswith(VISION_PREFIX) for p in expected):
+        return {}
+    n = sum(p.startswith(VISION_PREFIX) for p in ckpt.params)
+    return {"model.visual.": n} if n else {}
 
 
 def convert_checkpoint(
@@ -550,6 +568,6 @@ def convert_checkpoint(
         "num_params": num_params,
         "nbytes": nbytes,
         "num_shards": len(shards),
-        "skipped": dict(ckpt.skipped),
+        "skipped": {**ckpt.skipped, **_left_behind_tower(ckpt, expected)},
         "ignored": ignored,
     }

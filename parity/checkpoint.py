@@ -54,6 +54,7 @@ from ..compile.config import (
     ENDOFTEXT_ID,
     FULL,
     STOP_TOKEN_IDS,
+    ImageProcessorConfig,
     Qwen35Config,
     VisionConfig,
     preset,
@@ -61,7 +62,7 @@ from ..compile.config import (
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 ENSURE_SHARD_BYTES = 2 << 30  # ensure_checkpoint shards the real sizes to bound memory
-_FORMAT_VERSION = 1  # bump when the tensors written for a given seed change
+_FORMAT_VERSION = 2  # bump when the files written for a given seed change (2: preprocessor)
 _LOGIT_STD = 4.0  # std of the logits a tied head produces
 _RESIDUAL_GAIN = (
     4.0  # residual-branch output projections: _RESIDUAL_GAIN / sqrt(num_layers) / sqrt(fan_in)
@@ -303,6 +304,8 @@ def write_checkpoint(
             },
         )
         tokenizer.write_tokenizer_files(tmp)
+        if config.vision is not None:  # the image processor (Qwen3-VL's published values)
+            _json(tmp / ImageProcessorConfig.FILE, ImageProcessorConfig().to_hf())
         names = (
             ["model.safetensors"]
             if len(shards) == 1

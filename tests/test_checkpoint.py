@@ -92,6 +92,7 @@ def test_tensor_names_and_shapes_match_transformers(written, name):
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        "preprocessor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
     ]

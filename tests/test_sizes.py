@@ -14,6 +14,7 @@ def test_computed_size_matches_the_artifact(quant, artifact):
 def test_size_table_of_the_real_presets():
     table = size_table(["qwen3.5-0.8b"])
     assert (
-        "| qwen3.5-0.8b | 0.75B | 3.01 GB (4.000 B/param) | 1.50 GB (2.000 B/param) | 0.42 GB (0.563 B/param)"
+        "| qwen3.5-0.8b | 0.75B | 3.01 GB (4.000 B/param) + 0.40 GB vision | "
+        "1.50 GB (2.000 B/param) + 0.20 GB vision | 0.42 GB (0.563 B/param) + 0.20 GB vision"
         in table
     )

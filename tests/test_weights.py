@@ -108,8 +108,10 @@ def test_open_lists_tensors_and_maps_names(request, layout, text):
     info = ckpt.tensors[MM + "layers.0.mlp.up_proj.weight"]
     assert (info.dtype, info.shape) == ("BF16", (32, 16))
     assert ckpt.tensors[MM + "layers.0.linear_attn.conv1d.weight"].dtype == "F16"
-    assert ckpt.params == {k: MM + k for k in text}
-    assert ckpt.skipped == {"model.visual.": 3, "mtp.": 2}
+    text_params = {p: h for p, h in ckpt.params.items() if not p.startswith("visual.")}
+    assert text_params == {k: MM + k for k in text}
+    assert len(ckpt.params) == len(text) + 3  # and the tower's three
+    assert ckpt.skipped == {"mtp.": 2}
     assert ckpt.unmapped == []
     got = ckpt.get(MM + "embed_tokens.weight")
     assert got.dtype == BF16 and np.array_equal(
@@ -134,10 +136,13 @@ def test_bare_text_checkpoint(tmp_path, text):
 # ---- the name table ---------------------------------------------------------------
 
 
-def test_name_table_skips_the_vision_tower_and_mtp_head(single):
+def test_name_table_skips_the_mtp_head(single):
     assert W.not_compiled() == {
-        "model.visual.*": "vision tower: weights skipped, not compiled yet",
         "mtp.*": "multi-token-prediction head: weights skipped, not compiled yet",
+    }
+    assert W.not_compiled(vision=False) == {
+        "mtp.*": "multi-token-prediction head: weights skipped, not compiled yet",
+        "model.visual.*": "vision tower: built without it (compile --no-vision)",
     }
     ckpt = W.open_checkpoint(single)
     # every count in the summary's ``skipped`` is one of not_compiled's rows
@@ -147,14 +152,9 @@ def test_name_table_skips_the_vision_tower_and_mtp_head(single):
 
 
 def test_one_row_maps_the_vision_tower(single, text, tmp_path):
-    """Compiling the vision tower is changing its row: its tensors then map to
-    ``visual.*`` parameters and convert like the decoder's."""
-    table = tuple(
-        W.NameRule("model.visual.*", "visual.*") if r.pattern == "model.visual.*" else r
-        for r in W.NAME_TABLE
-    )
-    assert W.not_compiled(table) == {"mtp.*": W.not_compiled()["mtp.*"]}
-    ckpt = W.open_checkpoint(single, table)
+    """The vision tower's row maps its tensors to ``visual.*`` parameters, which
+    convert like the decoder's; a build without the tower leaves them behind."""
+    ckpt = W.open_checkpoint(single)
     assert ckpt.skipped == {"mtp.": 2} and ckpt.unmapped == []
     visual = {p: h for p, h in ckpt.params.items() if p.startswith("visual.")}
     assert visual == {
@@ -163,8 +163,8 @@ def test_one_row_maps_the_vision_tower(single, text, tmp_path):
         "visual.merger.norm.weight": "model.visual.merger.norm.weight",
     }
     assert ckpt.hf_name("visual.blocks.1.mlp.weight") == "model.visual.blocks.1.mlp.weight"
-    with pytest.raises(UserError, match="does not use: .*'model.visual.patch_embed.proj.weight'"):
-        W.convert_checkpoint(ckpt, _expected(text), tmp_path / "text-only")
+    text_only = W.convert_checkpoint(ckpt, _expected(text), tmp_path / "text-only")
+    assert text_only["num_tensors"] == len(text)
     expected = _expected(text)
     expected.update({p: (ckpt.tensors[h].shape, "float32") for p, h in visual.items()})
     summary = W.convert_checkpoint(ckpt, expected, tmp_path / "out")
@@ -251,7 +251,7 @@ def test_round_trip_to_float32_is_exact(request, layout, text, tmp_path):
         "num_params": n,
         "nbytes": 4 * n,
         "num_shards": 1,
-        "skipped": {"model.visual.": 3, "mtp.": 2},
+        "skipped": {"mtp.": 2, "model.visual.": 3},  # the tower: left behind (no visual.* expected)
         "ignored": [],
     }
     meta = json.loads((tmp_path / "out" / W.CACHE_FILE).read_text())["metadata"]
