@@ -209,6 +209,14 @@ class Reduction(CPURule):
         return _unless_no_match(_schedule_reduction, func, target)
 
 
+class RowReductions(CPURule):
+    """Several reductions over the same rows, with elementwise blocks between
+    them (softmax: max, exp, sum, divide; LayerNorm: mean, variance, normalise)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        return _unless_no_match(_schedule_row_reductions, func, target)
+
+
 class Elementwise(CPURule):
     """Spatial-only functions: parallel outer loop, vectorised inner loop."""
 
@@ -262,7 +270,7 @@ KV_CACHE_SERIAL = Serial(
 def cpu_rules(target: Target | None = None) -> list[CPURule]:
     """The CPU rules, most specific first (``target``: for rules that depend on it)."""
     del target  # the same rules for every CPU today
-    return [Matmul(), Reduction(), Elementwise(), KV_CACHE_SERIAL]
+    return [Matmul(), Reduction(), RowReductions(), Elementwise(), KV_CACHE_SERIAL]
 
 
 # --------------------------------------------------------------------------
@@ -870,6 +878,49 @@ def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
         inner = sch.get_loops(consumers[0])[0 if row is None else 1 :]
         if inner:
             _vectorize_inner(sch, sch.fuse(*inner) if len(inner) > 1 else inner[0], lanes)
+    return sch.mod["main"]
+
+
+def _schedule_row_reductions(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """Rows in parallel, and inside each row its blocks one after another.
+
+    Every reduction reduces the innermost axes of rows that the output block
+    shares as its leading loops; the intermediate per-row values (max, sum,
+    mean) stay in the row's iteration, and the output's inner loop is
+    vectorised.
+    """
+    sch = s_tir.Schedule(func)
+    infos = _blocks(sch)
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) < 2:
+        raise _NoMatch
+    n_rows = None
+    for info in reductions:
+        kinds = info.dom_kind()
+        n_spatial = len(kinds) - len(kinds.lstrip("S"))
+        if n_spatial == 0 or set(kinds[n_spatial:]) != {"R"}:
+            raise _NoMatch
+        n_rows = n_spatial if n_rows is None else min(n_rows, n_spatial)
+    row_extents = [it.dom for it in reductions[0].iters[:n_rows]]
+    for info in reductions[1:]:
+        if not all(_same_extent(a.dom, b) for a, b in zip(info.iters, row_extents)):
+            raise _NoMatch
+    _inline_spatial(sch, infos)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    last = blocks[-1]
+    if _is_reduction(sch, last):
+        raise _NoMatch
+    loops = sch.get_loops(last)
+    if len(loops) <= n_rows or not all(
+        _same_extent(_extent(sch, loop), extent) for loop, extent in zip(loops, row_extents)
+    ):
+        raise _NoMatch
+    row = sch.fuse(*loops[:n_rows]) if n_rows > 1 else loops[0]
+    sch.parallel(row)
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    inner = sch.get_loops(last)[1:]
+    _vectorize_inner(sch, sch.fuse(*inner) if len(inner) > 1 else inner[0], _lanes(target))
     return sch.mod["main"]
 
 

@@ -27,7 +27,9 @@ generic GPU backend (``relax.backend.gpu_generic``):
 Known TVM 0.27 defect worked around here: ``dl.gpu.Matmul`` segfaults inside
 tensorize for target ``metal`` (seen on f16 and f32 matmuls), so the Metal
 pipeline leaves it out; GEMV, LowBatchGEMV and Fallback then schedule the
-matmuls (slower prefill, same results).  The other targets keep it.  ``dl.gpu.RMSNorm``
+matmuls (slower prefill, same results); on ``cuda`` it segfaults the same way on
+float16 matmuls (:data:`MATMUL_F16_BROKEN_KINDS`), so there it takes fp32 ones only.
+The other targets keep it.  ``dl.gpu.RMSNorm``
 emits 8-lane fp32 vectors, which Metal and WGSL do not have: it runs on OpenCL
 and CUDA only (tests/test_device_build.py pins both workarounds).
 """
@@ -47,6 +49,7 @@ from ..errors import UserError
 
 __all__ = [
     "MATMUL_BROKEN_KINDS",
+    "MATMUL_F16_BROKEN_KINDS",
     "MAX_UNROLL",
     "RMSNORM_BROKEN_KINDS",
     "UnscheduledKernelError",
@@ -64,6 +67,11 @@ MAX_UNROLL = 16
 #: Target kinds on which ``dl.gpu.Matmul`` must not run (segfault in tensorize).
 MATMUL_BROKEN_KINDS = frozenset({"metal"})
 
+#: Target kinds on which ``dl.gpu.Matmul`` segfaults in tensorize on float16
+#: operands (CUDA's tensor-core path, at the real model shapes: every fp16
+#: matmul of qwen3.5-0.8b; at the tiny shapes only the vision merger's), so it
+#: schedules fp32 matmuls only there.
+MATMUL_F16_BROKEN_KINDS = frozenset({"cuda"})
 #: Target kinds whose vector types have at most 4 lanes: ``dl.gpu.RMSNorm``
 #: vectorizes fp32 loads by 8 (``float32x8``), which Metal ("Cannot convert type
 #: float32x8 to Metal type") and WGSL cannot express, so it runs on OpenCL and
@@ -89,7 +97,9 @@ def dlight_rules(target: Target) -> list:
     from tvm.s_tir import dlight as dl
 
     rules = []
-    if target.kind.name not in MATMUL_BROKEN_KINDS:
+    if target.kind.name in MATMUL_F16_BROKEN_KINDS:
+        rules.append(_NotFloat16(dl.gpu.Matmul()))
+    elif target.kind.name not in MATMUL_BROKEN_KINDS:
         rules.append(dl.gpu.Matmul())
     rules += [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV()]
     if target.kind.name not in RMSNORM_BROKEN_KINDS:
@@ -101,6 +111,36 @@ def dlight_rules(target: Target) -> list:
         dl.gpu.Fallback(),
     ]
     return [_Tolerant(rule) for rule in rules]
+
+
+def _reads_float16(func: tirx.PrimFunc) -> bool:
+    """Whether any load of ``func`` reads a float16 tensor."""
+    found = []
+
+    def on_load(load):
+        if load.source.dtype == "float16":
+            found.append(load)
+
+    tvm_ffi.structural_walk(func.body, [(tvm.ir.TensorLoad, on_load)], order="post")
+    return bool(found)
+
+
+class _NotFloat16:
+    """A dlight rule that declines functions with a float16 buffer."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        if _reads_float16(func):
+            return None
+        return self.rule.apply(func, target, tunable)
+
+    def is_target_available(self, target):
+        return self.rule.is_target_available(target)
+
+    def __repr__(self) -> str:
+        return f"NotFloat16({type(self.rule).__name__})"
 
 
 class _Tolerant:
@@ -115,7 +155,7 @@ class _Tolerant:
 
     def __init__(self, rule):
         self.rule = rule
-        self.name = type(rule).__name__
+        self.name = getattr(rule, "name", type(rule).__name__)
 
     def apply(self, func, target, tunable):
         try:

@@ -32,6 +32,7 @@ from qwen35_mobile.compile.schedule_cpu import (
     Elementwise,
     Matmul,
     Reduction,
+    RowReductions,
     ScheduleRuleError,
     Serial,
     UnscheduledKernelError,
@@ -368,8 +369,49 @@ class _Raise(CPURule):
 
 def test_default_rule_list():
     rules = cpu_rules()
-    assert [type(r) for r in rules] == [Matmul, Reduction, Elementwise, Serial]
+    assert [type(r) for r in rules] == [Matmul, Reduction, RowReductions, Elementwise, Serial]
     assert rules[-1] is KV_CACHE_SERIAL and KV_CACHE_SERIAL.reason
+
+
+def _row_func(kind: str):
+    """A PrimFunc over a symbolic number of rows, as legalization writes it."""
+    n = tvm.tirx.Var("n", "int64")
+    x = te.placeholder((n, 32), "float32", name="x")
+    if kind == "softmax":
+        y = tvm.topi.nn.softmax(x, axis=-1)
+    elif kind == "layer_norm":
+        w = te.placeholder((32,), "float32", name="w")
+        b = te.placeholder((32,), "float32", name="b")
+        y = tvm.topi.nn.layer_norm(x, w, b, axis=[-1], epsilon=1e-6)
+        return te.create_prim_func([x, w, b, y])
+    else:  # one reduction: the Reduction rule's
+        y = tvm.topi.sum(x, axis=-1)
+    return te.create_prim_func([x, y])
+
+
+@pytest.mark.parametrize("kind", ["softmax", "layer_norm"])
+def test_row_reductions_run_rows_in_parallel(kind, target):
+    """Softmax and LayerNorm (the vision tower's): several reductions per row
+    get one parallel row loop with every block computed inside it, and give
+    the unscheduled function's values."""
+    func = _row_func(kind)
+    scheduled = RowReductions().apply(func, target)
+    assert scheduled is not None and "T.parallel" in scheduled.script()
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((5, 32)).astype("float32")]
+    if kind == "layer_norm":
+        args += [rng.standard_normal(32).astype("float32") for _ in range(2)]
+    outs = []
+    for f in (func, scheduled):
+        lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
+        out = tvm.runtime.tensor(np.zeros((5, 32), "float32"))
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        outs.append(out.numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_row_reductions_leave_a_single_reduction_to_the_reduction_rule(target):
+    assert RowReductions().apply(_row_func("sum"), target) is None
 
 
 def test_rules_are_tried_in_order_first_match_wins(target):
