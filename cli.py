@@ -152,6 +152,7 @@ def cmd_compile(args) -> None:
         force=args.force,
         system_lib_prefix=args.system_lib_prefix,
         dump_ir=Path(args.dump_ir) if args.dump_ir else None,
+        vision=not args.no_vision,
     )
 
 
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=int, default=2048, help="most tokens per prefill call")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--no-vision",
+        action="store_true",
+        help="leave the vision tower out (a text-only library: no image_embed, smaller and "
+        "faster to build); by default a model with a tower gets it",
+    )
     p.add_argument(
         "--dump-ir",
         metavar="DIR",

@@ -16,7 +16,14 @@ from pathlib import Path
 from ..errors import UserError
 from ..targets import get_target
 from . import artifact, pipeline, quantization
-from .config import PRESETS, STOP_TOKEN_IDS, Qwen35Config, load_config, resolve_model
+from .config import (
+    PRESETS,
+    STOP_TOKEN_IDS,
+    ImageProcessorConfig,
+    Qwen35Config,
+    load_config,
+    resolve_model,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -39,6 +46,44 @@ def _check_same_shapes(preset_name: str, preset: Qwen35Config, ckpt: Qwen35Confi
                 f"the checkpoint's config field '{field}' is {getattr(ckpt, field)!r} but preset "
                 f"'{preset_name}' has {getattr(preset, field)!r}"
             )
+
+
+IMAGE_PAD_ID, VISION_START_ID, VISION_END_ID = 248056, 248053, 248054
+
+
+def image_contract(config: Qwen35Config, processor: ImageProcessorConfig) -> dict:
+    """How an app feeds the vision tower (the chat config's and manifest's ``image``)."""
+    f = processor.factor
+    return {
+        "function": "image_embed",
+        "input": {
+            "name": "pixels",
+            "dtype": "uint8",
+            "shape": ["height", "width", 3],
+            "layout": "RGB, row-major, no alpha",
+            "multiple_of": f,
+        },
+        "output": {
+            "shape": [f"height/{f} * width/{f}", config.hidden_size],
+            "meaning": "one embedding per <|image_pad|> token, in raster order of "
+            f"{f}x{f}-pixel cells",
+        },
+        # the resize an app does before image_embed (transformers' smart_resize with PIL)
+        "resize": {
+            "rule": "smart_resize",
+            "factor": f,
+            "min_pixels": processor.min_pixels,
+            "max_pixels": processor.max_pixels,
+            "max_aspect_ratio": 200,
+            "resample": processor.resample,
+        },
+        "processor": processor.to_json(),  # done inside image_embed (normalisation)
+        "tokens": {
+            "vision_start": VISION_START_ID,
+            "image_pad": IMAGE_PAD_ID,
+            "vision_end": VISION_END_ID,
+        },
+    }
 
 
 def chat_config(config: Qwen35Config, quant: str, context_window: int, prefill_chunk: int) -> dict:
@@ -106,10 +151,12 @@ def compile_model(
     force: bool = False,
     system_lib_prefix: str | None = None,
     dump_ir: Path | None = None,
+    vision: bool = True,
     progress: Progress = print,
 ) -> dict:
     """Build an artifact; returns its manifest.  ``dump_ir``: a folder that
-    receives the IR after each pipeline stage (compile/dump_ir.py)."""
+    receives the IR after each pipeline stage (compile/dump_ir.py).
+    ``vision``: with the vision tower (``image_embed``) when the model has one."""
     config, ckpt_dir = resolve_model(model)
     if weights is not None:
         ckpt_dir = Path(weights)
@@ -128,6 +175,11 @@ def compile_model(
     if context_window <= 0 or prefill_chunk <= 0:
         raise UserError("--context-window and --prefill-chunk must be positive")
 
+    processor = None
+    if vision and config.vision is not None:
+        processor = ImageProcessorConfig.load(ckpt_dir)
+        processor.check(config.vision)
+
     checkpoint = None
     if ckpt_dir is not None:  # open (and validate) before the slow build
         from .weights import open_checkpoint
@@ -136,8 +188,11 @@ def compile_model(
 
     started = time.time()
     with artifact.atomic_directory(Path(out), force=force) as tmp:
-        progress(f"[1/4] exporting the Relax model ({config.num_hidden_layers} layers, {dtype})")
-        exported = pipeline.export(config, quant, preset)
+        tower = "" if processor is None else f" + vision tower ({config.vision.depth} blocks)"
+        progress(
+            f"[1/4] exporting the Relax model ({config.num_hidden_layers} layers{tower}, {dtype})"
+        )
+        exported = pipeline.export(config, quant, preset, processor=processor)
         artifact.check_space(Path(out), _bytes_to_write(exported, ckpt_dir))
         library = preset.output
         progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")
@@ -171,6 +226,8 @@ def compile_model(
         tokenizer_files = _copy_tokenizer(ckpt_dir, tmp)
         chat = chat_config(config, quant, context_window, prefill_chunk)
         chat["tokenizer_files"] = tokenizer_files
+        if processor is not None:
+            chat["image"] = image_contract(config, processor)
         (tmp / "mlc-chat-config.json").write_text(json.dumps(chat, indent=2) + "\n")
         manifest = artifact.write_manifest(
             tmp,
@@ -203,7 +260,8 @@ def compile_model(
                 ],
                 "config": config.to_json(),
                 "weights": weights_summary,
-                "not_compiled": not_compiled(),  # the skipped rows of the checkpoint name table
+                "not_compiled": not_compiled(processor is not None),  # skipped checkpoint tensors
+                "image": None if processor is None else image_contract(config, processor),
                 "library_bytes": (tmp / library).stat().st_size,
             },
         )

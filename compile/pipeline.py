@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..targets import TargetPreset
 from . import quantization
-from .config import Qwen35Config
+from .config import ImageProcessorConfig, Qwen35Config
 from .quantization import Quantization, QuantizeMap
 
 TEXT = "text"  # the text decoder's entry point: embed, prefill, decode, the state constructors
+VISION = "vision"  # the vision tower's entry point: image_embed
 
 Param = tuple[str, tuple[int, ...], str]  # name, shape, dtype
 
@@ -112,28 +113,61 @@ def _model(config: Qwen35Config, quant: Quantization, target, kernels):
     return model, qmap
 
 
-def parameters(config: Qwen35Config, quant: str) -> Exported:
+def _vision_model(
+    config: Qwen35Config, quant: Quantization, processor: ImageProcessorConfig, kernels
+):
+    """The vision tower's ``nn.Module`` (``image_embed``, attention from
+    ``kernels``), in the model dtype: the registry keeps its parameters
+    unquantized (compile/quantization.py)."""
+    from .model.vision import VisionModel
+
+    model = VisionModel(config.vision, processor, quant.model_dtype, kernels)
+    got = _shapes(model.named_parameters())
+    want = [s for name, shape, _ in got for s in quant.stored(name, shape)]
+    if got != want:
+        bad = next((g, w) for g, w in itertools.zip_longest(got, want) if g != w)
+        raise RuntimeError(
+            f"{quant.name}: the vision tower's parameter {bad[0]} is not what "
+            f"compile/quantization.py stores ({bad[1]})"
+        )
+    return model
+
+
+def parameters(config: Qwen35Config, quant: str, *, vision: bool = True) -> Exported:
     """The parameter list (and quantization map) without exporting the Relax
-    module: cheap, for sizes and weight conversion alone."""
+    module: cheap, for sizes and weight conversion alone.  ``vision``: with the
+    tower's parameters when the config has one."""
     from ..targets import get_target
     from .kernels import kernel_set_for
 
     q = quantization.get(quant)
     host = get_target("host")
     model, qmap = _model(config, q, host.tvm_target(), kernel_set_for(host))
-    return Exported(None, {TEXT: EntryPoint([], _shapes(model.named_parameters()))}, q, qmap)
+    exported = Exported(None, {TEXT: EntryPoint([], _shapes(model.named_parameters()))}, q, qmap)
+    if vision and config.vision is not None:
+        tower = _vision_model(config, q, ImageProcessorConfig(), kernel_set_for(host))
+        exported.add_entry_point(VISION, EntryPoint([], _shapes(tower.named_parameters())))
+    return exported
 
 
-def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
-    """The Relax module of the text decoder, with its parameter list; the
-    model is built once."""
+def export(
+    config: Qwen35Config,
+    quant: str,
+    preset: TargetPreset,
+    *,
+    processor: ImageProcessorConfig | None = None,
+) -> Exported:
+    """The Relax module of the text decoder, with its parameter list, and of
+    the vision tower (``image_embed``) when ``processor`` is given (the config
+    must have a tower); each model is built once."""
     q = quantization.get(quant)
     dtype = q.model_dtype
     target = preset.kernel_target(dtype)
     # The DeltaNet kernels of this preset; a host twin's are its GPU preset's, on the CPU.
     from .kernels import kernel_set_for
 
-    model, qmap = _model(config, q, target, kernel_set_for(preset, dtype))
+    kernels = kernel_set_for(preset, dtype)
+    model, qmap = _model(config, q, target, kernels)
     spec = model.get_default_spec()
     mod, named = model.export_tvm(spec=spec)
     if preset.is_gpu:
@@ -144,7 +178,17 @@ def export(config: Qwen35Config, quant: str, preset: TargetPreset) -> Exported:
         mod = replace_merge_state(
             mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target)
         )
-    return Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
+    exported = Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
+    if processor is not None:
+        if config.vision is None:
+            raise ValueError("a vision entry point needs a config with a vision tower")
+        tower = _vision_model(config, q, processor, kernels)
+        vspec = tower.get_default_spec()
+        vmod, vnamed = tower.export_tvm(spec=vspec)
+        exported.add_entry_point(
+            VISION, EntryPoint(list(vspec.method_names), _shapes(vnamed)), vmod
+        )
+    return exported
 
 
 def build(

@@ -8,7 +8,7 @@ import pytest
 
 from qwen35_mobile.compile import pipeline
 from qwen35_mobile.compile.config import PRESETS
-from qwen35_mobile.compile.pipeline import TEXT, EntryPoint
+from qwen35_mobile.compile.pipeline import TEXT, VISION, EntryPoint
 
 DECODER = [
     "embed",
@@ -20,16 +20,19 @@ DECODER = [
 ]
 
 
-def test_parameters_are_the_text_decoders():
+def test_parameters_are_the_decoders_then_the_towers():
     exported = pipeline.parameters(PRESETS["tiny"], "q0f32")
-    assert list(exported.entry_points) == [TEXT]
-    text = exported.entry_points[TEXT]
-    assert exported.params == text.params and exported.functions == text.functions == []
-    assert list(exported.expected()) == [name for name, _, _ in text.params]
+    assert list(exported.entry_points) == [TEXT, VISION]
+    text, tower = exported.entry_points[TEXT], exported.entry_points[VISION]
+    assert exported.params == text.params + tower.params and exported.functions == []
+    assert all(p[0].startswith("visual.") for p in tower.params)
+    assert list(exported.expected()) == [name for name, _, _ in exported.params]
+    text_only = pipeline.parameters(PRESETS["tiny"], "q0f32", vision=False)
+    assert list(text_only.entry_points) == [TEXT] and text_only.params == text.params
 
 
 def test_another_entry_point_adds_its_functions_and_parameters():
-    exported = pipeline.parameters(PRESETS["tiny"], "q0f32")
+    exported = pipeline.parameters(PRESETS["tiny"], "q0f32", vision=False)
     decoder = list(exported.params)
     embed = next(p for p in decoder if p[0] == "embed_tokens.weight")
     vision = EntryPoint(["image_embed"], [("visual.proj.weight", (64, 48), "float32"), embed])

@@ -1,4 +1,5 @@
-"""Hand-scheduled TIR kernels for the Gated DeltaNet layers, exposed as
+"""Hand-scheduled TIR kernels for the Gated DeltaNet layers and the vision
+tower's attention, exposed as
 ``tvm.relax.frontend.nn`` functions (symbolic batch and sequence length).
 
 The model does not choose its kernels: it is given a :class:`KernelSet`, one
@@ -24,6 +25,7 @@ from . import causal_conv as _cpu_conv
 from . import gated_delta_rule as _cpu_gdn
 from . import gpu_causal_conv as _gpu_conv
 from . import gpu_gated_delta_rule as _gpu_gdn
+from . import vision_attention as _vision
 from .causal_conv import causal_conv1d, causal_conv1d_func
 from .gated_delta_rule import block_cols_for_target, gated_delta_rule, gated_delta_rule_func
 
@@ -60,6 +62,12 @@ class GatedDeltaRule(Protocol):
         [B, Hv, Dk, Dv] fp32 -> (o [B, T, Hv, Dv] fp32, new state)."""
 
 
+class VisionAttention(Protocol):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v [n, heads, hd] fp32 -> softmax(q k^T / sqrt(hd)) v [n, heads, hd]
+        over all n patches of one image (the vision tower, non-causal)."""
+
+
 class CausalConv1d(Protocol):
     def __call__(self, x: Tensor, conv_state: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, T, C]; conv_state [B, C, K - 1]; weight [C, K]
@@ -75,6 +83,7 @@ class KernelSet:
     target: Target  # the target the kernels are sized for (for GPU_EMULATED: the GPU's)
     gated_delta_rule: GatedDeltaRule
     causal_conv1d: CausalConv1d
+    vision_attention: VisionAttention
 
     def __repr__(self) -> str:
         return f"KernelSet({self.backend}, {self.target})"
@@ -87,6 +96,7 @@ def cpu_kernels(target: Target) -> KernelSet:
         target,
         gated_delta_rule=functools.partial(_cpu_gdn.gated_delta_rule, target=target),
         causal_conv1d=_cpu_conv.causal_conv1d,
+        vision_attention=_vision.attention,
     )
 
 
@@ -97,6 +107,7 @@ def gpu_kernels(target: Target) -> KernelSet:
         target,
         gated_delta_rule=functools.partial(_gpu_gdn.gated_delta_rule, target=target),
         causal_conv1d=functools.partial(_gpu_conv.causal_conv1d, target=target),
+        vision_attention=functools.partial(_vision.gpu_attention, target=target),
     )
 
 
@@ -110,6 +121,7 @@ def gpu_emulated_kernels(gpu_target: Target) -> KernelSet:
             _gpu_gdn.gated_delta_rule, target=gpu_target, emulate=True
         ),
         causal_conv1d=functools.partial(_gpu_conv.causal_conv1d, target=gpu_target, emulate=True),
+        vision_attention=functools.partial(_vision.gpu_attention, target=gpu_target, emulate=True),
     )
 
 
