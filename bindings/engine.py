@@ -62,8 +62,15 @@ class Engine:
                 f"{self.artifact}: the artifact holds no weights (it was compiled from a preset without --weights)"
             )
         arrays = load_tensor_cache(self.artifact, names)
-        self.params = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        loaded = {n: tvm.runtime.tensor(a, self.device) for n, a in zip(names, arrays)}
         del arrays
+        # Each model function takes its own entry point's parameters, packed in its order.
+        entries = self.manifest.get("entry_points") or {"text": {"parameters": names}}
+        self.params = [loaded[n] for n in entries["text"]["parameters"]]
+        vision = entries.get("vision")
+        self.vision_params = None if vision is None else [loaded[n] for n in vision["parameters"]]
+        self.image = chat.get("image")  # the vision tower's contract, or None
+        del loaded
 
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in _BUILTINS}
         self._shape = tvm.runtime.ShapeTuple
@@ -162,6 +169,29 @@ class Engine:
             self._check(seq_id, tok.reshape(1))
         embed = _reshape(self._embed(token_ids), (len(seq_ids), 1, self.hidden_size))
         return self._forward("decode", list(seq_ids), [1] * len(seq_ids), embed)[:, 0, :]
+
+    # ---- images -----------------------------------------------------------
+    def embed_image(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels [H, W, 3] (sides multiples of the contract's factor,
+        bindings/image.py resizes) -> the image's token embeddings [t, hidden]."""
+        import tvm
+
+        if self.vision_params is None:
+            raise UserError(
+                f"{self.artifact}: this artifact has no vision tower (it was built without "
+                "image_embed); recompile it from a multimodal checkpoint without --no-vision"
+            )
+        f = self.image["input"]["multiple_of"]
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise UserError(f"image_embed takes uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
+        if pixels.shape[0] % f or pixels.shape[1] % f or 0 in pixels.shape[:2]:
+            raise UserError(
+                f"image sides must be positive multiples of {f}, got {pixels.shape[:2]}"
+            )
+        out = self.vm["image_embed"](
+            tvm.runtime.tensor(np.ascontiguousarray(pixels), self.device), self.vision_params
+        )
+        return out.numpy()
 
 
 def _reshape(tensor, shape):

@@ -76,6 +76,19 @@ class Model:
     def manifest(self) -> dict:
         return self.engine.manifest
 
+    # ---- images -------------------------------------------------------------
+    def embed_image(self, image) -> np.ndarray:
+        """A PIL image, a path or a uint8 array -> its token embeddings [t, hidden],
+        resized by the artifact's rule first (bindings/image.py)."""
+        from .image import prepare
+
+        if self.engine.image is None:
+            raise UserError(
+                f"{self.engine.artifact}: this artifact has no vision tower (built without "
+                "image_embed)"
+            )
+        return self.engine.embed_image(prepare(image, self.engine.image["resize"]))
+
     # ---- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
