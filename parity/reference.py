@@ -50,6 +50,7 @@ class Reference:
             else transformers.Qwen3_5ForCausalLM
         )
         self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        self.path = path
         self.version = transformers.__version__
         if round_to:
             self._round_weights(round_to, quant)
@@ -72,6 +73,30 @@ class Reference:
                 value = q.reference_weight(ours, array)
                 if value is not array:
                     param.copy_(torch.from_numpy(value))
+
+    def image_embeds(self, image) -> np.ndarray:
+        """transformers' own processor (the checkpoint's ``preprocessor_config.json``,
+        PIL backend) and vision tower: one image (PIL, path or uint8 array) -> its
+        token embeddings [t, hidden] (fp32), and the processor's pixel grid (t, h, w)."""
+        import transformers
+        from PIL import Image
+
+        torch = self.torch
+        if not hasattr(self.model.model, "visual"):
+            raise UserError("the reference checkpoint has no vision tower")
+        processor = transformers.AutoImageProcessor.from_pretrained(self.path, backend="pil")
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        elif not isinstance(image, Image.Image):
+            image = Image.open(image)
+        features = processor(images=[image.convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.model.visual(
+                features["pixel_values"].to(torch.float32), grid_thw=features["image_grid_thw"]
+            )
+        return out.pooler_output.float().numpy(), tuple(
+            int(v) for v in features["image_grid_thw"][0]
+        )
 
     def logits(self, token_ids, cache=None):
         """Logits [n, V] of ``token_ids`` appended to ``cache`` (None: a fresh

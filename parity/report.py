@@ -9,7 +9,10 @@ Errors are measured per step: ``max_abs = max |ours - ref|`` and
 - ``greedy``: N new tokens decoded one by one, free running on both sides;
   logits are compared while both sides have seen the same tokens;
 - ``batch_decode``: two prompts decoded together in one batch, each compared
-  with its own reference run.
+  with its own reference run;
+- ``image_tower`` (artifacts with ``image_embed``): each test image through our
+  resize and the compiled tower against transformers' processor and tower, the
+  error over all its token embeddings.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bindings.image import prepare
 from ..bindings.model import Model, chat_prompt
 from ..compile import quantization
 
@@ -68,6 +72,45 @@ def _rows(name: str, ours: np.ndarray, ref: np.ndarray) -> dict:
     }
 
 
+def parity_images() -> list[np.ndarray]:
+    """The parity images (uint8 RGB): smooth colour ramps with noise, one already
+    on the 32-pixel grid (256x320: no resize) and one that the resize rule
+    changes (200x300 -> 224x288 after smart_resize's min_pixels upscaling)."""
+    rng = np.random.default_rng(1234)
+    images = []
+    for height, width in ((256, 320), (200, 300)):
+        y, x = np.mgrid[0:height, 0:width]
+        ramp = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+        noise = rng.normal(0, 25, (height, width, 3))
+        images.append(np.clip(ramp + noise, 0, 255).astype(np.uint8))
+    return images
+
+
+def tower_case(ours: np.ndarray, ref, image: np.ndarray) -> dict:
+    """The vision tower alone: ``ours``, the compiled tower's embeddings of
+    ``image`` after our resize (``Model.embed_image``, or ``image_embed`` of the
+    prepared pixels in an emulator), against transformers' processor and tower."""
+    theirs, grid = ref.image_embeds(image)
+    if ours.shape != theirs.shape:
+        return {
+            "case": "image_tower",
+            "steps": [],
+            "max_abs": float("inf"),
+            "max_rel": float("inf"),
+            "problem": f"{ours.shape[0]} image tokens, the reference has {theirs.shape[0]}",
+        }
+    err = _errors(ours, theirs)
+    return {
+        "case": "image_tower",
+        "steps": [],  # embeddings, not logits: no top-1 to agree on
+        "pixels": list(image.shape[:2]),
+        "grid_thw": list(grid),
+        "tokens": int(ours.shape[0]),
+        "max_abs": err["max_abs"],
+        "max_rel": err["max_rel"],
+    }
+
+
 def _compared_steps(ours_tokens: list[int], ref_tokens: list[int]) -> int:
     """Steps whose logits come from identical contexts: up to and including
     the first step where the two greedy choices differ."""
@@ -109,7 +152,11 @@ def _all_logits(engine, ids: list[int]) -> np.ndarray:
 
 
 def collect_ours(
-    engine, encoded: list[list[int]], new_tokens: int, progress=None
+    engine,
+    encoded: list[list[int]],
+    new_tokens: int,
+    progress=None,
+    images: list[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Everything the report needs from the compiled side, as named arrays.
 
@@ -118,9 +165,16 @@ def collect_ours(
     Keys: ``p{i}.prefill`` [n, V]; ``p{i}.continued`` [n - split, V] (the
     prompt in two calls, split at ``n // 2``); ``p{i}.greedy_tokens`` and
     ``p{i}.greedy_logits``; ``batch{i}.tokens`` / ``batch{i}.logits`` for the
-    first two prompts decoded together in one batch.
+    first two prompts decoded together in one batch; ``image{i}.embeds``: the
+    tower's embeddings of ``images[i]`` (uint8 pixels already resized).
     """
     out: dict[str, np.ndarray] = {}
+    for i, pixels in enumerate(images or []):
+        if progress:
+            progress(
+                f"ours: image {i + 1}/{len(images)}: {pixels.shape[1]}x{pixels.shape[0]} pixels"
+            )
+        out[f"image{i}.embeds"] = engine.embed_image(pixels)
     for i, ids in enumerate(encoded):
         if progress:
             progress(f"ours: prompt {i + 1}/{len(encoded)}: {len(ids)} tokens")
@@ -184,10 +238,12 @@ def run_parity(
         criteria["max_rel"] = tolerance
     prompts = prompts or DEFAULT_PROMPTS
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    images = parity_images() if manifest.get("image") is not None else []
+    pixels = [prepare(image, manifest["image"]["resize"]) for image in images]
     got = (
-        ours(encoded, new_tokens)
+        ours(encoded, new_tokens, pixels)
         if ours
-        else collect_ours(model.engine, encoded, new_tokens, progress)
+        else collect_ours(model.engine, encoded, new_tokens, progress, images=pixels)
     )
     cases = []
     for i, ids in enumerate(encoded):
@@ -233,6 +289,12 @@ def run_parity(
                 "greedy_agree": our_tokens == ref_tokens,
             }
         )
+
+    for i, image in enumerate(images):
+        progress(
+            f"reference: image {i + 1}: vision tower, {image.shape[1]}x{image.shape[0]} pixels"
+        )
+        cases.append({"image": i, **tower_case(got[f"image{i}.embeds"], ref, image)})
 
     quantized = quantization.get(quant).quantized
     cost = _quantization_cost(model, reference, encoded) if quantized and model else None

@@ -61,11 +61,28 @@ def _check_kernels(report, tolerance):
     )  # every call of a 120-token run, 2 decode steps
     assert 0 < k["max_rel"] <= tolerance
     steps = {r["step"] for r in report["kernels"]["calls"] if r["status"] == "pass"}
-    assert steps == {"prefill", "prefill (continued)", "decode 1", "decode 2"}
-    # the hand-written GPU kernels and the KV cache's kernels are among those replayed
+    assert steps == {"prefill", "prefill (continued)", "decode 1", "decode 2", "image"}
+    # the hand-written GPU kernels, the KV cache's and the vision tower's are among those replayed
     names = {r.get("device_kernel") for r in report["kernels"]["calls"] if r["status"] == "pass"}
-    for kernel in ("gated_delta_rule_chunk_scan", "causal_conv1d", "tir_attention_merge_state"):
+    for kernel in (
+        "gated_delta_rule_chunk_scan",
+        "causal_conv1d",
+        "tir_attention_merge_state",
+        "vision_attention",
+        "patchify",
+        "interpolate_positions",
+        "vision_rope",
+    ):
         assert kernel in names, names
+    image = [r for r in report["kernels"]["calls"] if r["step"] == "image"]
+    bad = [r for r in image if r["status"] != "pass" and not r["kernel"].startswith("shape_func")]
+    assert not bad, bad
+
+
+def _check_tower(report, tolerance):
+    """The vision tower on the emulator against transformers, both parity images."""
+    towers = [c for c in report["model"]["cases"] if c["case"] == "image_tower"]
+    assert len(towers) == 2 and all(c["max_rel"] <= tolerance for c in towers), towers
 
 
 def test_opencl_whole_model_and_every_kernel_on_pocl(artifact, checkpoint, tmp_path):
@@ -73,6 +90,7 @@ def test_opencl_whole_model_and_every_kernel_on_pocl(artifact, checkpoint, tmp_p
     model = report["model"]["summary"]
     assert report["pass"]
     assert model["max_rel"] <= 1e-4 and model["greedy_agreement"] and model["top1_agreement"] == 1.0
+    _check_tower(report, 1e-4)
     _check_kernels(report, 1e-4)
     _check_plot(report)
 
@@ -106,8 +124,14 @@ def test_aarch64_whole_model_and_every_kernel_under_qemu(artifact, checkpoint, t
         report["model"]["summary"]["max_rel"] <= 1e-4
         and report["model"]["summary"]["greedy_agreement"]
     )
+    _check_tower(report, 1e-4)
     k = report["kernels"]["summary"]
     assert k["pass"] and k["replayed"] >= 300 and k["max_rel"] <= 1e-4
+    # The CPU tower is a graph, not the GPU kernel: its patchify, scores, softmax and
+    # values kernels are replayed like the decoder's.
+    replayed = {r["kernel"] for r in report["kernels"]["calls"]}
+    assert {"patchify", "attention_values", "softmax", "layer_norm"} <= replayed
+    assert any(k.startswith("fused_attention_scores") for k in replayed)
     _check_plot(report)
 
 

@@ -210,18 +210,20 @@ def run_job(
     timeout: float | None = 1800,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    images: list[np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Run the parity job (``parity.report.collect_ours``) on ``artifact``
-    under qemu in one process.  Returns its arrays and the worker's timings
-    (``import_s``, ``load_s``, ``run_s``) plus ``wall_s`` of the whole call."""
+    under qemu in one process (``images``: resized uint8 pixels for the vision
+    tower).  Returns its arrays and the worker's timings (``import_s``,
+    ``load_s``, ``run_s``) plus ``wall_s`` of the whole call."""
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.npz"
-        job.write_text(
-            json.dumps(
-                {"prompts": [list(map(int, ids)) for ids in encoded], "new_tokens": int(new_tokens)}
-            )
-        )
+        spec = {"prompts": [list(map(int, ids)) for ids in encoded], "new_tokens": int(new_tokens)}
+        if images:
+            np.savez(Path(tmp) / "images.npz", *images)
+            spec["images"] = str(Path(tmp) / "images.npz")
+        job.write_text(json.dumps(spec))
         done = run_in_qemu(
             WORKER,
             [str(Path(artifact).resolve()), str(job), str(out)],
@@ -239,8 +241,8 @@ def run_job(
 def ours(artifact: Path, **options) -> Callable[[list[list[int]], int], dict[str, np.ndarray]]:
     """For ``run_parity(..., ours=...)``: the compiled side computed under qemu."""
 
-    def collect(encoded: list[list[int]], new_tokens: int) -> dict[str, np.ndarray]:
-        return run_job(artifact, encoded, new_tokens, **options)[0]
+    def collect(encoded: list[list[int]], new_tokens: int, images=None) -> dict[str, np.ndarray]:
+        return run_job(artifact, encoded, new_tokens, images=images, **options)[0]
 
     return collect
 

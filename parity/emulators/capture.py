@@ -112,8 +112,9 @@ class Recorder:
 
     def instrument(self, func, name, before_run, ret, *args):
         """The VM's instrument hook: its calls of TIR functions; its builtins
-        (``vm.*``: allocation, the cache protocol) are not kernels."""
-        if self.active and not name.startswith("vm."):
+        (``vm.*``: allocation, the cache protocol; ``runtime.*``: a tensor view)
+        are not kernels."""
+        if self.active and not name.startswith(("vm.", "runtime.")):
             if before_run:
                 self._pending = [_copy(a) for a in args]
             else:
@@ -155,9 +156,16 @@ def _wrapped_state_builtins(recorder: Recorder, names: dict[str, list[str]]):
             tvm_ffi.register_global_func(STATE_BUILTINS[via][0], original, override=True)
 
 
+def CAPTURE_IMAGE() -> np.ndarray:  # noqa: N802 - a constant, made on demand
+    """The image whose vision-tower kernels are captured: 64 x 96 pixels (6
+    tokens, 24 patches; already on the 32-pixel grid), fixed random colours."""
+    return np.random.default_rng(7).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+
 def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=None) -> list[Call]:
     """Run ``prompt_ids`` (prefilled in two calls, split at 4/7) and ``decode_steps`` greedy decode steps
-    on the host-twin artifact ``twin`` and return every kernel call.  ``mod``:
+    on the host-twin artifact ``twin``, then (when it has the vision tower) one
+    small image through ``image_embed``, and return every kernel call.  ``mod``:
     the twin's exported Relax module (re-exported from the manifest if None),
     which names the kernels the caches receive."""
     from ...bindings.engine import Engine
@@ -183,6 +191,9 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
         for k in range(decode_steps):
             recorder.step = f"decode {k + 1}"
             logits = engine.decode([seq], [int(np.argmax(logits))])[0]
+        if engine.image is not None:  # the vision tower's kernels, on a small image
+            recorder.step = "image"
+            engine.embed_image(CAPTURE_IMAGE())
         recorder.active = False
         engine.remove_sequence(seq)
     return recorder.calls
@@ -193,13 +204,18 @@ def export_from_manifest(artifact: Path, preset: str | None = None):
     and target, or ``preset`` instead of its target)."""
     from ...compile import pipeline
     from ...compile.artifact import read_manifest
-    from ...compile.config import Qwen35Config
+    from ...compile.config import ImageProcessorConfig, Qwen35Config
     from ...targets import get_target
 
     manifest = read_manifest(artifact)
     config = Qwen35Config.from_json(manifest["config"])
+    image = manifest.get("image")  # built with the vision tower: its processor, as compiled
+    processor = None if image is None else ImageProcessorConfig.from_json(image["processor"])
     return pipeline.export(
-        config, manifest["quantization"], get_target(preset or manifest["target"])
+        config,
+        manifest["quantization"],
+        get_target(preset or manifest["target"]),
+        processor=processor,
     ).mod
 
 

@@ -159,7 +159,7 @@ def _syntax_check(
     em, reference: Path, manifest: dict, work: Path, break_kernel: str | None, progress
 ) -> dict:
     from ...compile import pipeline
-    from ...compile.config import Qwen35Config
+    from ...compile.config import ImageProcessorConfig, Qwen35Config
     from ...targets import get_target
     from ..static_checks import break_metal_kernel, device_source, metal_clang, metal_syntax_errors
 
@@ -167,7 +167,10 @@ def _syntax_check(
     config = Qwen35Config.from_json(manifest["config"])
     progress(f"building the {preset.name} library (no weights) for its device source")
     path = work / preset.output
-    pipeline.build(pipeline.export(config, manifest["quantization"], preset), preset, path)
+    image = manifest.get("image")  # with the vision tower when the artifact has it
+    processor = None if image is None else ImageProcessorConfig.from_json(image["processor"])
+    exported = pipeline.export(config, manifest["quantization"], preset, processor=processor)
+    pipeline.build(exported, preset, path)
     source = device_source(path)
     out = {
         "kind": "syntax check (clang, stub metal_stdlib), not parity",

@@ -3,7 +3,7 @@ qwen35_mobile.parity.emulators.worker ARTIFACT JOB.json OUT.npz``.
 
 Runs inside the emulator (e.g. the aarch64 Python under qemu, see
 ``aarch64.py``); needs numpy and TVM only, no tokenizer and no transformers.
-JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N}``: loads ARTIFACT
+JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N, "images": NPZ or absent}``: loads ARTIFACT
 with the project's :class:`~..engine.Engine`, runs
 :func:`..parity.collect_ours` and saves its arrays to OUT.npz.  Or
 ``{"replay": CALLS.npz}``: runs every captured kernel call of CALLS.npz
@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     progress(
         f"worker ({platform.machine()}): tvm imported in {t1 - t0:.1f} s, {artifact} loaded in {t2 - t1:.1f} s"
     )
+    images = None
+    if job.get("images"):
+        with np.load(job["images"]) as data:
+            images = [data[f"arr_{i}"] for i in range(len(data.files))]
     arrays = collect_ours(
-        engine, [list(p) for p in job["prompts"]], int(job["new_tokens"]), progress
+        engine, [list(p) for p in job["prompts"]], int(job["new_tokens"]), progress, images
     )
     t3 = time.time()
     np.savez(out_path, **arrays)
