@@ -90,14 +90,61 @@ class MLP(nn.Module):
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def mrope_shift_compute(c: Qwen35Config):
+    """The TE compute of :func:`mrope_shift`: (x, offsets) -> shifted x."""
+    r, half = c.rotary_dim, c.rotary_dim // 2
+    _, s_h, s_w = c.mrope_section
+    theta = float(c.rope_theta)
+
+    def compute(x: te.Tensor, off: te.Tensor):
+        def f(b, s, h, j):
+            i = j % half  # frequency index (both halves share it)
+            sec = tirx.Select(
+                tirx.all(i % 3 == 1, i < 3 * s_h),
+                1,
+                tirx.Select(tirx.all(i % 3 == 2, i < 3 * s_w), 2, 0),
+            )
+            o = off[b, s, sec]
+            inv_freq = 1.0 / tirx.power(
+                tirx.const(theta, F32), (2 * i).astype(F32) / tirx.const(r, F32)
+            )
+            angle = o.astype(F32) * inv_freq
+            partner = x[b, s, h, (j + half) % r].astype(F32)  # x[j + half] or x[j - half]
+            sign = tirx.Select(j < half, tirx.const(-1.0, F32), tirx.const(1.0, F32))
+            rotated = x[b, s, h, j].astype(F32) * tirx.cos(angle) + sign * partner * tirx.sin(angle)
+            keep = tirx.any(j >= r, o == 0)
+            return tirx.Select(keep, x[b, s, h, j], rotated.astype(x.dtype))
+
+        return te.compute(x.shape, f, name="mrope_shift")
+
+    return compute
+
+
+def mrope_shift(x: Tensor, offsets: Tensor, c: Qwen35Config) -> Tensor:
+    """M-RoPE as a shift of the KV cache's 1-D RoPE.
+
+    x [b, s, heads, d]; offsets [b, s, 3] int32: each token's (t, h, w) position
+    minus its index in the sequence (the position the KV cache rotates by).
+    Frequency i of the first rotary_dim dims (NeoX halves) belongs to section
+    t, h or w, interleaved as transformers' ``recomposition_frequencies`` does
+    (i % 3 == 1 and i < 3 * section[1] -> h; i % 3 == 2 and i < 3 * section[2]
+    -> w; else t).  Rotating by offset * inv_freq here and by index * inv_freq
+    in the cache rotates by position * inv_freq in all.  Where the offset is 0
+    (every token of a text-only prompt) the value is copied, not rotated, so
+    text is bit-identical to the cache's RoPE alone."""
+    return op.tensor_expr_op(mrope_shift_compute(c), "mrope_shift", [x, offsets])
+
+
 class GatedAttention(nn.Module):
     """Full attention with an output gate.
 
     q_proj yields, per head, [q_h | gate_h]; q and k are RMS-normed per head,
-    RoPE (partial, NeoX) is applied inside the paged KV cache, then GQA
-    attention, then attn * sigmoid(gate) and o_proj."""
+    shifted for M-RoPE (:func:`mrope_shift`), rotated by RoPE (partial, NeoX)
+    inside the paged KV cache, then GQA attention, then attn * sigmoid(gate)
+    and o_proj."""
 
     def __init__(self, c: Qwen35Config, dtype: str):
+        self.config = c
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads,
             c.num_key_value_heads,
@@ -110,13 +157,17 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
 
-    def forward(self, x: Tensor, kv_cache: PagedKVCache, attn_layer_id: int) -> Tensor:
+    def forward(
+        self, x: Tensor, offsets: Tensor, kv_cache: PagedKVCache, attn_layer_id: int
+    ) -> Tensor:
         b, s, _ = x.shape
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         q_gate = op.reshape(self.q_proj(x), (b, s, hq, 2 * d))
         q, gate = op.split(q_gate, 2, axis=-1)  # [b, s, hq, d] each
-        q = self.q_norm(q)
-        k = self.k_norm(op.reshape(self.k_proj(x), (b, s, hk, d)))
+        q = mrope_shift(self.q_norm(q), offsets, self.config)
+        k = mrope_shift(
+            self.k_norm(op.reshape(self.k_proj(x), (b, s, hk, d))), offsets, self.config
+        )
         v = op.reshape(self.v_proj(x), (b, s, hk, d))
         qkv = op.concat([q, k, v], dim=2)  # [b, s, hq + 2 hk, d]
         attn = kv_cache.attention_with_fused_qkv(attn_layer_id, qkv, hq, sm_scale=d**-0.5)
@@ -214,9 +265,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
 
-    def forward(self, x: Tensor, kv_cache: PagedKVCache, state: RNNState, mixer_id: int):
+    def forward(
+        self, x: Tensor, offsets: Tensor, kv_cache: PagedKVCache, state: RNNState, mixer_id: int
+    ):
         if self.is_full:
-            h = x + self.self_attn(self.input_layernorm(x), kv_cache, mixer_id)
+            h = x + self.self_attn(self.input_layernorm(x), offsets, kv_cache, mixer_id)
         else:
             mixed, state = self.linear_attn(self.input_layernorm(x), state, mixer_id)
             h = x + mixed
@@ -267,11 +320,11 @@ class Qwen35LM(nn.Module):
             return op.matmul(x, op.permute_dims(self.embed_tokens.weight), out_dtype=F32)
         return self.lm_head(x)
 
-    def _decoder(self, x: Tensor, kv_cache: PagedKVCache, state: RNNState):
+    def _decoder(self, x: Tensor, offsets: Tensor, kv_cache: PagedKVCache, state: RNNState):
         if x.dtype != F32:  # the residual stream is kept in fp32 whatever the model dtype
             x = x.astype(F32)
         for layer, mixer_id in zip(self.layers, self.mixer_ids):
-            x, state = layer(x, kv_cache, state, mixer_id)
+            x, state = layer(x, offsets, kv_cache, state, mixer_id)
         return x, state
 
     # ---- exported functions -------------------------------------------------
@@ -279,19 +332,27 @@ class Qwen35LM(nn.Module):
         """[s] int32 -> [s, h]"""
         return self.embed_tokens(input_ids)
 
-    def prefill(self, input_embed: Tensor, kv_cache: PagedKVCache, state: RNNState):
+    # rope_offsets [b, s, 3] int32: (t, h, w) position - index in the sequence, per
+    # token (all 0 for text-only sequences; see mrope_shift).
+    def prefill(
+        self, input_embed: Tensor, rope_offsets: Tensor, kv_cache: PagedKVCache, state: RNNState
+    ):
         """One sequence, s new tokens continuing its cache -> logits of the last one [1, 1, V]."""
-        x, state = self._decoder(input_embed, kv_cache, state)
+        x, state = self._decoder(input_embed, rope_offsets, kv_cache, state)
         return self._logits(_last_token(x)), kv_cache, state
 
-    def prefill_all_logits(self, input_embed: Tensor, kv_cache: PagedKVCache, state: RNNState):
+    def prefill_all_logits(
+        self, input_embed: Tensor, rope_offsets: Tensor, kv_cache: PagedKVCache, state: RNNState
+    ):
         """Like prefill, returning the logits of every position [1, s, V] (for parity)."""
-        x, state = self._decoder(input_embed, kv_cache, state)
+        x, state = self._decoder(input_embed, rope_offsets, kv_cache, state)
         return self._logits(x), kv_cache, state
 
-    def decode(self, input_embed: Tensor, kv_cache: PagedKVCache, state: RNNState):
+    def decode(
+        self, input_embed: Tensor, rope_offsets: Tensor, kv_cache: PagedKVCache, state: RNNState
+    ):
         """b sequences, one new token each: [b, 1, h] -> logits [b, 1, V]."""
-        x, state = self._decoder(input_embed, kv_cache, state)
+        x, state = self._decoder(input_embed, rope_offsets, kv_cache, state)
         return self._logits(x), kv_cache, state
 
     def create_paged_kv_cache(
@@ -348,16 +409,19 @@ class Qwen35LM(nn.Module):
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **common},
             "prefill": {
                 "input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                "rope_offsets": nn.spec.Tensor([1, "seq_len", 3], "int32"),
                 **caches,
                 **common,
             },
             "prefill_all_logits": {
                 "input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                "rope_offsets": nn.spec.Tensor([1, "seq_len", 3], "int32"),
                 **caches,
                 **common,
             },
             "decode": {
                 "input_embed": nn.spec.Tensor(["batch_size", 1, h], self.dtype),
+                "rope_offsets": nn.spec.Tensor(["batch_size", 1, 3], "int32"),
                 **caches,
                 **common,
             },
