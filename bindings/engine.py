@@ -5,6 +5,13 @@ DeltaNet layers).  Nothing outside ``bindings`` sees a VM or a TVM tensor.
 Every forward call follows the KV-state protocol of the TVM runtime:
 ``begin_forward(seq_ids, lengths)`` on both caches, the model function, then
 ``end_forward`` on both.
+
+Positions (M-RoPE, as transformers' ``get_rope_index``): a text token takes the
+sequence's next position p on all three axes (t, h, w) and advances it by one;
+an image of gh x gw tokens takes (p, p + row, p + col) and advances p by
+max(gh, gw).  The KV cache rotates every token by its index in the sequence;
+the model functions take ``rope_offsets`` = position - index per token and
+axis, so a text-only sequence has offsets 0 throughout.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class Engine:
         vision = entries.get("vision")
         self.vision_params = None if vision is None else [loaded[n] for n in vision["parameters"]]
         self.image = chat.get("image")  # the vision tower's contract, or None
+        # the token an image's embeddings replace (None: no tower, image_pad is text)
+        self._image_pad = None if self.image is None else int(self.image["tokens"]["image_pad"])
         del loaded
 
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in _BUILTINS}
@@ -88,6 +97,7 @@ class Engine:
         )
         self._caches = (self.kv_cache, self.state)
         self._lengths: dict[int, int] = {}
+        self._positions: dict[int, int] = {}  # the next M-RoPE position of each sequence
         self._next_id = 0
 
     # ---- sequences --------------------------------------------------------
@@ -101,12 +111,14 @@ class Engine:
         for cache in self._caches:
             self._f["add_sequence"](cache, seq_id)
         self._lengths[seq_id] = 0
+        self._positions[seq_id] = 0
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:
         for cache in self._caches:
             self._f["remove_sequence"](cache, seq_id)
         del self._lengths[seq_id]
+        del self._positions[seq_id]
 
     def live_sequences(self) -> list[int]:
         return list(self._lengths)
@@ -126,11 +138,12 @@ class Engine:
             )
 
     # ---- forward ----------------------------------------------------------
-    def _forward(self, func: str, seq_ids: list[int], lengths: list[int], embed):
+    def _forward(self, func: str, seq_ids: list[int], lengths: list[int], embed, offsets):
+        offsets = self._tensor(offsets.astype("int32"))
         for cache in self._caches:
             self._f["begin_forward"](cache, self._shape(seq_ids), self._shape(lengths))
         logits, self.kv_cache, self.state = self.vm[func](
-            embed, self.kv_cache, self.state, self.params
+            embed, offsets, self.kv_cache, self.state, self.params
         )
         self._caches = (self.kv_cache, self.state)
         for cache in self._caches:
@@ -139,25 +152,76 @@ class Engine:
             self._lengths[seq_id] += n
         return logits.numpy()
 
-    def _embed(self, token_ids: np.ndarray):
+    def _tensor(self, array: np.ndarray):
         import tvm
 
-        ids = tvm.runtime.tensor(token_ids.astype("int32"), self.device)
-        return self.vm["embed"](ids, self.params)
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
-    def prefill(self, seq_id: int, token_ids, all_logits: bool = False) -> np.ndarray:
+    def _embed(self, token_ids: np.ndarray):
+        return self.vm["embed"](self._tensor(token_ids.astype("int32")), self.params)
+
+    def _offsets(self, seq_id: int, token_ids: np.ndarray, grids: list) -> np.ndarray:
+        """rope_offsets [n, 3] of tokens appended to a sequence, whose image
+        token runs have the grids ``grids`` (rows, cols) in order; advances the
+        sequence's next position."""
+        n = len(token_ids)
+        pos = np.empty((n, 3), dtype=np.int64)
+        p, j = self._positions[seq_id], 0
+        for start, end, (rows, cols) in [
+            *zip(*_image_runs(token_ids, self._image_pad, grids)),
+            (n, n, (0, 0)),
+        ]:
+            pos[j:start] = (p + np.arange(start - j))[:, None]  # text
+            p += start - j
+            r, c = np.divmod(np.arange(end - start), max(cols, 1))  # an image, row-major
+            pos[start:end] = np.stack([np.full_like(r, p), p + r, p + c], axis=1)
+            p, j = p + max(rows, cols), end
+        self._positions[seq_id] = p
+        index = self._lengths[seq_id] + np.arange(len(token_ids))
+        return pos - index[:, None]
+
+    def prefill(
+        self, seq_id: int, token_ids, all_logits: bool = False, images: list | None = None
+    ) -> np.ndarray:
         """Append tokens to one sequence.  Returns the logits of the last token
-        [V], or of every token [n, V] with ``all_logits``."""
+        [V], or of every token [n, V] with ``all_logits``.
+
+        ``images``: (embeddings [t, hidden], (rows, cols)) per run of image_pad
+        tokens in ``token_ids``, in order (``embed_image`` gives the embeddings;
+        rows x cols = t, the image's token grid); each run takes its image's
+        embeddings and M-RoPE positions."""
         token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if len(token_ids) == 0:
             raise UserError("prefill needs at least one token")
         self._check(seq_id, token_ids)
+        images = list(images or [])
+        grids = [tuple(grid) for _, grid in images]
+        runs = _image_runs(token_ids, self._image_pad, grids)  # checks before any state changes
+        for embeds, (rows, cols) in images:
+            if tuple(np.shape(embeds)) != (rows * cols, self.hidden_size):
+                raise UserError(
+                    f"image embeddings must be [{rows * cols}, {self.hidden_size}] for a "
+                    f"{rows}x{cols} grid, got {list(np.shape(embeds))}"
+                )
+        # source[i]: the row of the images' stacked embeddings token i takes, -1 for text
+        source = np.full(len(token_ids), -1, dtype=np.int64)
+        for start, end in zip(*runs[:2]):
+            source[start:end] = np.arange(end - start) + (source.max() + 1)
+        stacked = np.concatenate([e for e, _ in images]) if images else None
+        offsets = self._offsets(seq_id, token_ids, grids)
         func = "prefill_all_logits" if all_logits else "prefill"
         outs = []
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start : start + self.prefill_chunk]
-            embed = _reshape(self._embed(chunk), (1, len(chunk), self.hidden_size))
-            outs.append(self._forward(func, [seq_id], [len(chunk)], embed)[0])
+            embed = self._embed(chunk)
+            take = source[start : start + len(chunk)]
+            if (take >= 0).any():  # image tokens: their rows come from the tower
+                host = embed.numpy()
+                host[take >= 0] = stacked[take[take >= 0]]
+                embed = self._tensor(host)
+            embed = _reshape(embed, (1, len(chunk), self.hidden_size))
+            step = offsets[start : start + len(chunk)][None]
+            outs.append(self._forward(func, [seq_id], [len(chunk)], embed, step)[0])
         return np.concatenate(outs, axis=0) if all_logits else outs[-1][-1]
 
     def decode(self, seq_ids: list[int], token_ids) -> np.ndarray:
@@ -168,7 +232,12 @@ class Engine:
         for seq_id, tok in zip(seq_ids, token_ids):
             self._check(seq_id, tok.reshape(1))
         embed = _reshape(self._embed(token_ids), (len(seq_ids), 1, self.hidden_size))
-        return self._forward("decode", list(seq_ids), [1] * len(seq_ids), embed)[:, 0, :]
+        offsets = np.array(
+            [[self._positions[s] - self._lengths[s]] * 3 for s in seq_ids], dtype=np.int64
+        )[:, None, :]
+        for s in seq_ids:
+            self._positions[s] += 1
+        return self._forward("decode", list(seq_ids), [1] * len(seq_ids), embed, offsets)[:, 0, :]
 
     # ---- images -----------------------------------------------------------
     def embed_image(self, pixels: np.ndarray) -> np.ndarray:
@@ -192,6 +261,30 @@ class Engine:
             tvm.runtime.tensor(np.ascontiguousarray(pixels), self.device), self.vision_params
         )
         return out.numpy()
+
+
+def _image_runs(token_ids: np.ndarray, image_pad: int | None, grids: list) -> tuple:
+    """(starts, ends, grids) of the runs of ``image_pad`` tokens, one per image;
+    a UserError when they do not match the images given.  With no images,
+    image_pad is an ordinary token (a text-only prompt may contain it)."""
+    if not grids:
+        return [], [], []
+    if image_pad is None:
+        raise UserError("this artifact has no vision tower: it cannot take images")
+    is_pad = np.concatenate([[0], (token_ids == image_pad).astype(np.int8), [0]])
+    edges = np.diff(is_pad)
+    starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+    if len(starts) != len(grids):
+        raise UserError(
+            f"{len(grids)} image(s) given, but the tokens hold {len(starts)} run(s) of image_pad"
+        )
+    for k, (start, end, (rows, cols)) in enumerate(zip(starts, ends, grids)):
+        if end - start != rows * cols:
+            raise UserError(
+                f"image {k + 1} is {rows}x{cols} = {rows * cols} tokens, but its run of "
+                f"image_pad tokens is {end - start} long"
+            )
+    return list(starts), list(ends), list(grids)
 
 
 def _reshape(tensor, shape):

@@ -61,6 +61,8 @@ def open_image(image) -> object:
                 return img.copy()
         except UnidentifiedImageError:
             raise UserError(f"{path}: not an image file Pillow can read") from None
+        except Image.DecompressionBombError as e:  # more pixels than Pillow will decode
+            raise UserError(f"{path}: the image is too large to decode ({e})") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise UserError(f"{path}: the image is corrupt or truncated ({e})") from None
     if isinstance(image, np.ndarray):
@@ -84,6 +86,23 @@ def prepare(image, rule: dict) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def tokens_for(pixels: np.ndarray, factor: int) -> int:
-    """How many <|image_pad|> tokens image_embed gives for these pixels."""
-    return (pixels.shape[0] // factor) * (pixels.shape[1] // factor)
+def grid(pixels: np.ndarray, factor: int) -> tuple[int, int]:
+    """(rows, cols) of the image's token grid: one token per factor x factor cell."""
+    return pixels.shape[0] // factor, pixels.shape[1] // factor
+
+
+def expand_placeholders(ids: list[int], grids: list[tuple[int, int]], image_pad: int) -> list[int]:
+    """Each single ``image_pad`` of ``ids`` repeated to its image's token count
+    (rows x cols), as transformers' Qwen3-VL processor expands the chat
+    template's placeholder; one placeholder per image, in order."""
+    at = [i for i, t in enumerate(ids) if t == image_pad]
+    if len(at) != len(grids):
+        raise UserError(
+            f"{len(grids)} image(s) given, but the prompt has {len(at)} <|image_pad|> "
+            "placeholder(s)"
+        )
+    out, last = [], 0
+    for i, (rows, cols) in zip(at, grids):
+        out += ids[last:i] + [image_pad] * (rows * cols)
+        last = i + 1
+    return out + ids[last:]

@@ -10,14 +10,23 @@ import numpy as np
 from ..errors import UserError
 from .engine import Engine
 
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
-def chat_prompt(user: str, *, thinking: bool = False, system: str | None = None) -> str:
+
+def chat_prompt(
+    user: str, *, thinking: bool = False, system: str | None = None, images: int = 0
+) -> str:
     """The Qwen chat template for one user turn, ready for the assistant.
 
-    With thinking off, an empty ``<think></think>`` block is pre-filled (as
-    the official template does for ``enable_thinking=False``)."""
+    ``images`` placeholders come first in the turn, as the template renders a
+    message whose content is [image, ..., text]; each single ``<|image_pad|>``
+    becomes the image's tokens later (:meth:`Model.expand_images`), as
+    transformers' processor does.  With thinking off, an empty
+    ``<think></think>`` block is pre-filled (as the official template does for
+    ``enable_thinking=False``)."""
     text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    text += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    text += f"<|im_start|>user\n{VISION_PLACEHOLDER * images}{user}<|im_end|>\n"
+    text += "<|im_start|>assistant\n"
     return text + ("<think>\n" if thinking else "<think>\n\n</think>\n\n")
 
 
@@ -77,17 +86,42 @@ class Model:
         return self.engine.manifest
 
     # ---- images -------------------------------------------------------------
-    def embed_image(self, image) -> np.ndarray:
-        """A PIL image, a path or a uint8 array -> its token embeddings [t, hidden],
-        resized by the artifact's rule first (bindings/image.py)."""
+    def _no_tower(self) -> UserError:
+        return UserError(
+            f"{self.engine.artifact}: this artifact has no vision tower (it was built without "
+            "image_embed); recompile it from a multimodal checkpoint without --no-vision"
+        )
+
+    def prepare_images(self, images) -> list[np.ndarray]:
+        """PIL images, paths or uint8 arrays -> the uint8 RGB pixels ``image_embed``
+        takes, resized by the artifact's rule (bindings/image.py)."""
         from .image import prepare
 
         if self.engine.image is None:
-            raise UserError(
-                f"{self.engine.artifact}: this artifact has no vision tower (built without "
-                "image_embed)"
-            )
-        return self.engine.embed_image(prepare(image, self.engine.image["resize"]))
+            raise self._no_tower()
+        return [prepare(image, self.engine.image["resize"]) for image in images]
+
+    def embed_image(self, image) -> np.ndarray:
+        """A PIL image, a path or a uint8 array -> its token embeddings [t, hidden]."""
+        (pixels,) = self.prepare_images([image])
+        return self.engine.embed_image(pixels)
+
+    def expand_images(self, ids: list[int], pixels: list[np.ndarray]) -> list[int]:
+        """Each single ``<|image_pad|>`` of ``ids`` repeated to its image's token
+        count (bindings/image.py: expand_placeholders)."""
+        from .image import expand_placeholders
+
+        pad = self.engine.image["tokens"]["image_pad"] if self.engine.image else None
+        return expand_placeholders(ids, [self._grid(p) for p in pixels], pad)
+
+    def _grid(self, pixels: np.ndarray) -> tuple[int, int]:
+        from .image import grid
+
+        return grid(pixels, self.engine.image["input"]["multiple_of"])
+
+    def _images_in(self, pixels: list[np.ndarray]) -> list:
+        """(embeddings, grid) per image, for Engine.prefill."""
+        return [(self.engine.embed_image(p), self._grid(p)) for p in pixels]
 
     # ---- text ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -107,20 +141,29 @@ class Model:
         chat: bool = True,
         thinking: bool = False,
         seed: int | None = None,
+        images: list | None = None,
     ) -> Iterator[str]:
         """Yield the reply piece by piece as tokens are generated.  Sampling
-        options left at None take the artifact's defaults (mlc-chat-config.json)."""
+        options left at None take the artifact's defaults (mlc-chat-config.json).
+
+        ``images``: PIL images, paths or uint8 RGB arrays, shown to the model
+        before the prompt's text (with ``chat=False`` the prompt itself holds one
+        ``<|vision_start|><|image_pad|><|vision_end|>`` per image)."""
         temperature = self.sampling["temperature"] if temperature is None else temperature
         top_p = self.sampling["top_p"] if top_p is None else top_p
         top_k = self.sampling["top_k"] if top_k is None else top_k
-        ids = self.encode(chat_prompt(prompt, thinking=thinking) if chat else prompt)
+        images = list(images or [])
+        text = chat_prompt(prompt, thinking=thinking, images=len(images)) if chat else prompt
         if max_new_tokens < 0:
             raise UserError("max_new_tokens must be >= 0")
         rng = np.random.default_rng(seed)
         out: list[int] = []
         shown = ""
         for token in self.generate_ids(
-            ids, max_new_tokens, lambda lg: sample(lg, rng, temperature, top_p, top_k)
+            self.encode(text),
+            max_new_tokens,
+            lambda lg: sample(lg, rng, temperature, top_p, top_k),
+            images=images,
         ):
             out.append(token)
             text = self.decode_tokens(out)
@@ -140,20 +183,27 @@ class Model:
         """The whole reply (without the stop token)."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, **kwargs))
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, pick=None) -> Iterator[int]:
+    def generate_ids(
+        self, prompt_ids: list[int], max_new_tokens: int, pick=None, *, images=None
+    ) -> Iterator[int]:
         """Token ids of the continuation of ``prompt_ids`` (greedy by default);
-        stops after a stop id (not yielded) or ``max_new_tokens``."""
+        stops after a stop id (not yielded) or ``max_new_tokens``.  ``images``:
+        one per ``<|image_pad|>`` placeholder of ``prompt_ids``."""
         pick = pick or (lambda logits: int(np.argmax(logits)))
         if not prompt_ids:
             raise UserError("the prompt is empty")
+        pixels = self.prepare_images(images) if images else []
+        prompt_ids = self.expand_images(list(prompt_ids), pixels) if pixels else prompt_ids
         if len(prompt_ids) + max_new_tokens > self.engine.context_window:
+            shown = f", {len(pixels)} image(s) included" if pixels else ""
             raise UserError(
-                f"the prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceed the context "
-                f"window of {self.engine.context_window} tokens"
+                f"the prompt ({len(prompt_ids)} tokens{shown}) plus {max_new_tokens} new tokens "
+                f"exceed the context window of {self.engine.context_window} tokens"
             )
+        embedded = self._images_in(pixels)  # the tower runs once the prompt is known to fit
         seq = self.engine.add_sequence()
         try:
-            logits = self.engine.prefill(seq, prompt_ids)
+            logits = self.engine.prefill(seq, prompt_ids, images=embedded)
             for step in range(max_new_tokens):
                 token = pick(logits)
                 if token in self.stop_ids:
@@ -165,11 +215,16 @@ class Model:
             self.engine.remove_sequence(seq)
 
     # ---- numbers, for parity ------------------------------------------------------
-    def logits(self, token_ids) -> np.ndarray:
-        """Full-vocabulary fp32 logits of every position: [len(token_ids), V]."""
+    def logits(self, token_ids, images=None) -> np.ndarray:
+        """Full-vocabulary fp32 logits of every position: [len(token_ids), V]
+        (after expanding each ``<|image_pad|>`` to its image, with ``images``)."""
+        pixels = self.prepare_images(images) if images else []
+        token_ids = self.expand_images(list(token_ids), pixels) if pixels else token_ids
         seq = self.engine.add_sequence()
         try:
-            return self.engine.prefill(seq, token_ids, all_logits=True)
+            return self.engine.prefill(
+                seq, token_ids, all_logits=True, images=self._images_in(pixels)
+            )
         finally:
             self.engine.remove_sequence(seq)
 
