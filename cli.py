@@ -169,6 +169,7 @@ def cmd_run(args) -> None:
         chat=not args.raw,
         thinking=args.thinking,
         seed=args.seed,
+        images=args.image,
     ):
         print(piece, end="", flush=True)
     print()
@@ -364,10 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="generate text with a compiled artifact",
-        description="Load an artifact and stream a reply to one prompt (Qwen chat template unless --raw).",
+        description="Load an artifact and stream a reply to one prompt (Qwen chat template unless "
+        "--raw). With --image, the images come first in the user turn; each is resized by the "
+        "artifact's rule (mlc-chat-config.json: image.resize) and encoded by its vision tower.",
     )
     p.add_argument("artifact")
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image file to show the model (repeat for several); with --raw the prompt must "
+        "hold one <|vision_start|><|image_pad|><|vision_end|> per image",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
         "--temperature",
