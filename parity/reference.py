@@ -74,22 +74,33 @@ class Reference:
                 if value is not array:
                     param.copy_(torch.from_numpy(value))
 
-    def image_embeds(self, image) -> np.ndarray:
-        """transformers' own processor (the checkpoint's ``preprocessor_config.json``,
-        PIL backend) and vision tower: one image (PIL, path or uint8 array) -> its
-        token embeddings [t, hidden] (fp32), and the processor's pixel grid (t, h, w)."""
+    def _pixels(self, images: list):
+        """transformers' own image processor (the checkpoint's
+        ``preprocessor_config.json``, PIL backend) on images given as PIL images,
+        paths or uint8 arrays: pixel_values, image_grid_thw, merge size."""
         import transformers
         from PIL import Image
 
-        torch = self.torch
         if not hasattr(self.model.model, "visual"):
             raise UserError("the reference checkpoint has no vision tower")
         processor = transformers.AutoImageProcessor.from_pretrained(self.path, backend="pil")
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
-            image = Image.open(image)
-        features = processor(images=[image.convert("RGB")], return_tensors="pt")
+        opened = []
+        for image in images:
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            elif not isinstance(image, Image.Image):
+                image = Image.open(image)
+            opened.append(image.convert("RGB"))
+        features = processor(images=opened, return_tensors="pt")
+        return features["pixel_values"].float(), features["image_grid_thw"], processor.merge_size
+
+    def image_embeds(self, image) -> np.ndarray:
+        """transformers' own processor and vision tower: one image (PIL, path or
+        uint8 array) -> its token embeddings [t, hidden] (fp32), and the
+        processor's pixel grid (t, h, w)."""
+        torch = self.torch
+        pixel_values, grid, _ = self._pixels([image])
+        features = {"pixel_values": pixel_values, "image_grid_thw": grid}
         with torch.no_grad():
             out = self.model.model.visual(
                 features["pixel_values"].to(torch.float32), grid_thw=features["image_grid_thw"]
@@ -98,18 +109,48 @@ class Reference:
             int(v) for v in features["image_grid_thw"][0]
         )
 
-    def logits(self, token_ids, cache=None):
+    def expand_images(self, token_ids, images: list, image_pad: int):
+        """What transformers' Qwen3-VL processor does to a rendered prompt: each
+        ``<|image_pad|>`` repeated ``grid_thw.prod() // merge_size**2`` times
+        (``Qwen3VLProcessor.replace_image_token``; the processor class itself
+        cannot be built here, it needs torchvision for its video half).
+        Returns the expanded ids and the model's image inputs."""
+        pixel_values, grid, merge = self._pixels(images)
+        at = [i for i, t in enumerate(token_ids) if t == image_pad]
+        if len(at) != len(images):
+            raise UserError(f"{len(images)} images for {len(at)} image_pad placeholders")
+        out, last = [], 0
+        for i, g in zip(at, grid):
+            out += list(token_ids[last:i]) + [image_pad] * int(g.prod() // merge**2)
+            last = i + 1
+        out += list(token_ids[last:])
+        return out, {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+    def logits(self, token_ids, cache=None, images=None, image_pad: int | None = None):
         """Logits [n, V] of ``token_ids`` appended to ``cache`` (None: a fresh
-        sequence), and the new cache."""
+        sequence), and the new cache.  With ``images`` (fresh sequences only),
+        ``token_ids`` holds one ``image_pad`` per image, expanded here as the
+        processor does; the model gets pixel_values and the 3-D positions that
+        its get_rope_index computes (``mm_token_type_ids``)."""
         torch = self.torch
+        kwargs = {}
+        if cache is None and hasattr(self.model.model, "rope_deltas"):
+            self.model.model.rope_deltas = None  # else a stale image's deltas shift text
+        if images:
+            token_ids, kwargs = self.expand_images(token_ids, images, image_pad)
+            kwargs["mm_token_type_ids"] = torch.tensor([[int(t == image_pad) for t in token_ids]])
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([list(token_ids)]), cache=cache, use_cache=True)
+            out = self.model(
+                input_ids=torch.tensor([list(token_ids)]), cache=cache, use_cache=True, **kwargs
+            )
         return out.logits[0].float().numpy(), out.past_key_values
 
-    def greedy(self, prompt_ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    def greedy(
+        self, prompt_ids: list[int], steps: int, images=None, image_pad: int | None = None
+    ) -> tuple[list[int], np.ndarray]:
         """Greedy continuation: the ``steps`` chosen tokens and the logits [steps, V]
         each choice was made from (the first from the prompt's last position)."""
-        logits, cache = self.logits(prompt_ids)
+        logits, cache = self.logits(prompt_ids, images=images, image_pad=image_pad)
         rows, tokens = [logits[-1]], []
         for _ in range(steps):
             tokens.append(int(np.argmax(rows[-1])))

@@ -12,7 +12,13 @@ Errors are measured per step: ``max_abs = max |ours - ref|`` and
   with its own reference run;
 - ``image_tower`` (artifacts with ``image_embed``): each test image through our
   resize and the compiled tower against transformers' processor and tower, the
-  error over all its token embeddings.
+  error over all its token embeddings;
+- ``image_prompt`` (same artifacts): a chat prompt with images, from the image
+  files to the logits of every position (text before, image tokens, text
+  after) against transformers' processor + ``Qwen3_5ForConditionalGeneration``
+  (its own 3-D positions): one image, two images in one prompt, and an image in
+  the second turn of a chat whose first turn (with another image) was prefilled
+  before; then greedy decoding after each, like the ``greedy`` case.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bindings.image import prepare
-from ..bindings.model import Model, chat_prompt
+from ..bindings.image import expand_placeholders, grid, prepare
+from ..bindings.model import VISION_PLACEHOLDER, Model, chat_prompt
 from ..compile import quantization
 
 # Pass criteria per model dtype (docs/parity.md has the measurements).
@@ -86,6 +92,44 @@ def parity_images() -> list[np.ndarray]:
     return images
 
 
+def image_prompts(tokenizer, pixels: list[np.ndarray], image: dict) -> list[dict]:
+    """The end-to-end image cases for the two parity images: per case, its
+    ``name``, ``text_ids`` (the whole conversation as rendered, one
+    ``<|image_pad|>`` per image: what the reference's processor expands),
+    ``turns`` (our expanded ids, one list per prefill call) and ``images``
+    (the parity images each turn shows, by index)."""
+    no_think = "<think>\n\n</think>\n\n"
+    turn2 = f"<|im_start|>user\n{VISION_PLACEHOLDER}And this one?<|im_end|>\n"
+    conversations = {
+        "one image": ([chat_prompt("Describe the picture in one sentence.", images=1)], [[0]]),
+        "two images": ([chat_prompt("What differs between them?", images=2)], [[0, 1]]),
+        "second turn": (
+            [
+                chat_prompt("Describe the picture.", images=1)
+                + "A colour ramp with noise.<|im_end|>\n",
+                turn2 + "<|im_start|>assistant\n" + no_think,
+            ],
+            [[0], [1]],
+        ),
+    }
+    pad, factor = image["tokens"]["image_pad"], image["input"]["multiple_of"]
+    cases = []
+    for name, (texts, shown) in conversations.items():
+        ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+        cases.append(
+            {
+                "name": name,
+                "text_ids": [t for turn in ids for t in turn],
+                "turns": [
+                    expand_placeholders(turn, [grid(pixels[i], factor) for i in which], pad)
+                    for turn, which in zip(ids, shown)
+                ],
+                "images": shown,
+            }
+        )
+    return cases
+
+
 def tower_case(ours: np.ndarray, ref, image: np.ndarray) -> dict:
     """The vision tower alone: ``ours``, the compiled tower's embeddings of
     ``image`` after our resize (``Model.embed_image``, or ``image_embed`` of the
@@ -143,6 +187,17 @@ def _greedy_ours(
             engine.remove_sequence(s)
 
 
+def _greedy_from(engine, seq: int, logits: np.ndarray, steps: int):
+    """Greedy decoding of one sequence from the logits of its last position:
+    the tokens [steps] and the logits [steps, V] each was chosen from."""
+    rows, tokens = [logits], []
+    for step in range(steps):
+        tokens.append(int(np.argmax(rows[-1])))
+        if step + 1 < steps:
+            rows.append(engine.decode([seq], [tokens[-1]])[0])
+    return np.array(tokens, dtype=np.int64), np.stack(rows)
+
+
 def _all_logits(engine, ids: list[int]) -> np.ndarray:
     seq = engine.add_sequence()
     try:
@@ -157,6 +212,7 @@ def collect_ours(
     new_tokens: int,
     progress=None,
     images: list[np.ndarray] | None = None,
+    image_cases: list[dict] | None = None,
 ) -> dict[str, np.ndarray]:
     """Everything the report needs from the compiled side, as named arrays.
 
@@ -166,7 +222,9 @@ def collect_ours(
     prompt in two calls, split at ``n // 2``); ``p{i}.greedy_tokens`` and
     ``p{i}.greedy_logits``; ``batch{i}.tokens`` / ``batch{i}.logits`` for the
     first two prompts decoded together in one batch; ``image{i}.embeds``: the
-    tower's embeddings of ``images[i]`` (uint8 pixels already resized).
+    tower's embeddings of ``images[i]`` (uint8 pixels already resized);
+    ``ip{k}.logits`` / ``.greedy_tokens`` / ``.greedy_logits`` for
+    ``image_cases[k]`` (:func:`image_prompts`: every turn's logits, then greedy).
     """
     out: dict[str, np.ndarray] = {}
     for i, pixels in enumerate(images or []):
@@ -175,6 +233,21 @@ def collect_ours(
                 f"ours: image {i + 1}/{len(images)}: {pixels.shape[1]}x{pixels.shape[0]} pixels"
             )
         out[f"image{i}.embeds"] = engine.embed_image(pixels)
+    for k, case in enumerate(image_cases or []):
+        if progress:
+            progress(f"ours: image prompt {k + 1}/{len(image_cases)}: {case['name']}")
+        factor = engine.image["input"]["multiple_of"]
+        seq = engine.add_sequence()
+        try:
+            rows = []
+            for ids, which in zip(case["turns"], case["images"]):
+                shown = [(out[f"image{i}.embeds"], grid(images[i], factor)) for i in which]
+                rows.append(engine.prefill(seq, ids, all_logits=True, images=shown))
+            out[f"ip{k}.logits"] = np.concatenate(rows)
+            tokens, greedy = _greedy_from(engine, seq, rows[-1][-1], new_tokens)
+            out[f"ip{k}.greedy_tokens"], out[f"ip{k}.greedy_logits"] = tokens, greedy
+        finally:
+            engine.remove_sequence(seq)
     for i, ids in enumerate(encoded):
         if progress:
             progress(f"ours: prompt {i + 1}/{len(encoded)}: {len(ids)} tokens")
@@ -192,6 +265,8 @@ def collect_ours(
             np.array(tokens, dtype=np.int64),
             rows,
         )
+    if not encoded:
+        return out
     if progress:
         progress("ours: batch decode: two prompts in one batch")
     tokens, rows = _greedy_ours(engine, encoded[:2], new_tokens)
@@ -240,10 +315,13 @@ def run_parity(
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     images = parity_images() if manifest.get("image") is not None else []
     pixels = [prepare(image, manifest["image"]["resize"]) for image in images]
+    image_cases = image_prompts(tokenizer, pixels, manifest["image"]) if images else []
     got = (
-        ours(encoded, new_tokens, pixels)
+        ours(encoded, new_tokens, pixels, image_cases)
         if ours
-        else collect_ours(model.engine, encoded, new_tokens, progress, images=pixels)
+        else collect_ours(
+            model.engine, encoded, new_tokens, progress, images=pixels, image_cases=image_cases
+        )
     )
     cases = []
     for i, ids in enumerate(encoded):
@@ -295,6 +373,10 @@ def run_parity(
             f"reference: image {i + 1}: vision tower, {image.shape[1]}x{image.shape[0]} pixels"
         )
         cases.append({"image": i, **tower_case(got[f"image{i}.embeds"], ref, image)})
+    pad = manifest["image"]["tokens"]["image_pad"] if images else None
+    for k, case in enumerate(image_cases):
+        progress(f"reference: image prompt {k + 1}/{len(image_cases)}: {case['name']}")
+        cases.extend(_image_prompt_cases(got, k, case, ref, images, pad, new_tokens))
 
     quantized = quantization.get(quant).quantized
     cost = _quantization_cost(model, reference, encoded) if quantized and model else None
@@ -332,6 +414,32 @@ def run_parity(
         and (greedy_ok or not criteria["greedy_identical"])
     )
     return report
+
+
+def _image_prompt_cases(got, k: int, case: dict, ref, images, pad: int, new_tokens: int):
+    """The ``image_prompt`` case (every position of every turn) and its greedy
+    continuation, against transformers on the whole conversation at once."""
+    shown = [images[i] for which in case["images"] for i in which]
+    ref_logits, _ = ref.logits(case["text_ids"], images=shown, image_pad=pad)
+    ours = got[f"ip{k}.logits"]
+    tag = {"image_prompt": case["name"], "turns": [len(t) for t in case["turns"]]}
+    if ours.shape != ref_logits.shape:  # our resize or expansion gave other token counts
+        problem = f"{ours.shape[0]} positions, the reference has {ref_logits.shape[0]}"
+        bad = {"steps": [], "max_abs": float("inf"), "max_rel": float("inf"), "problem": problem}
+        return [{"case": "image_prompt", **tag, **bad}]
+    ref_tokens, ref_rows = ref.greedy(case["text_ids"], new_tokens, images=shown, image_pad=pad)
+    our_tokens = [int(t) for t in got[f"ip{k}.greedy_tokens"]]
+    n = _compared_steps(our_tokens, ref_tokens)
+    return [
+        {**tag, **_rows("image_prompt", ours, ref_logits)},
+        {
+            **tag,
+            **_rows("image_greedy", got[f"ip{k}.greedy_logits"][:n], ref_rows[:n]),
+            "greedy_agree": our_tokens == ref_tokens,
+            "tokens_ours": our_tokens,
+            "tokens_ref": ref_tokens,
+        },
+    ]
 
 
 def _quantization_cost(model: Model, reference: Path, prompts: list[list[int]]) -> dict:

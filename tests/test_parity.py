@@ -17,9 +17,13 @@ def _check(report, tol, exact=True):
     else:
         assert s["top1_agreement"] >= CRITERIA["float16"]["min_top1"]
     cases = {c["case"] for c in report["cases"]}
-    assert cases == {"prefill", "continued_prefill", "greedy", "batch_decode"}
+    text = {"prefill", "continued_prefill", "greedy", "batch_decode"}
+    # the tiny presets are multimodal: the tower alone and image prompts end to end
+    assert cases == text | {"image_tower", "image_prompt", "image_greedy"}
+    prompts = {c["image_prompt"] for c in report["cases"] if c["case"] == "image_prompt"}
+    assert prompts == {"one image", "two images", "second turn"}
     for c in report["cases"]:
-        if c["case"] == "greedy":
+        if c["case"] in ("greedy", "image_greedy"):
             assert len(c["tokens_ours"]) == report["new_tokens"] == 32
 
 
@@ -66,7 +70,8 @@ def test_parity_command_writes_the_report(artifact, checkpoint, tmp_path, capsys
     report = json.loads(out.read_text())
     assert (
         report["tolerance"]["max_rel"] == 1e-4
-        and len(report["cases"]) == 3 * len(DEFAULT_PROMPTS) + 2
+        # per prompt 3 cases, 2 batch, 2 towers, 3 image prompts x (logits, greedy)
+        and len(report["cases"]) == 3 * len(DEFAULT_PROMPTS) + 2 + 2 + 3 * 2
     )
 
 

@@ -211,10 +211,11 @@ def run_job(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
     images: list[np.ndarray] | None = None,
+    image_cases: list[dict] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Run the parity job (``parity.report.collect_ours``) on ``artifact``
     under qemu in one process (``images``: resized uint8 pixels for the vision
-    tower).  Returns its arrays and the worker's timings (``import_s``,
+    tower; ``image_cases``: the end-to-end image prompts).  Returns its arrays and the worker's timings (``import_s``,
     ``load_s``, ``run_s``) plus ``wall_s`` of the whole call."""
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="qwen35-aarch64-") as tmp:
@@ -223,6 +224,7 @@ def run_job(
         if images:
             np.savez(Path(tmp) / "images.npz", *images)
             spec["images"] = str(Path(tmp) / "images.npz")
+            spec["image_cases"] = image_cases or []
         job.write_text(json.dumps(spec))
         done = run_in_qemu(
             WORKER,
@@ -241,8 +243,12 @@ def run_job(
 def ours(artifact: Path, **options) -> Callable[[list[list[int]], int], dict[str, np.ndarray]]:
     """For ``run_parity(..., ours=...)``: the compiled side computed under qemu."""
 
-    def collect(encoded: list[list[int]], new_tokens: int, images=None) -> dict[str, np.ndarray]:
-        return run_job(artifact, encoded, new_tokens, images=images, **options)[0]
+    def collect(
+        encoded: list[list[int]], new_tokens: int, images=None, image_cases=None
+    ) -> dict[str, np.ndarray]:
+        return run_job(
+            artifact, encoded, new_tokens, images=images, image_cases=image_cases, **options
+        )[0]
 
     return collect
 

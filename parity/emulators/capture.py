@@ -165,7 +165,8 @@ def CAPTURE_IMAGE() -> np.ndarray:  # noqa: N802 - a constant, made on demand
 def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=None) -> list[Call]:
     """Run ``prompt_ids`` (prefilled in two calls, split at 4/7) and ``decode_steps`` greedy decode steps
     on the host-twin artifact ``twin``, then (when it has the vision tower) one
-    small image through ``image_embed``, and return every kernel call.  ``mod``:
+    small image through ``image_embed``, a prefill with its tokens and a decode
+    step, and return every kernel call.  ``mod``:
     the twin's exported Relax module (re-exported from the manifest if None),
     which names the kernels the caches receive."""
     from ...bindings.engine import Engine
@@ -193,7 +194,15 @@ def capture(twin: Path, prompt_ids: list[int], decode_steps: int = 2, *, mod=Non
             logits = engine.decode([seq], [int(np.argmax(logits))])[0]
         if engine.image is not None:  # the vision tower's kernels, on a small image
             recorder.step = "image"
-            engine.embed_image(CAPTURE_IMAGE())
+            embeds = engine.embed_image(CAPTURE_IMAGE())
+            # ... and its tokens in the sequence: 3-D positions, so mrope_shift rotates
+            # (text-only steps have offsets 0, where it copies)
+            recorder.step = "image prompt"
+            pad = engine.image["tokens"]["image_pad"]
+            ids = [prompt_ids[0], *[pad] * len(embeds), prompt_ids[-1]]
+            logits = engine.prefill(seq, ids, images=[(embeds, (2, 3))])
+            recorder.step = "decode after image"
+            engine.decode([seq], [int(np.argmax(logits))])
         recorder.active = False
         engine.remove_sequence(seq)
     return recorder.calls

@@ -3,7 +3,8 @@ qwen35_mobile.parity.emulators.worker ARTIFACT JOB.json OUT.npz``.
 
 Runs inside the emulator (e.g. the aarch64 Python under qemu, see
 ``aarch64.py``); needs numpy and TVM only, no tokenizer and no transformers.
-JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N, "images": NPZ or absent}``: loads ARTIFACT
+JOB.json: ``{"prompts": [[token ids], ...], "new_tokens": N, "images": NPZ or absent,
+"image_cases": [...] (parity.report.image_prompts) or absent}``: loads ARTIFACT
 with the project's :class:`~..engine.Engine`, runs
 :func:`..parity.collect_ours` and saves its arrays to OUT.npz.  Or
 ``{"replay": CALLS.npz}``: runs every captured kernel call of CALLS.npz
@@ -81,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         with np.load(job["images"]) as data:
             images = [data[f"arr_{i}"] for i in range(len(data.files))]
     arrays = collect_ours(
-        engine, [list(p) for p in job["prompts"]], int(job["new_tokens"]), progress, images
+        engine,
+        [list(p) for p in job["prompts"]],
+        int(job["new_tokens"]),
+        progress,
+        images,
+        job.get("image_cases"),
     )
     t3 = time.time()
     np.savez(out_path, **arrays)
