@@ -263,11 +263,36 @@ def _rule_names(kind: str) -> list[str]:
 
 def test_metal_skips_dlight_matmul_only_there():
     assert "Matmul" not in _rule_names("metal")
-    for kind in ("opencl", "webgpu", "cuda"):
+    for kind in ("opencl", "webgpu"):
         assert _rule_names(kind)[0] == "Matmul", (
             kind
         )  # the other targets keep the fast prefill matmul
+    # CUDA keeps it for fp32 kernels only (it segfaults in tensorize on fp16 ones)
+    assert _rule_names("cuda")[0] == "_NotFloat16"
     assert "Fallback" in _rule_names("metal") and "GEMV" in _rule_names("metal")
+
+
+def test_cuda_matmul_declines_float16_only():
+    from tvm import te
+    from tvm.target import Target
+
+    from qwen35_mobile.compile.schedule_gpu import dlight_rules
+
+    def matmul(dtype):
+        a = te.placeholder((256, 256), dtype, name="a")
+        b = te.placeholder((256, 256), dtype, name="b")
+        k = te.reduce_axis((0, 256), name="k")
+        c = te.compute(
+            (256, 256),
+            lambda i, j: te.sum(a[i, k].astype("float32") * b[j, k].astype("float32"), axis=k),
+            name="c",
+        )
+        return te.create_prim_func([a, b, c])
+
+    target = Target({"kind": "cuda", "arch": "sm_90"})
+    rule = dlight_rules(target)[0]
+    assert rule.apply(matmul("float16"), target, False) is None
+    assert rule.apply(matmul("float32"), target, False) is not None
 
 
 def test_rmsnorm_rule_only_where_8_lane_vectors_exist():

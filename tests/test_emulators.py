@@ -61,7 +61,22 @@ def _check_kernels(report, tolerance):
     )  # every call of a 120-token run, 2 decode steps
     assert 0 < k["max_rel"] <= tolerance
     steps = {r["step"] for r in report["kernels"]["calls"] if r["status"] == "pass"}
-    assert steps == {"prefill", "prefill (continued)", "decode 1", "decode 2", "image"}
+    assert steps == {
+        "prefill",
+        "prefill (continued)",
+        "decode 1",
+        "decode 2",
+        "image",
+        "image prompt",
+        "decode after image",
+    }
+    # M-RoPE: the shift kernels ran with non-zero offsets (image tokens, then decode after them)
+    for step in ("image prompt", "decode after image"):
+        assert any(
+            "mrope_shift" in r["kernel"] and r["status"] == "pass"
+            for r in report["kernels"]["calls"]
+            if r["step"] == step
+        ), step
     # the hand-written GPU kernels, the KV cache's and the vision tower's are among those replayed
     names = {r.get("device_kernel") for r in report["kernels"]["calls"] if r["status"] == "pass"}
     for kernel in (
@@ -83,6 +98,10 @@ def _check_tower(report, tolerance):
     """The vision tower on the emulator against transformers, both parity images."""
     towers = [c for c in report["model"]["cases"] if c["case"] == "image_tower"]
     assert len(towers) == 2 and all(c["max_rel"] <= tolerance for c in towers), towers
+    # ... and image prompts end to end (every position, then greedy)
+    prompts = [c for c in report["model"]["cases"] if c["case"] in ("image_prompt", "image_greedy")]
+    assert len(prompts) == 6 and all(c["max_rel"] <= tolerance for c in prompts), prompts
+    assert all(c["greedy_agree"] for c in prompts if c["case"] == "image_greedy"), prompts
 
 
 def test_opencl_whole_model_and_every_kernel_on_pocl(artifact, checkpoint, tmp_path):
