@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/matrix"))
     parser.add_argument("--force", action="store_true", help="rebuild existing artifacts")
     parser.add_argument(
+        "--no-vision",
+        action="store_true",
+        help="text-only libraries (no image_embed), named <model>-<target>-<quant>-novision",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="static checks: OpenCL C of fp32 android builds on PoCL (needs pyopencl), Metal kernels through a clang "
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for target in args.targets:
             for quant in args.quants:
-                name = f"{model}-{target}-{quant}"
+                name = f"{model}-{target}-{quant}" + ("-novision" if args.no_vision else "")
                 out = args.out / name
                 started = time.time()
                 try:
@@ -112,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                         note = "(existing)"
                     else:
                         manifest = compile_model(
-                            model, target, quant, out, force=args.force, progress=lambda _: None
+                            model,
+                            target,
+                            quant,
+                            out,
+                            force=args.force,
+                            progress=lambda _: None,
+                            vision=not args.no_vision,
                         )
                         note = ""
                 except Exception as err:  # keep going: report every failing cell
@@ -132,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     "quantization": quant,
                     "compile_seconds": seconds,
                     "library_bytes": manifest["library_bytes"],
+                    "image_embed": "vision" in manifest.get("entry_points", {}),
                     "library": str(out / manifest["library"]),
                 }
                 if args.check:
@@ -139,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                         out / manifest["library"], target, quant
                     )
                     note = f"{note} {check}".strip()
+                vision = "image_embed" if summary[name]["image_embed"] else "text only"
                 print(
                     f"{name:36s} compile {seconds:7.1f} s  library "
-                    f"{_size(manifest['library_bytes']):>10s}  {note}",
+                    f"{_size(manifest['library_bytes']):>10s}  {vision}  {note}",
                     flush=True,
                 )
                 summary_path.write_text(json.dumps(summary, indent=2) + "\n")
