@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: a tiny random-weight Qwen3.5 compiled
 # for every target, with parity checks:
-#   host     q0f32 and q0f16: a generation, and parity against transformers;
+#   host     q0f32 and q0f16: a generation, one with an image, and parity
+#            against transformers (text and image prompts);
 #   android  q0f32: whole model + every kernel on PoCL (--emulator opencl), and
 #            the aarch64 CPU code under qemu (--emulator aarch64);
 #   ios      q0f16: Metal syntax check (--emulator metal);
@@ -24,10 +25,13 @@ step() { echo; echo "=== demo: $* ($((SECONDS - started)) s)"; }
 emulator() { bash scripts/setup_emulators.sh "$1"; }
 
 [ -d "$ckpt" ] || $q make-checkpoint --preset tiny "$ckpt"
+photo="$out/photo.png"  # a 300x200 colour ramp with noise (the parity's second image)
+[ -f "$photo" ] || .venv/bin/python -c "import sys; from PIL import Image; from qwen35_mobile.parity.report import parity_images; Image.fromarray(parity_images()[1]).save(sys.argv[1])" "$photo"
 for quant in q0f32 q0f16; do
   step "host $quant: compile, generate, parity against transformers"
   $q compile --model "$ckpt" --target host --quant $quant -o "$out/tiny-$quant" --force
   $q run "$out/tiny-$quant" --prompt "Give me a short introduction to large language models." --max-new-tokens 24 --seed 0
+  $q run "$out/tiny-$quant" --image "$photo" --prompt "What is in this picture?" --max-new-tokens 16 --seed 0
   $q parity "$out/tiny-$quant" --reference "$ckpt" --new-tokens 32
 done
 step "android q0f32: compile; OpenCL on PoCL; aarch64 under qemu"
