@@ -398,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
         "parity",
         help="compare an artifact with transformers on the same checkpoint",
         description="Run fixed prompts through transformers (PyTorch CPU, fp32) and through the "
-        "compiled model; write parity.json with per-step errors; exit 1 on failure.",
+        "compiled model; write parity.json with per-step errors; exit 1 on failure. Artifacts "
+        "with the vision tower add image cases: the tower alone on two test images, and image "
+        "prompts end to end (one image, two images, an image in a second turn) against "
+        "Qwen3_5ForConditionalGeneration.",
     )
     p.add_argument("artifact")
     p.add_argument(
