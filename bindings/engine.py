@@ -160,24 +160,27 @@ class Engine:
     def _embed(self, token_ids: np.ndarray):
         return self.vm["embed"](self._tensor(token_ids.astype("int32")), self.params)
 
-    def _offsets(self, seq_id: int, token_ids: np.ndarray, grids: list) -> np.ndarray:
-        """rope_offsets [n, 3] of tokens appended to a sequence, whose image
-        token runs have the grids ``grids`` (rows, cols) in order; advances the
-        sequence's next position."""
-        n = len(token_ids)
+    def no_tower(self) -> UserError:
+        """The error for images given to an artifact built without the tower."""
+        return UserError(
+            f"{self.artifact}: this artifact has no vision tower (it was built without "
+            "image_embed); recompile it from a multimodal checkpoint without --no-vision"
+        )
+
+    def _offsets(self, seq_id: int, n: int, runs: list) -> np.ndarray:
+        """rope_offsets [n, 3] of n tokens appended to a sequence, whose image
+        token runs are ``runs`` ((start, end, (rows, cols)) in order); advances
+        the sequence's next position."""
         pos = np.empty((n, 3), dtype=np.int64)
         p, j = self._positions[seq_id], 0
-        for start, end, (rows, cols) in [
-            *zip(*_image_runs(token_ids, self._image_pad, grids)),
-            (n, n, (0, 0)),
-        ]:
+        for start, end, (rows, cols) in [*runs, (n, n, (0, 0))]:
             pos[j:start] = (p + np.arange(start - j))[:, None]  # text
             p += start - j
             r, c = np.divmod(np.arange(end - start), max(cols, 1))  # an image, row-major
             pos[start:end] = np.stack([np.full_like(r, p), p + r, p + c], axis=1)
             p, j = p + max(rows, cols), end
         self._positions[seq_id] = p
-        index = self._lengths[seq_id] + np.arange(len(token_ids))
+        index = self._lengths[seq_id] + np.arange(n)
         return pos - index[:, None]
 
     def prefill(
@@ -195,8 +198,10 @@ class Engine:
             raise UserError("prefill needs at least one token")
         self._check(seq_id, token_ids)
         images = list(images or [])
-        grids = [tuple(grid) for _, grid in images]
-        runs = _image_runs(token_ids, self._image_pad, grids)  # checks before any state changes
+        if images and self._image_pad is None:
+            raise self.no_tower()
+        # checks before any state changes
+        runs = _image_runs(token_ids, self._image_pad, [tuple(g) for _, g in images])
         for embeds, (rows, cols) in images:
             if tuple(np.shape(embeds)) != (rows * cols, self.hidden_size):
                 raise UserError(
@@ -204,11 +209,13 @@ class Engine:
                     f"{rows}x{cols} grid, got {list(np.shape(embeds))}"
                 )
         # source[i]: the row of the images' stacked embeddings token i takes, -1 for text
-        source = np.full(len(token_ids), -1, dtype=np.int64)
-        for start, end in zip(*runs[:2]):
-            source[start:end] = np.arange(end - start) + (source.max() + 1)
         stacked = np.concatenate([e for e, _ in images]) if images else None
-        offsets = self._offsets(seq_id, token_ids, grids)
+        source = np.full(len(token_ids), -1, dtype=np.int64)
+        is_image = np.zeros(len(token_ids), dtype=bool)
+        for start, end, _ in runs:
+            is_image[start:end] = True
+        source[is_image] = np.arange(is_image.sum())
+        offsets = self._offsets(seq_id, len(token_ids), runs)
         func = "prefill_all_logits" if all_logits else "prefill"
         outs = []
         for start in range(0, len(token_ids), self.prefill_chunk):
@@ -243,13 +250,8 @@ class Engine:
     def embed_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB pixels [H, W, 3] (sides multiples of the contract's factor,
         bindings/image.py resizes) -> the image's token embeddings [t, hidden]."""
-        import tvm
-
         if self.vision_params is None:
-            raise UserError(
-                f"{self.artifact}: this artifact has no vision tower (it was built without "
-                "image_embed); recompile it from a multimodal checkpoint without --no-vision"
-            )
+            raise self.no_tower()
         f = self.image["input"]["multiple_of"]
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise UserError(f"image_embed takes uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
@@ -257,20 +259,15 @@ class Engine:
             raise UserError(
                 f"image sides must be positive multiples of {f}, got {pixels.shape[:2]}"
             )
-        out = self.vm["image_embed"](
-            tvm.runtime.tensor(np.ascontiguousarray(pixels), self.device), self.vision_params
-        )
-        return out.numpy()
+        return self.vm["image_embed"](self._tensor(pixels), self.vision_params).numpy()
 
 
-def _image_runs(token_ids: np.ndarray, image_pad: int | None, grids: list) -> tuple:
-    """(starts, ends, grids) of the runs of ``image_pad`` tokens, one per image;
+def _image_runs(token_ids: np.ndarray, image_pad: int | None, grids: list) -> list:
+    """(start, end, grid) of each run of ``image_pad`` tokens, one per image;
     a UserError when they do not match the images given.  With no images,
     image_pad is an ordinary token (a text-only prompt may contain it)."""
     if not grids:
-        return [], [], []
-    if image_pad is None:
-        raise UserError("this artifact has no vision tower: it cannot take images")
+        return []
     is_pad = np.concatenate([[0], (token_ids == image_pad).astype(np.int8), [0]])
     edges = np.diff(is_pad)
     starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
@@ -284,7 +281,7 @@ def _image_runs(token_ids: np.ndarray, image_pad: int | None, grids: list) -> tu
                 f"image {k + 1} is {rows}x{cols} = {rows * cols} tokens, but its run of "
                 f"image_pad tokens is {end - start} long"
             )
-    return list(starts), list(ends), list(grids)
+    return list(zip(starts, ends, grids))
 
 
 def _reshape(tensor, shape):

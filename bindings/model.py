@@ -86,19 +86,13 @@ class Model:
         return self.engine.manifest
 
     # ---- images -------------------------------------------------------------
-    def _no_tower(self) -> UserError:
-        return UserError(
-            f"{self.engine.artifact}: this artifact has no vision tower (it was built without "
-            "image_embed); recompile it from a multimodal checkpoint without --no-vision"
-        )
-
     def prepare_images(self, images) -> list[np.ndarray]:
         """PIL images, paths or uint8 arrays -> the uint8 RGB pixels ``image_embed``
         takes, resized by the artifact's rule (bindings/image.py)."""
         from .image import prepare
 
         if self.engine.image is None:
-            raise self._no_tower()
+            raise self.engine.no_tower()
         return [prepare(image, self.engine.image["resize"]) for image in images]
 
     def embed_image(self, image) -> np.ndarray:
@@ -118,6 +112,12 @@ class Model:
         from .image import grid
 
         return grid(pixels, self.engine.image["input"]["multiple_of"])
+
+    def _with_images(self, ids, images) -> tuple[list[int], list[np.ndarray]]:
+        """``ids`` with each placeholder expanded to its image, and the images'
+        pixels (resized); ``ids`` as they are without images."""
+        pixels = self.prepare_images(images) if images else []
+        return (self.expand_images(list(ids), pixels) if pixels else ids), pixels
 
     def _images_in(self, pixels: list[np.ndarray]) -> list:
         """(embeddings, grid) per image, for Engine.prefill."""
@@ -192,8 +192,7 @@ class Model:
         pick = pick or (lambda logits: int(np.argmax(logits)))
         if not prompt_ids:
             raise UserError("the prompt is empty")
-        pixels = self.prepare_images(images) if images else []
-        prompt_ids = self.expand_images(list(prompt_ids), pixels) if pixels else prompt_ids
+        prompt_ids, pixels = self._with_images(prompt_ids, images)
         if len(prompt_ids) + max_new_tokens > self.engine.context_window:
             shown = f", {len(pixels)} image(s) included" if pixels else ""
             raise UserError(
@@ -218,8 +217,7 @@ class Model:
     def logits(self, token_ids, images=None) -> np.ndarray:
         """Full-vocabulary fp32 logits of every position: [len(token_ids), V]
         (after expanding each ``<|image_pad|>`` to its image, with ``images``)."""
-        pixels = self.prepare_images(images) if images else []
-        token_ids = self.expand_images(list(token_ids), pixels) if pixels else token_ids
+        token_ids, pixels = self._with_images(token_ids, images)
         seq = self.engine.add_sequence()
         try:
             return self.engine.prefill(

@@ -17,8 +17,11 @@ from ..errors import UserError
 from ..targets import get_target
 from . import artifact, pipeline, quantization
 from .config import (
+    IMAGE_PAD_ID,
     PRESETS,
     STOP_TOKEN_IDS,
+    VISION_END_ID,
+    VISION_START_ID,
     ImageProcessorConfig,
     Qwen35Config,
     load_config,
@@ -46,9 +49,6 @@ def _check_same_shapes(preset_name: str, preset: Qwen35Config, ckpt: Qwen35Confi
                 f"the checkpoint's config field '{field}' is {getattr(ckpt, field)!r} but preset "
                 f"'{preset_name}' has {getattr(preset, field)!r}"
             )
-
-
-IMAGE_PAD_ID, VISION_START_ID, VISION_END_ID = 248056, 248053, 248054
 
 
 def image_contract(config: Qwen35Config, processor: ImageProcessorConfig) -> dict:

@@ -23,6 +23,10 @@ LINEAR, FULL = "linear_attention", "full_attention"
 ENDOFTEXT_ID = 248044
 IM_START_ID = 248045
 IM_END_ID = 248046
+VISION_START_ID = 248053
+VISION_END_ID = 248054
+IMAGE_PAD_ID = 248056
+VIDEO_PAD_ID = 248057
 THINK_ID = 248068
 END_THINK_ID = 248069
 STOP_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)
@@ -504,10 +508,10 @@ class Qwen35Config:
             "model_type": "qwen3_5",
             "text_config": self.text_config_dict(),
             "tie_word_embeddings": self.tie_word_embeddings,
-            "image_token_id": 248056,
-            "video_token_id": 248057,
-            "vision_start_token_id": 248053,
-            "vision_end_token_id": 248054,
+            "image_token_id": IMAGE_PAD_ID,
+            "video_token_id": VIDEO_PAD_ID,
+            "vision_start_token_id": VISION_START_ID,
+            "vision_end_token_id": VISION_END_ID,
         }
         if self.vision is not None:
             out["vision_config"] = self.vision.to_json()

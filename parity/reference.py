@@ -79,18 +79,13 @@ class Reference:
         ``preprocessor_config.json``, PIL backend) on images given as PIL images,
         paths or uint8 arrays: pixel_values, image_grid_thw, merge size."""
         import transformers
-        from PIL import Image
+
+        from ..bindings.image import open_image
 
         if not hasattr(self.model.model, "visual"):
             raise UserError("the reference checkpoint has no vision tower")
         processor = transformers.AutoImageProcessor.from_pretrained(self.path, backend="pil")
-        opened = []
-        for image in images:
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(image)
-            elif not isinstance(image, Image.Image):
-                image = Image.open(image)
-            opened.append(image.convert("RGB"))
+        opened = [open_image(image).convert("RGB") for image in images]
         features = processor(images=opened, return_tensors="pt")
         return features["pixel_values"].float(), features["image_grid_thw"], processor.merge_size
 
@@ -98,16 +93,10 @@ class Reference:
         """transformers' own processor and vision tower: one image (PIL, path or
         uint8 array) -> its token embeddings [t, hidden] (fp32), and the
         processor's pixel grid (t, h, w)."""
-        torch = self.torch
         pixel_values, grid, _ = self._pixels([image])
-        features = {"pixel_values": pixel_values, "image_grid_thw": grid}
-        with torch.no_grad():
-            out = self.model.model.visual(
-                features["pixel_values"].to(torch.float32), grid_thw=features["image_grid_thw"]
-            )
-        return out.pooler_output.float().numpy(), tuple(
-            int(v) for v in features["image_grid_thw"][0]
-        )
+        with self.torch.no_grad():
+            out = self.model.model.visual(pixel_values, grid_thw=grid)
+        return out.pooler_output.float().numpy(), tuple(int(v) for v in grid[0])
 
     def expand_images(self, token_ids, images: list, image_pad: int):
         """What transformers' Qwen3-VL processor does to a rendered prompt: each
@@ -115,15 +104,12 @@ class Reference:
         (``Qwen3VLProcessor.replace_image_token``; the processor class itself
         cannot be built here, it needs torchvision for its video half).
         Returns the expanded ids and the model's image inputs."""
+        from ..bindings.image import expand_placeholders
+
         pixel_values, grid, merge = self._pixels(images)
-        at = [i for i, t in enumerate(token_ids) if t == image_pad]
-        if len(at) != len(images):
-            raise UserError(f"{len(images)} images for {len(at)} image_pad placeholders")
-        out, last = [], 0
-        for i, g in zip(at, grid):
-            out += list(token_ids[last:i]) + [image_pad] * int(g.prod() // merge**2)
-            last = i + 1
-        out += list(token_ids[last:])
+        # grid_thw.prod() // merge**2 tokens per image (t = 1): rows x cols of merged patches
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid]
+        out = expand_placeholders(list(token_ids), grids, image_pad)
         return out, {"pixel_values": pixel_values, "image_grid_thw": grid}
 
     def logits(self, token_ids, cache=None, images=None, image_pad: int | None = None):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bindings.image import expand_placeholders, grid, prepare
-from ..bindings.model import VISION_PLACEHOLDER, Model, chat_prompt
+from ..bindings.model import Model, chat_prompt
 from ..compile import quantization
 
 # Pass criteria per model dtype (docs/parity.md has the measurements).
@@ -98,8 +98,6 @@ def image_prompts(tokenizer, pixels: list[np.ndarray], image: dict) -> list[dict
     ``<|image_pad|>`` per image: what the reference's processor expands),
     ``turns`` (our expanded ids, one list per prefill call) and ``images``
     (the parity images each turn shows, by index)."""
-    no_think = "<think>\n\n</think>\n\n"
-    turn2 = f"<|im_start|>user\n{VISION_PLACEHOLDER}And this one?<|im_end|>\n"
     conversations = {
         "one image": ([chat_prompt("Describe the picture in one sentence.", images=1)], [[0]]),
         "two images": ([chat_prompt("What differs between them?", images=2)], [[0, 1]]),
@@ -107,7 +105,7 @@ def image_prompts(tokenizer, pixels: list[np.ndarray], image: dict) -> list[dict
             [
                 chat_prompt("Describe the picture.", images=1)
                 + "A colour ramp with noise.<|im_end|>\n",
-                turn2 + "<|im_start|>assistant\n" + no_think,
+                chat_prompt("And this one?", images=1),
             ],
             [[0], [1]],
         ),

@@ -25,7 +25,7 @@ def main() -> None:
     from qwen35_mobile.bindings.image import prepare
     from qwen35_mobile.bindings.model import Model
     from qwen35_mobile.parity.reference import Reference
-    from qwen35_mobile.parity.report import image_prompts, parity_images
+    from qwen35_mobile.parity.report import collect_ours, image_prompts, parity_images
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,20 +52,13 @@ def main() -> None:
         "| case | ours vs fp64: image / text positions | transformers fp32 vs fp64: image / text |"
     )
     print("|---|---|---|")
-    engine = model.engine
-    for case in image_prompts(model.tokenizer, pixels, contract):
+    cases = image_prompts(model.tokenizer, pixels, contract)
+    got = collect_ours(model.engine, [], 1, images=pixels, image_cases=cases)
+    for k, case in enumerate(cases):
         shown = [images[i] for which in case["images"] for i in which]
         exact, _ = ref64.logits(case["text_ids"], images=shown, image_pad=pad)
         theirs, _ = ref32.logits(case["text_ids"], images=shown, image_pad=pad)
-        seq = engine.add_sequence()
-        try:
-            rows = []
-            for ids, which in zip(case["turns"], case["images"]):
-                given = [(engine.embed_image(pixels[i]), model._grid(pixels[i])) for i in which]
-                rows.append(engine.prefill(seq, ids, all_logits=True, images=given))
-        finally:
-            engine.remove_sequence(seq)
-        ours = np.concatenate(rows)
+        ours = got[f"ip{k}.logits"]
         is_image = np.array([t for turn in case["turns"] for t in turn]) == pad
         a, b = rel(ours, exact), rel(theirs, exact)
         print(

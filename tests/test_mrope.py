@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qwen35_mobile.bindings.engine import _image_runs
 from qwen35_mobile.bindings.model import Model, chat_prompt
 from qwen35_mobile.compile.config import preset
 from qwen35_mobile.compile.model.qwen35 import mrope_shift_compute
@@ -109,11 +110,12 @@ def test_positions_are_get_rope_index(tiny, reference):
     want, _ = reference.model.model.get_rope_index(torch.tensor([ids]), mm, thw)
     want = want[:, 0].numpy().T  # [n, 3]
     split = 11  # the second image and the text after it in a second call
+    first_ids, second_ids = np.array(ids[:split]), np.array(ids[split:])
     seq = engine.add_sequence()
     try:
-        first = engine._offsets(seq, np.array(ids[:split]), grids[:1])
+        first = engine._offsets(seq, split, _image_runs(first_ids, pad, grids[:1]))
         engine._lengths[seq] += split  # what the forward call does
-        second = engine._offsets(seq, np.array(ids[split:]), grids[1:])
+        second = engine._offsets(seq, len(second_ids), _image_runs(second_ids, pad, grids[1:]))
     finally:
         engine.remove_sequence(seq)
     got = np.concatenate([first, second]) + np.arange(len(ids))[:, None]
@@ -131,7 +133,7 @@ def test_image_prompt_checker_fails_with_1d_positions(tiny, reference, monkeypat
     monkeypatch.setattr(
         type(engine),
         "_offsets",
-        lambda self, seq, ids, grids: np.zeros((len(ids), 3), np.int64),
+        lambda self, seq, n, runs: np.zeros((n, 3), np.int64),
     )
     got = collect_ours(engine, [], 2, images=pixels, image_cases=cases)
     pad = engine.image["tokens"]["image_pad"]
