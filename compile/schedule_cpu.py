@@ -60,9 +60,15 @@ from tvm.relax.backend.cpu_generic import pipeline as _CPU_PASSES
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.gpu.matmul import IterKind, make_iter_fusion_index_map
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_system_cpu, llvm_get_vector_width
+from tvm.target.codegen import (
+    llvm_cpu_has_features,
+    llvm_get_system_cpu,
+    llvm_get_system_triple,
+    llvm_get_vector_width,
+)
 from tvm.tirx.analysis import undefined_vars
 
+from .cpu_check import TINY_ITERATIONS, loop_iterations, verify_cpu_kernels_pass
 from .schedule_gpu import UnscheduledKernelError
 
 __all__ = [
@@ -89,10 +95,6 @@ __all__ = [
 #: 1024 x 3584 weight with 2 threads), which the GEMV does not; measured at the
 #: Qwen3.5-0.8B MLP shapes the GEMV is as fast or faster up to 16 rows.
 GEMV_MAX_ROWS = 16
-
-#: A function none of whose loop nests runs more iterations than this (static
-#: extents) is fine serial: a parallel launch or a vector loop gains nothing.
-TINY_ITERATIONS = 64
 
 #: Output columns one GEMV task accumulates together (one vector register each).
 _GEMV_COLUMNS = 8
@@ -136,7 +138,8 @@ def cpu_pipeline(target: Target, rules: Iterable[CPURule] | None = None) -> tvm.
     schedules.  This one runs: library dispatch, ``FuseTransposeMatmul`` (so
     ``x @ W.T`` reads W in place instead of transposing it on every call),
     legalization and fusion, the CPU schedules (``rules``, by default
-    :func:`cpu_rules`), then the default dataflow lowering and finalization
+    :func:`cpu_rules`), the check that the scheduled kernels lower to parallel
+    vector code (``compile/cpu_check.py``), then the default dataflow lowering and finalization
     passes of ``relax.backend.cpu_generic`` (taken from its ``pipeline``
     module: TVM 0.27's package does not export ``dataflow_lower_passes``, so
     ``relax.pipeline.dataflow_lower_passes`` fails for llvm).
@@ -150,7 +153,7 @@ def cpu_pipeline(target: Target, rules: Iterable[CPURule] | None = None) -> tvm.
                 _CPU_PASSES.library_dispatch_passes(target)
                 + [relax.transform.FuseTransposeMatmul()]
                 + _CPU_PASSES.legalize_passes(target)
-                + [schedule_for_cpu_pass(target, rules)]
+                + [schedule_for_cpu_pass(target, rules), verify_cpu_kernels_pass(target)]
                 + _CPU_PASSES.dataflow_lower_passes(target)
                 + _CPU_PASSES.finalize_passes(target)
             )
@@ -359,7 +362,7 @@ def needs_schedule(func: tirx.PrimFunc) -> bool:
     """
     if _is_scheduled(func) or _attr(func, "tirx.is_host_func") or _is_reshape(func):
         return False
-    iterations = _loop_iterations(func)
+    iterations = loop_iterations(func.body)
     return iterations is None or iterations > TINY_ITERATIONS
 
 
@@ -376,28 +379,30 @@ def _is_reshape(func: tirx.PrimFunc) -> bool:
     return isinstance(func.body, s_tir.SBlockRealize) and relax.analysis.has_reshape_pattern(func)
 
 
-def _loop_iterations(func: tirx.PrimFunc) -> int | None:
-    """The iterations of ``func``'s largest loop nest; None when an extent is symbolic."""
-    loops = []
-    tvm_ffi.structural_walk(func.body, [(tirx.For, loops.append)], order="post")
-    nest = {}  # loop -> iterations of the nest it heads; inner loops come first
-    for loop in loops:
-        extent = _const(loop.extent)
-        if extent is None:
-            return None
-        inner = []
-        tvm_ffi.structural_walk(loop.body, [(tirx.For, inner.append)], order="post")
-        nest[loop] = extent * max((nest[i] for i in inner), default=1)
-    return max(nest.values(), default=1)
-
-
 # --------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------
+def vector_bits(target: Target) -> int:
+    """The width of ``target``'s vector registers, from its features.
+
+    x86: 512 with AVX-512F, 256 with AVX, else 128.  TVM 0.27's
+    ``llvm_get_vector_width`` answers for the machine that builds (512 here
+    for ``mcpu=haswell`` too), so an AVX2 build made on an AVX-512 machine got
+    16-lane schedules; the features answer for the target.  Other CPUs (aarch64
+    NEON): what LLVM says, at least 128.
+    """
+    triple = str(target.attrs.get("mtriple", "")) or llvm_get_system_triple()
+    if triple.startswith(("x86_64", "i386", "i686")):
+        if llvm_cpu_has_features("avx512f", target):
+            return 512
+        return 256 if llvm_cpu_has_features("avx", target) else 128
+    width = llvm_get_vector_width(target)
+    return max(width, 128)
+
+
 def _lanes(target: Target, bits: int = 32) -> int:
     """Vector lanes of ``bits``-wide elements in one register of ``target``."""
-    width = llvm_get_vector_width(target)
-    return max((width if width > 0 else 128) // bits, 4)
+    return max(vector_bits(target) // bits, 4)
 
 
 def _const(expr) -> int | None:
@@ -491,7 +496,7 @@ def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
         _vectorize_inner(sch, loops[-1], lanes)
     elif loops:
         extent = _const(_extent(sch, loops[0]))
-        if extent is not None and extent % lanes == 0 and extent > lanes:
+        if extent is not None and extent % lanes == 0 and extent >= lanes:
             outer, inner = sch.split(loops[0], [None, lanes])
             sch.parallel(outer)
             sch.vectorize(inner)
@@ -759,7 +764,15 @@ def _gemv(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
     ncols, nk = _const(_extent(sch, j)), _const(_extent(sch, k))
     if k_contiguous and nk is not None and nk % lanes == 0:
         # One vector accumulator per output column, NR columns in flight.
-        nr = 1 if ncols is None else next(n for n in (_GEMV_COLUMNS, 4, 2, 1) if ncols % n == 0)
+        # (At least two groups where there are two columns, so that the parallel
+        # loop survives lowering: a loop of one iteration is removed.)
+        nr = (
+            1
+            if ncols is None
+            else next(
+                n for n in (_GEMV_COLUMNS, 4, 2, 1) if ncols % n == 0 and (ncols >= 2 * n or n == 1)
+            )
+        )
         k_outer, k_lane = sch.split(k, [None, lanes])
         rf = sch.rfactor(k_lane, 3)
         s, i, j, k_outer, k_lane = sch.get_loops(rf)
@@ -775,9 +788,12 @@ def _gemv(func: tirx.PrimFunc, name: str, target: Target) -> tirx.PrimFunc:
         sch.decompose_reduction(rf, k_outer)
     else:
         # A vector of output columns accumulated along K (B N-contiguous).
-        width = 4 * lanes
-        if ncols is None or ncols % width != 0:
-            width = lanes if ncols is not None and ncols % lanes == 0 else 1
+        # The widest vector group that leaves at least two groups to run in parallel.
+        widths = (4 * lanes, 2 * lanes, lanes, lanes // 2, lanes // 4)
+        width = 1
+        if ncols is not None:
+            fits = [w for w in widths if w >= 4 and ncols % w == 0]
+            width = next((w for w in fits if ncols >= 2 * w), fits[0] if fits else 1)
         j_outer, j_inner = sch.split(j, [None, width])
         sch.reorder(s, j_outer, i, k, j_inner)
         group = sch.fuse(s, j_outer)
@@ -857,7 +873,7 @@ def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     reduce_loop = sch.fuse(*loops[n_spatial:]) if len(loops) - n_spatial > 1 else loops[n_spatial]
     extent = _const(_extent(sch, reduce_loop))
     rf = None
-    if extent is not None and extent % lanes == 0 and extent > lanes:
+    if extent is not None and extent % lanes == 0 and extent >= lanes:
         _, lane = sch.split(reduce_loop, [None, lanes])
         rf = sch.rfactor(lane, len(sch.get(block).writes[0].source.shape))
 
