@@ -186,6 +186,7 @@ def cmd_parity_emulator(args) -> None:
         report=Path(args.report) if args.report else None,
         break_kernel=args.break_kernel,
         keep=Path(args.keep) if args.keep else None,
+        whole_model=not args.kernels_only,
     )
     parts = []
     if "model" in report:
@@ -217,8 +218,8 @@ def cmd_parity(args) -> None:
 
     if args.emulator:
         return cmd_parity_emulator(args)
-    if args.break_kernel or args.keep:
-        raise UserError("--break-kernel and --keep go with --emulator")
+    if args.break_kernel or args.keep or args.kernels_only:
+        raise UserError("--break-kernel, --keep and --kernels-only go with --emulator")
     artifact = Path(args.artifact)
     report = run_parity(
         artifact, Path(args.reference), new_tokens=args.new_tokens, tolerance=args.tolerance
@@ -431,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KERNEL",
         help="(testing the rig) break this kernel on purpose, on any emulator (its outputs corrupted; "
         "for metal its source made invalid); the report must name it",
+    )
+    p.add_argument(
+        "--kernels-only",
+        action="store_true",
+        help="with --emulator opencl or aarch64: skip the whole-model run, replay the kernels only",
     )
     p.add_argument(
         "--keep",

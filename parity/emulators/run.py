@@ -200,9 +200,15 @@ def run_emulator(
     report: Path | None = None,
     break_kernel: str | None = None,
     keep: Path | None = None,
+    whole_model: bool = True,
     progress=print,
 ) -> dict:
-    """Run emulator ``name`` for ``artifact``; write and return the report."""
+    """Run emulator ``name`` for ``artifact``; write and return the report.
+
+    ``whole_model=False`` skips the whole-model run of the emulators that have one
+    (PoCL, qemu): only the kernel replay (or the syntax check) runs (qemu's replay
+    still compiles the aarch64 build, whose kernels it runs).
+    """
     from ...compile.artifact import read_manifest
     from ..report import DEFAULT_PROMPTS, run_parity
     from .plot import greedy_series, plot
@@ -241,11 +247,13 @@ def run_emulator(
     with tempfile.TemporaryDirectory(prefix=f"qwen35-{name}-") as tmp:
         work = Path(keep) if keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if em.whole_model:
+        # The aarch64 replay runs the kernels of this build: compiled even without the run.
+        if em.whole_model and (whole_model or name == "aarch64"):
             progress(f"whole model ({em.whole_model}): compiling")
             build = _compile(
                 reference, em.whole_model, manifest["quantization"], work / "model", chat, progress
             )
+        if em.whole_model and whole_model:
             ours = None
             if name == "aarch64":
                 from . import aarch64
@@ -277,7 +285,7 @@ def run_emulator(
 
     report = Path(report) if report else artifact / f"parity-{name}.json"
     png = report.with_suffix(".png")
-    out["plot"] = str(png) if (em.whole_model or em.kernels) else None
+    out["plot"] = str(png) if ("model" in out or em.kernels) else None
     report.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
     if out["plot"]:
         k = out.get("kernels")
