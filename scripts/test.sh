@@ -14,4 +14,4 @@ if ! bash scripts/setup_emulators.sh; then
   echo "test: some emulators are not installed; their tests will skip, saying why"
 fi
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q -rs tests "$@"  # -rs: every skip says why
+exec .venv/bin/python -m pytest -q -rs --durations=25 tests "$@"  # -rs: every skip says why; the 25 slowest tests listed
