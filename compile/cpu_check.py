@@ -65,17 +65,17 @@ PARALLEL_MIN_ITERATIONS = 1 << 14
 
 #: TVM's own paged-KV-cache CPU kernels (``tvm.relax.frontend.nn.llm``), which
 #: TVM writes serial: decode attention, its sliding-window variant, the page
-#: copies and the attention-state merge come marked scheduled; the prefill and
-#: tree-attention ones are in ``schedule_cpu.KV_CACHE_SERIAL``.  Attention over
-#: the cache therefore runs on one core: the known limit of the CPU prefill
-#: (docs/cpu-speed.md), not something a rule here can fix.
+#: copies and the attention-state merge come marked scheduled; the paged prefill
+#: and tree-attention ones are in ``schedule_cpu.KV_CACHE_SERIAL``.  Attention
+#: over cached pages therefore runs on one core (docs/cpu-speed.md).  The ragged
+#: prefill (a prompt attending to itself) is ours on CPU builds
+#: (``kernels/cpu_prefill_attention.py``) and is checked like the others.
 TVM_KV_CACHE_KERNELS = frozenset(
     {
         "batch_decode_paged_kv_cpu",
         "batch_decode_paged_kv_cpu_sliding_window",
         "batch_prefill_paged_kv_cpu",
         "batch_prefill_paged_kv_cpu_sliding_window",
-        "batch_prefill_ragged_kv",
         "batch_tree_attn",
         "compact_kv_copy_cpu",
         "copy_single_page_cpu",

@@ -178,6 +178,20 @@ def export(
         mod = replace_merge_state(
             mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target)
         )
+    elif not preset.graph_of:  # a CPU build (a host twin keeps TVM's kernels, as its GPU)
+        from .kernels.cpu_prefill_attention import replace_ragged_prefill
+        from .schedule_cpu import cpu_target, vector_bits
+
+        # TVM's CPU ragged prefill attention is serial and scalar (kernels/cpu_prefill_attention.py).
+        lanes = min(vector_bits(cpu_target(target)) // 32, config.head_dim)
+        mod = replace_ragged_prefill(
+            mod,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            dtype,
+            lanes if config.head_dim % lanes == 0 else 1,
+        )
     exported = Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
     if processor is not None:
         if config.vision is None:
