@@ -108,17 +108,19 @@ class Engine:
             )
         seq_id = self._next_id
         self._next_id += 1
-        for cache in self._caches:
-            self._f["add_sequence"](cache, seq_id)
+        self._on_caches("add_sequence", seq_id)
         self._lengths[seq_id] = 0
         self._positions[seq_id] = 0
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:
-        for cache in self._caches:
-            self._f["remove_sequence"](cache, seq_id)
+        self._on_caches("remove_sequence", seq_id)
         del self._lengths[seq_id]
         del self._positions[seq_id]
+
+    def _on_caches(self, builtin: str, seq_id: int) -> None:
+        for cache in self._caches:
+            self._f[builtin](cache, seq_id)
 
     def live_sequences(self) -> list[int]:
         return list(self._lengths)
@@ -159,6 +161,10 @@ class Engine:
 
     def _embed(self, token_ids: np.ndarray):
         return self.vm["embed"](self._tensor(token_ids.astype("int32")), self.params)
+
+    @staticmethod
+    def _reshape(tensor, shape):
+        return _reshape(tensor, shape)
 
     def no_tower(self) -> UserError:
         """The error for images given to an artifact built without the tower."""
@@ -226,7 +232,7 @@ class Engine:
                 host = embed.numpy()
                 host[take >= 0] = stacked[take[take >= 0]]
                 embed = self._tensor(host)
-            embed = _reshape(embed, (1, len(chunk), self.hidden_size))
+            embed = self._reshape(embed, (1, len(chunk), self.hidden_size))
             step = offsets[start : start + len(chunk)][None]
             outs.append(self._forward(func, [seq_id], [len(chunk)], embed, step)[0])
         return np.concatenate(outs, axis=0) if all_logits else outs[-1][-1]
@@ -238,7 +244,7 @@ class Engine:
             raise UserError("decode needs one token per sequence")
         for seq_id, tok in zip(seq_ids, token_ids):
             self._check(seq_id, tok.reshape(1))
-        embed = _reshape(self._embed(token_ids), (len(seq_ids), 1, self.hidden_size))
+        embed = self._reshape(self._embed(token_ids), (len(seq_ids), 1, self.hidden_size))
         offsets = np.array(
             [[self._positions[s] - self._lengths[s]] * 3 for s in seq_ids], dtype=np.int64
         )[:, None, :]
@@ -259,6 +265,9 @@ class Engine:
             raise UserError(
                 f"image sides must be positive multiples of {f}, got {pixels.shape[:2]}"
             )
+        return self._image_embed(pixels)
+
+    def _image_embed(self, pixels: np.ndarray) -> np.ndarray:
         return self.vm["image_embed"](self._tensor(pixels), self.vision_params).numpy()
 
 

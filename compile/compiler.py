@@ -198,6 +198,7 @@ def compile_model(
         progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")
         t0 = time.time()
         pipeline.build(exported, preset, tmp / library, dump_ir=dump_ir)
+        wasm = _link_wasm(preset, tmp / library, progress)
         build_seconds = time.time() - t0
 
         weights_summary = None
@@ -263,6 +264,9 @@ def compile_model(
                 "not_compiled": not_compiled(processor is not None),  # skipped checkpoint tensors
                 "image": None if processor is None else image_contract(config, processor),
                 "library_bytes": (tmp / library).stat().st_size,
+                # web builds: model.wasm (library + TVM's web runtime), or null when not linked
+                "wasm": wasm,
+                "wasm_bytes": None if wasm is None else (tmp / wasm).stat().st_size,
             },
         )
         # What differs between two builds of the same inputs: not in the manifest, not listed by it.
@@ -281,6 +285,31 @@ def compile_model(
         )
     progress(f"wrote {out} in {time.time() - started:.1f} s")
     return manifest
+
+
+def _link_wasm(preset, library: Path, progress) -> str | None:
+    """Web builds: link ``preset.wasm`` next to the library when TVM's web runtime is
+    built here; otherwise say how to get it (the .tar alone is a complete build)."""
+    if preset.wasm is None:
+        return None
+    from . import wasm
+
+    missing = (
+        "TVM's web runtime is not built here"
+        if wasm.find_web_runtime() is None
+        else "emcc (emscripten) is not on PATH"
+        if shutil.which("emcc") is None
+        else None
+    )
+    if missing:
+        progress(
+            f"      {preset.wasm} not linked: {missing} "
+            f"(`scripts/setup_emulators.sh web-runtime`, then scripts/link_wasm.py)"
+        )
+        return None
+    progress(f"      linking {preset.wasm} with TVM's web runtime (emcc)")
+    wasm.link_wasm(library, library.with_name(preset.wasm))
+    return preset.wasm
 
 
 def _checkpoint_identity(ckpt_dir: Path | None) -> dict | None:

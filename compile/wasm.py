@@ -1,19 +1,16 @@
 """Link a WebGPU build (``model.tar`` of wasm32 objects) into a ``.wasm`` for a web page.
 
-The compile step needs nothing beyond the apache-tvm wheel.  Linking a ``.wasm``
-that a page can load needs TVM's *web runtime*, which no package registry
-carries:
+A page (or Node) loads one ``.wasm`` holding the model's objects *and* TVM's C++
+runtime compiled to wasm (the VM, the paged KV cache and RNN state, the tensor
+cache, the WebGPU device glue), and drives it with tvmjs.  The runtime is built
+from the installed apache-tvm wheel's own sources by ``scripts/setup_emulators.sh
+web-runtime`` (:mod:`qwen35_mobile.bindings.web_runtime`); a directory of TVM's own
+``make``-built ``wasm_runtime.bc``, ``tvmjs_support.bc``, ``webgpu_runtime.bc``
+(``--web-runtime DIR`` or ``$TVM_HOME/web/dist/wasm``) works too.
 
-* ``wasm_runtime.bc``, ``tvmjs_support.bc``, ``webgpu_runtime.bc``: the TVM C++
-  runtime compiled to wasm, produced by ``make`` in ``web/`` of an apache/tvm
-  source checkout of the same version as the compiler (0.27), with emscripten;
-  they land in ``web/dist/wasm/``.  The PyPI wheel ships ``tvm/web`` without
-  its 3rdparty headers and without these files; npm's ``@mlc-ai/web-runtime``
-  is only the JavaScript half (tvmjs), which the page also needs.
-* ``emcc`` (emscripten) to link them with the model's objects.
-
-:func:`link_wasm` finds both (``--web-runtime DIR``, else ``$TVM_HOME/web/dist/wasm``)
-and, when one is missing, raises a :class:`UserError` that says exactly this.
+:func:`link_wasm` links with the flags of ``tvm.support.emcc.create_tvmjs_wasm`` and
+writes the ``.wasm`` atomically; when the runtime or ``emcc`` is missing it raises
+a :class:`UserError` that says how to get it.
 """
 
 from __future__ import annotations
@@ -25,15 +22,26 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..bindings import web_runtime
 from ..errors import UserError
 
-WEB_RUNTIME_FILES = ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")
-
-_HOW = (
-    "TVM's web runtime is not on any package registry: build it from an apache/tvm 0.27 source "
-    "checkout (`cd web && make`, needs emscripten) and pass its web/dist/wasm directory with "
-    "--web-runtime DIR (or set TVM_HOME to the checkout); the page also needs tvmjs (the JavaScript "
-    "half, npm @mlc-ai/web-runtime or the checkout's web/dist/tvmjs.bundle.js)"
+#: The flags of tvm.support.emcc.create_tvmjs_wasm (what MLC's model libraries use),
+#: but -O2: wasm-opt -O3 took 52 s for the tiny model on 2 cores for a .wasm 2% smaller
+#: than -O2's 19 s (-O1 skips wasm-opt: 0.7 s, 55% larger); see docs/web.md.
+LINK_FLAGS = (
+    "-O2",
+    "-std=c++17",
+    "--no-entry",
+    "-s",
+    "WASM_BIGINT=1",
+    "-s",
+    "ERROR_ON_UNDEFINED_SYMBOLS=0",
+    "-s",
+    "STANDALONE_WASM=1",
+    "-s",
+    "ALLOW_MEMORY_GROWTH=1",
+    "-s",
+    "TOTAL_MEMORY=160MB",
 )
 
 
@@ -42,38 +50,37 @@ def web_runtime_candidates(runtime_dir: Path | str | None = None) -> list[Path]:
     dirs = []
     if runtime_dir is not None:
         dirs.append(Path(runtime_dir))
+    dirs.append(web_runtime.runtime_dir())
     if os.environ.get("TVM_HOME"):
         home = Path(os.environ["TVM_HOME"])
         dirs += [home / "web" / "dist" / "wasm", home / "web" / "dist"]
     return dirs
 
 
-def find_web_runtime(runtime_dir: Path | str | None = None) -> dict[str, Path] | None:
-    """The web runtime's files, or None when some are missing everywhere."""
+def find_web_runtime(runtime_dir: Path | str | None = None) -> list[Path] | None:
+    """The runtime's three parts (first directory that has all), or None."""
     for directory in web_runtime_candidates(runtime_dir):
-        files = {name: directory / name for name in WEB_RUNTIME_FILES}
-        if all(path.is_file() for path in files.values()):
+        files = web_runtime.runtime_objects(directory)
+        if files is not None:
             return files
     return None
 
 
-def check_web_runtime(runtime_dir: Path | str | None = None, emcc: str = "emcc") -> dict[str, Path]:
-    """The web runtime's files; UserError explaining what is missing otherwise."""
+def check_web_runtime(runtime_dir: Path | str | None = None, emcc: str = "emcc") -> list[Path]:
+    """The runtime's parts; UserError explaining what is missing otherwise."""
     files = find_web_runtime(runtime_dir)
     if files is None:
-        searched = (
-            ", ".join(str(d) for d in web_runtime_candidates(runtime_dir))
-            or "nowhere (no --web-runtime, no TVM_HOME)"
-        )
+        searched = ", ".join(str(d) for d in web_runtime_candidates(runtime_dir))
         raise UserError(
-            f"cannot link a .wasm: TVM's web runtime ({', '.join(WEB_RUNTIME_FILES)}) was not found "
-            f"(searched {searched}). {_HOW}. The model.tar itself is complete: an app build that has "
-            "the runtime can link it instead."
+            "cannot link a .wasm: TVM's web runtime (wasm_runtime, tvmjs_support, webgpu_runtime "
+            f".o or .bc) was not found (searched {searched}); build it from the installed wheel "
+            f"with `{web_runtime.SETUP}` (needs emscripten and npm). The model.tar itself is "
+            "complete: an app build that has the runtime can link it instead."
         )
     if shutil.which(emcc) is None:
         raise UserError(
             f"cannot link a .wasm: '{emcc}' (emscripten) is not on PATH; install emscripten "
-            "(Debian: apt-get install emscripten; it needs NODE_PATH=/usr/share/nodejs and a writable EM_CACHE)"
+            "(Debian: apt-get install emscripten)"
         )
     return files
 
@@ -85,34 +92,24 @@ def link_wasm(
     emcc: str = "emcc",
 ) -> Path:
     """Link ``model_tar`` (a webgpu build) with TVM's web runtime into ``out`` (.wasm)."""
+    from ..bindings.web_runtime.build import emcc_env
+
     files = check_web_runtime(runtime_dir, emcc)
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(model_tar) as tar:
             tar.extractall(tmp, filter="data")
         objects = sorted(str(p) for p in Path(tmp).iterdir() if p.suffix == ".o")
-        # The flags of tvm.support.emcc.create_tvmjs_wasm.
-        cmd = [
-            emcc,
-            "-O3",
-            "-std=c++17",
-            "--no-entry",
-            "-s",
-            "WASM_BIGINT=1",
-            "-s",
-            "ERROR_ON_UNDEFINED_SYMBOLS=0",
-            "-s",
-            "STANDALONE_WASM=1",
-            "-s",
-            "ALLOW_MEMORY_GROWTH=1",
-            "-s",
-            "TOTAL_MEMORY=160MB",
-            "-o",
-            str(out),
-            *(str(files[name]) for name in WEB_RUNTIME_FILES),
-            *objects,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise UserError(f"emcc failed linking {out}:\n{proc.stdout}{proc.stderr}")
+        if not objects:
+            raise UserError(f"{model_tar}: no wasm objects in it (not a webgpu build?)")
+        # emcc picks the output kind by the name's suffix: the temporary name ends in .wasm.
+        partial = Path(tmp) / "model.wasm"
+        cmd = [emcc, *LINK_FLAGS, "-o", str(partial), *(str(f) for f in files), *objects]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=emcc_env())
+        if proc.returncode != 0 or not partial.is_file():
+            raise UserError(f"emcc failed linking {out}:\n{proc.stdout}{proc.stderr}"[-6000:])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.copyfile(partial, staged)
+        os.replace(staged, out)
     return out

@@ -3,9 +3,11 @@
 
     .venv/bin/python scripts/link_wasm.py ARTIFACT_DIR [-o model.wasm] [--web-runtime DIR]
 
-Needs TVM's web runtime (wasm_runtime.bc, tvmjs_support.bc, webgpu_runtime.bc,
-built from an apache/tvm 0.27 checkout: no registry carries it) and emcc; says
-exactly what is missing otherwise (exit status 2).
+`qwen35-mobile compile --target webgpu` already writes ARTIFACT/model.wasm when TVM's
+web runtime is built here; this links one later (or with another runtime).  Needs
+the runtime (`scripts/setup_emulators.sh web-runtime` builds it from the apache-tvm
+wheel's own sources into .emulators/web-runtime; --web-runtime DIR takes TVM's own
+web/dist/wasm) and emcc; says exactly what is missing otherwise (exit status 2).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "-o", "--out", type=Path, default=None, help="output .wasm (default ARTIFACT/model.wasm)"
     )
     parser.add_argument(
-        "--web-runtime", type=Path, default=None, help="directory with TVM's web runtime .bc files"
+        "--web-runtime", type=Path, default=None, help="directory with TVM's web runtime (wasm_runtime, tvmjs_support, webgpu_runtime .o or .bc)"
     )
     args = parser.parse_args(argv)
 
@@ -41,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
             args.out or args.artifact / "model.wasm",
             args.web_runtime,
         )
+        if out.resolve().parent == args.artifact.resolve():
+            # Inside the artifact: list it in the manifest, as the compile would have.
+            from qwen35_mobile.compile.artifact import MANIFEST, sha256_file
+
+            manifest["wasm"] = out.name
+            manifest["wasm_bytes"] = out.stat().st_size
+            manifest["files"][out.name] = {"sha256": sha256_file(out), "bytes": out.stat().st_size}
+            staged = args.artifact / f".{MANIFEST}.tmp"
+            staged.write_text(json.dumps(manifest, indent=2) + "\n")
+            staged.replace(args.artifact / MANIFEST)
     except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -35,6 +35,9 @@ class TargetPreset:
     linker: str | None = (
         None  # C++ compiler that links a .so for another machine (None: TVM's default)
     )
+    wasm: str | None = (
+        None  # web builds: the .wasm linked next to the library when TVM's web runtime is built
+    )
 
     @property
     def is_gpu(self) -> bool:
@@ -105,6 +108,7 @@ def _device(
     description: str,
     notes: tuple[str, ...] = (),
     per_block_attr: bool = True,
+    wasm: str | None = None,
     **attrs: Any,
 ) -> TargetPreset:
     """A GPU preset: the device limits go into the TVM target dict (``max_num_threads``, which dlight and the hand-written
@@ -124,6 +128,7 @@ def _device(
         description=description,
         notes=notes,
         device=kind,
+        wasm=wasm,
     )
 
 
@@ -182,12 +187,14 @@ PRESETS.update(
             # prefix (``ffi.SystemLib()``), so the web build registers its
             # functions unprefixed: one model per .wasm.
             system_lib_prefix="",
-            description="browsers: WGSL kernels, wasm32 host code, .tar of wasm objects",
+            wasm="model.wasm",
+            description="browsers: WGSL kernels, wasm32 host code, .tar of wasm objects + linked model.wasm",
             notes=(
                 "model.tar holds wasm32 objects (lib0.o: host code, devc.o: WGSL source), no system-lib prefix; "
-                "a page needs them linked into a .wasm with TVM's web runtime (wasm_runtime.bc, "
-                "tvmjs_support.bc, webgpu_runtime.bc from a TVM source build's web/dist) and "
-                "tvmjs: scripts/link_wasm.py links it and says what is missing",
+                "model.wasm is them linked with TVM's web runtime (built from the apache-tvm wheel by "
+                "`scripts/setup_emulators.sh web-runtime`; written when that runtime is built, else "
+                "scripts/link_wasm.py links it later); a page loads model.wasm with tvmjs "
+                "(.emulators/web-runtime/tvmjs/tvmjs.bundle.js) or WebLLM",
             ),
         ),
         "cuda": _device(

@@ -73,8 +73,10 @@ EMULATORS: dict[str, Emulator] = {
     "webgpu": Emulator(
         "webgpu",
         ("webgpu",),
-        "every WGSL kernel replayed on Dawn (npm webgpu) over Mesa lavapipe (software Vulkan, shader-f16) "
-        "with the tensors of a host-twin run",
+        "the whole model.wasm run by tvmjs (TVM's web runtime: VM, paged KV cache, RNN state, tensor-cache "
+        "loader) in Node on Dawn (npm webgpu) over Mesa lavapipe (software Vulkan, shader-f16), and every "
+        "WGSL kernel replayed there with the tensors of a host-twin run",
+        whole_model="webgpu",
         kernels="webgpu",
         twin="webgpu-twin",
     ),

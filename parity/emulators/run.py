@@ -248,22 +248,41 @@ def run_emulator(
         work = Path(keep) if keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         # The aarch64 replay runs the kernels of this build: compiled even without the run.
+        if em.whole_model == "webgpu" and whole_model:
+            from . import web_model
+
+            why = web_model.available()
+            if why:
+                raise UserError(f"the whole model cannot run on WebGPU here: {why}")
         if em.whole_model and (whole_model or name == "aarch64"):
-            progress(f"whole model ({em.whole_model}): compiling")
-            build = _compile(
-                reference, em.whole_model, manifest["quantization"], work / "model", chat, progress
-            )
+            if manifest["target"] == em.whole_model and manifest.get("wasm"):
+                build = artifact  # the artifact itself is what runs (a linked web build)
+            else:
+                progress(f"whole model ({em.whole_model}): compiling")
+                build = _compile(
+                    reference,
+                    em.whole_model,
+                    manifest["quantization"],
+                    work / "model",
+                    chat,
+                    progress,
+                )
         if em.whole_model and whole_model:
             ours = None
             if name == "aarch64":
                 from . import aarch64
 
                 ours = aarch64.ours(build, progress=progress)
+            elif em.whole_model == "webgpu":
+                ours = web_model.ours(build, progress=progress)
             t1 = time.time()
             model = run_parity(
                 build, reference, new_tokens=new_tokens, ours=ours, progress=progress
             )
             model["seconds"] = round(time.time() - t1, 1)
+            if em.whole_model == "webgpu":
+                # tokens/s on Node's clock, shader compilation (each first call) excluded
+                model["speed"] = web_model.speed(ours.steps)
             out["model"] = model
             verdicts.append(model["pass"])
         if em.kernels:

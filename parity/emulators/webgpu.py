@@ -111,26 +111,30 @@ def _node_major(node: str) -> int:
 
 
 class _Runner:
-    """One ``node run_wgsl.mjs`` process; requests are serialized."""
+    """One ``node run_wgsl.mjs`` process (or ``script``); requests are serialized.
+    ``handshake``: the script says it is ready and answers ``info`` (run_wgsl.mjs)."""
 
-    def __init__(self):
-        env = dict(os.environ, QWEN35_WEBGPU_MODULE=str(WEBGPU_MODULE))
+    def __init__(self, script: Path = RUNNER, extra_env: dict | None = None, handshake=True):
+        env = dict(os.environ, QWEN35_WEBGPU_MODULE=str(WEBGPU_MODULE), **(extra_env or {}))
         icd = os.environ.get("QWEN35_VK_ICD") or lavapipe_icd()
         if icd:
             env["VK_ICD_FILENAMES"] = icd  # lavapipe, whatever else is installed
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [_node(), str(RUNNER)],
+            [_node(), str(script)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
             env=env,
-            cwd=str(RUNNER.parent),
+            cwd=str(script.parent),
         )
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
         self.sent_kernels: set[str] = set()
+        self.noise: list[str] = []  # what the runner printed besides replies (last 20 lines)
+        if not handshake:
+            return
         ready = self._read()
         if not ready.get("ok"):
             raise DawnError(ready.get("error") or "the Dawn runner did not start")
@@ -155,12 +159,23 @@ class _Runner:
                 f"the Dawn runner did not answer in {_TIMEOUT:.0f} s (QWEN35_DAWN_TIMEOUT); killed it"
             )
         line = self.proc.stdout.readline()
+        # Dawn's native code prints some validation errors to stdout itself: not replies.
+        while line and not line.startswith("{"):
+            self.noise.append(line.rstrip())
+            del self.noise[:-20]
+            line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=10)
             raise DawnError(
                 f"the Dawn runner exited ({self.proc.returncode}): {self._stderr_tail()}"
             )
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise DawnError(
+                f"the Dawn runner wrote a line that is not a reply: {line[:500]!r}; "
+                f"its stderr: {self._stderr_tail()}"
+            ) from None
         if reply.get("fatal"):
             raise DawnError(reply.get("error"))
         return reply
@@ -175,7 +190,11 @@ class _Runner:
                 raise DawnError(f"the Dawn runner is gone: {err}: {self._stderr_tail()}") from err
             reply = self._read()
         if not reply.get("ok"):
-            raise DawnError(reply.get("error", "unknown error"))
+            printed = "\n".join(self.noise)
+            raise DawnError(
+                reply.get("error", "unknown error") + (f"\nit printed: {printed}" if printed else "")
+            )
+        self.noise.clear()
         return reply
 
     def alive(self) -> bool:
