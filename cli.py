@@ -156,6 +156,20 @@ def cmd_compile(args) -> None:
     )
 
 
+def cmd_serve(args) -> None:
+    from .bindings.web_page import make_server
+
+    server = make_server(Path(args.artifact), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {args.artifact} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def cmd_run(args) -> None:
     from .bindings.model import Model
 
@@ -178,6 +192,8 @@ def cmd_run(args) -> None:
 def cmd_parity_emulator(args) -> None:
     from .parity.emulators.run import run_emulator
 
+    if args.kernels_only and args.whole_model_only:
+        raise UserError("--kernels-only and --whole-model-only exclude each other")
     report = run_emulator(
         args.emulator,
         Path(args.artifact),
@@ -187,13 +203,20 @@ def cmd_parity_emulator(args) -> None:
         break_kernel=args.break_kernel,
         keep=Path(args.keep) if args.keep else None,
         whole_model=not args.kernels_only,
+        kernels=not args.whole_model_only,
     )
     parts = []
     if "model" in report:
         s = report["model"]["summary"]
+        speed = report["model"].get("speed")
         parts.append(
             f"whole model: max rel {s['max_rel']:.3g} (tolerance {report['model']['tolerance']['max_rel']:g}), "
             f"top-1 {s['top1_agreement']:.3f}, greedy {'identical' if s['greedy_agreement'] else 'differs'}"
+            + (
+                f", prefill {speed['prefill']} tok/s, decode {speed['decode']} tok/s (emulated device)"
+                if speed
+                else ""
+            )
         )
     if "kernels" in report:
         s = report["kernels"]["summary"]
@@ -218,8 +241,11 @@ def cmd_parity(args) -> None:
 
     if args.emulator:
         return cmd_parity_emulator(args)
-    if args.break_kernel or args.keep or args.kernels_only:
-        raise UserError("--break-kernel, --keep and --kernels-only go with --emulator")
+    if args.break_kernel or args.keep or args.kernels_only or args.whole_model_only:
+        raise UserError(
+            "--break-kernel, --keep, --kernels-only and --whole-model-only go with --emulator"
+        )
+
     artifact = Path(args.artifact)
     report = run_parity(
         artifact, Path(args.reference), new_tokens=args.new_tokens, tolerance=args.tolerance
@@ -396,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
+        "serve",
+        help="serve a chat page for a webgpu artifact (WebGPU in the browser)",
+        description="Serve a small chat page that runs a --target webgpu artifact in the browser: "
+        "model.wasm through tvmjs (TVM's web runtime) on WebGPU, weights through tvmjs's tensor "
+        "cache, tokens streamed with tokens/s; it works offline once loaded. Needs the web "
+        "runtime and the page's tokenizer (scripts/setup_emulators.sh web-runtime browser). "
+        "Open the printed URL in a browser with WebGPU (float16 builds need shader-f16).",
+    )
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
         "parity",
         help="compare an artifact with transformers on the same checkpoint",
         description="Run fixed prompts through transformers (PyTorch CPU, fp32) and through the "
@@ -436,7 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kernels-only",
         action="store_true",
-        help="with --emulator opencl or aarch64: skip the whole-model run, replay the kernels only",
+        help="with --emulator opencl, aarch64 or webgpu: skip the whole-model run, replay the kernels only",
+    )
+    p.add_argument(
+        "--whole-model-only",
+        action="store_true",
+        help="with --emulator opencl, aarch64 or webgpu: skip the kernel replay, run the whole model only",
     )
     p.add_argument(
         "--keep",

@@ -152,11 +152,13 @@ def compile_model(
     system_lib_prefix: str | None = None,
     dump_ir: Path | None = None,
     vision: bool = True,
+    wasm: bool = True,
     progress: Progress = print,
 ) -> dict:
     """Build an artifact; returns its manifest.  ``dump_ir``: a folder that
     receives the IR after each pipeline stage (compile/dump_ir.py).
-    ``vision``: with the vision tower (``image_embed``) when the model has one."""
+    ``vision``: with the vision tower (``image_embed``) when the model has one.
+    ``wasm``: web targets link model.wasm when TVM's web runtime is built here."""
     config, ckpt_dir = resolve_model(model)
     if weights is not None:
         ckpt_dir = Path(weights)
@@ -198,7 +200,7 @@ def compile_model(
         progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")
         t0 = time.time()
         pipeline.build(exported, preset, tmp / library, dump_ir=dump_ir)
-        wasm = _link_wasm(preset, tmp / library, progress)
+        wasm = _link_wasm(preset, tmp / library, progress) if wasm else None
         build_seconds = time.time() - t0
 
         weights_summary = None

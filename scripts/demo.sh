@@ -44,9 +44,10 @@ step "ios q0f16: compile; Metal syntax check"
 $q compile --model "$ckpt" --target ios --quant q0f16 -o "$out/tiny-ios-q0f16" --force
 emulator metal
 $q parity "$out/tiny-ios-q0f16" --reference "$ckpt" --emulator metal
-step "webgpu q0f16: compile; every WGSL kernel on Dawn"
-$q compile --model "$ckpt" --target webgpu --quant q0f16 -o "$out/tiny-webgpu-q0f16" --force
+step "webgpu q0f16: compile (+ model.wasm); the whole model through tvmjs on Dawn; every WGSL kernel"
 emulator webgpu
+emulator web-runtime
+$q compile --model "$ckpt" --target webgpu --quant q0f16 -o "$out/tiny-webgpu-q0f16" --force
 $q parity "$out/tiny-webgpu-q0f16" --reference "$ckpt" --emulator webgpu
 echo
 .venv/bin/python scripts/parity_table.py "$out" --seconds $((SECONDS - started))

@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         "-o", "--out", type=Path, default=None, help="output .wasm (default ARTIFACT/model.wasm)"
     )
     parser.add_argument(
-        "--web-runtime", type=Path, default=None, help="directory with TVM's web runtime (wasm_runtime, tvmjs_support, webgpu_runtime .o or .bc)"
+        "--web-runtime",
+        type=Path,
+        default=None,
+        help="directory with TVM's web runtime (wasm_runtime, tvmjs_support, webgpu_runtime .o or .bc)",
     )
     args = parser.parse_args(argv)
 

@@ -8,19 +8,20 @@
 #   aarch64        setup_emulators.d/aarch64.sh    qemu-user, aarch64 cross gcc, a Debian arm64 Python sysroot + TVM wheels
 #   webgpu         setup_emulators.d/webgpu.sh     Mesa 25 lavapipe (bookworm-backports), npm webgpu (Dawn for Node)
 #   web-runtime    setup_emulators.d/web-runtime.sh  TVM's web runtime from the wheel's sources (emscripten, npm)
+#   browser        setup_emulators.d/browser.sh    Chromium (Debian), playwright-core + the page's tokenizer (npm)
 #   metal          (the clang of static-checks)
 # Usage: setup_emulators.sh [PART ...]   (default: every part)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh || exit 1
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(static-checks opencl aarch64 webgpu web-runtime)
+[ ${#parts[@]} -gt 0 ] || parts=(static-checks opencl aarch64 webgpu web-runtime browser)
 failed=()
 for name in "${parts[@]}"; do
   case "$name" in
     static-checks|metal) bash scripts/setup_static_checks.sh || failed+=("$name") ;;
-    opencl|aarch64|webgpu|web-runtime) bash "scripts/setup_emulators.d/$name.sh" || failed+=("$name") ;;
-    *) echo "setup_emulators: unknown part '$name' (static-checks, opencl, aarch64, webgpu, web-runtime, metal)" >&2; exit 2 ;;
+    opencl|aarch64|webgpu|web-runtime|browser) bash "scripts/setup_emulators.d/$name.sh" || failed+=("$name") ;;
+    *) echo "setup_emulators: unknown part '$name' (static-checks, opencl, aarch64, webgpu, web-runtime, browser, metal)" >&2; exit 2 ;;
   esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

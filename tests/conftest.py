@@ -90,18 +90,18 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory, checkpoint):
-    """artifact(preset, quant) -> compiled host artifact of that preset's checkpoint."""
+    """artifact(preset, quant, target="host") -> compiled artifact of that preset's checkpoint."""
     from qwen35_mobile.compile.compiler import compile_model
 
     root = tmp_path_factory.mktemp("artifacts")
     made: dict[tuple, Path] = {}
 
-    def make(name: str = "tiny", quant: str = "q0f32", **options) -> Path:
-        key = (name, quant, tuple(sorted(options.items())))
+    def make(name: str = "tiny", quant: str = "q0f32", target: str = "host", **options) -> Path:
+        key = (name, quant, target, tuple(sorted(options.items())))
         if key not in made:
-            out = root / f"{name}-{quant}-{len(made)}"
+            out = root / f"{name}-{quant}-{target}-{len(made)}"
             compile_model(
-                str(checkpoint(name)), "host", quant, out, progress=lambda _: None, **options
+                str(checkpoint(name)), target, quant, out, progress=lambda _: None, **options
             )
             made[key] = out
         return made[key]

@@ -8,6 +8,7 @@ compile/schedule_gpu.py are pinned here too.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import need_tool
+from conftest import need, need_tool
 
 from qwen35_mobile.targets import PRESETS, get_target
 
@@ -54,7 +55,9 @@ def device_build(tmp_path_factory):
     def make(target: str, quant: str) -> Path:
         if (target, quant) not in made:
             out = root / f"tiny-{target}-{quant}"
-            compile_model("tiny", target, quant, out, progress=lambda _: None)
+            # model.wasm only where a test reads it (linking costs ~20 s)
+            wasm = (target, quant) == ("webgpu", "q0f32")
+            compile_model("tiny", target, quant, out, progress=lambda _: None, wasm=wasm)
             made[target, quant] = out
         return made[target, quant]
 
@@ -381,18 +384,39 @@ def test_dlight_rmsnorm_still_breaks_metal():
 
 
 # --------------------------------------------------------------------------
-# WebGPU: linking a .wasm needs TVM's web runtime, which no registry carries
+# WebGPU: model.wasm is the build linked with TVM's web runtime (bindings/web_runtime)
 # --------------------------------------------------------------------------
 def test_link_wasm_explains_missing_web_runtime(device_build, tmp_path, monkeypatch):
-    from qwen35_mobile.compile.wasm import WEB_RUNTIME_FILES, link_wasm
+    from qwen35_mobile.compile.wasm import link_wasm
     from qwen35_mobile.errors import UserError
 
+    tar = device_build("webgpu", "q0f32") / "model.tar"  # built (and linked) first
     monkeypatch.delenv("TVM_HOME", raising=False)
+    monkeypatch.setenv("QWEN35_WEB_RUNTIME", str(tmp_path / "no-runtime"))
     with pytest.raises(UserError, match="web runtime") as err:
-        link_wasm(device_build("webgpu", "q0f32") / "model.tar", tmp_path / "m.wasm", tmp_path)
+        link_wasm(tar, tmp_path / "m.wasm", tmp_path)
     message = str(err.value)
-    assert all(name in message for name in WEB_RUNTIME_FILES) and "apache/tvm" in message
+    assert all(p in message for p in ("wasm_runtime", "tvmjs_support", "webgpu_runtime"))
+    assert "scripts/setup_emulators.sh web-runtime" in message and str(tmp_path) in message
     assert not (tmp_path / "m.wasm").exists()
+
+
+def test_webgpu_build_links_model_wasm(device_build):
+    """With the web runtime built (set-up), the webgpu artifact holds model.wasm, listed
+    in the manifest like every file; a wasm module that exports TVM's entry points."""
+    from qwen35_mobile.bindings import web_runtime
+
+    need(web_runtime.why_unavailable(), "TVM's web runtime (emscripten build)")
+    out = device_build("webgpu", "q0f32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    wasm = out / "model.wasm"
+    assert manifest["wasm"] == "model.wasm" and manifest["wasm_bytes"] == wasm.stat().st_size
+    assert manifest["files"]["model.wasm"]["bytes"] == wasm.stat().st_size
+    data = wasm.read_bytes()
+    assert data[:4] == b"\0asm"
+    # the runtime's system-library registry and the model's own functions are linked in
+    for symbol in (b"TVMFFIEnvModRegisterSystemLibSymbol", b"prefill_all_logits"):
+        assert symbol in data, symbol
 
 
 # --------------------------------------------------------------------------

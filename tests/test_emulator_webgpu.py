@@ -348,7 +348,7 @@ def webgpu_build(tmp_path_factory):
     def make(quant: str):
         if quant not in made:
             out = root / f"tiny-webgpu-{quant}"
-            compile_model("tiny", "webgpu", quant, out, progress=lambda _: None)
+            compile_model("tiny", "webgpu", quant, out, progress=lambda _: None, wasm=False)
             made[quant] = out
         return made[quant]
 

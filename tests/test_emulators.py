@@ -116,7 +116,8 @@ def test_opencl_whole_model_and_every_kernel_on_pocl(artifact, checkpoint, tmp_p
 
 @pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q0f16", 1e-2)])
 def test_webgpu_every_wgsl_kernel_on_dawn(artifact, checkpoint, tmp_path, quant, tolerance):
-    report, _ = _run("webgpu", artifact, checkpoint, tmp_path, quant=quant)
+    # the whole model on WebGPU: tests/test_web_model.py
+    report, _ = _run("webgpu", artifact, checkpoint, tmp_path, quant=quant, whole_model=False)
     assert report["pass"] and "model" not in report
     _check_kernels(report, tolerance)
     _check_plot(report)
@@ -131,6 +132,7 @@ def test_webgpu_other_gqa_ratio(artifact, checkpoint, tmp_path):
         checkpoint("tiny-gva"),
         report=tmp_path / "gva.json",
         progress=lambda _: None,
+        whole_model=False,
     )
     assert report["pass"]
     _check_kernels(report, 1e-2)

@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Build TVM's web runtime (wasm objects + tvmjs) from the installed "
         "apache-tvm wheel's own sources, with emscripten and npm."
     )
-    parser.add_argument("--out", type=Path, default=None, help=f"output directory ({runtime_dir()})")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output directory ({runtime_dir()})"
+    )
     parser.add_argument("--emcc", default="emcc", help="the emscripten compiler (default emcc)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)

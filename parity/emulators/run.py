@@ -201,13 +201,15 @@ def run_emulator(
     break_kernel: str | None = None,
     keep: Path | None = None,
     whole_model: bool = True,
+    kernels: bool = True,
     progress=print,
 ) -> dict:
     """Run emulator ``name`` for ``artifact``; write and return the report.
 
     ``whole_model=False`` skips the whole-model run of the emulators that have one
-    (PoCL, qemu): only the kernel replay (or the syntax check) runs (qemu's replay
-    still compiles the aarch64 build, whose kernels it runs).
+    (PoCL, qemu, tvmjs on Dawn): only the kernel replay (or the syntax check) runs
+    (qemu's replay still compiles the aarch64 build, whose kernels it runs);
+    ``kernels=False`` skips the kernel replay: only the whole model runs.
     """
     from ...compile.artifact import read_manifest
     from ..report import DEFAULT_PROMPTS, run_parity
@@ -285,7 +287,7 @@ def run_emulator(
                 model["speed"] = web_model.speed(ours.steps)
             out["model"] = model
             verdicts.append(model["pass"])
-        if em.kernels:
+        if em.kernels and kernels:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(artifact / "tokenizer.json"))

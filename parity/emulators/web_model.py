@@ -162,9 +162,7 @@ class WebEngine(Engine):
         else:
             req["tokens"] = embed.tokens.tolist()
         reply = self._proc.request(req)
-        self.steps.append(
-            {"func": func, "tokens": int(sum(lengths)), "seconds": reply["seconds"]}
-        )
+        self.steps.append({"func": func, "tokens": int(sum(lengths)), "seconds": reply["seconds"]})
         for seq_id, n in zip(seq_ids, lengths):
             self._lengths[seq_id] += n
         return _read(out, reply)
@@ -185,9 +183,10 @@ class WebEngine(Engine):
 
 
 def _read(path: str, reply: dict) -> np.ndarray:
-    data = np.fromfile(path, dtype="<f4")
+    """A tensor the runner wrote (raw bytes; shape and dtype in its reply), as float32."""
+    data = np.fromfile(path, dtype=np.dtype(reply["dtype"]).newbyteorder("<"))
     os.unlink(path)
-    return data.reshape(reply["shape"])
+    return data.reshape(reply["shape"]).astype(np.float32)
 
 
 class _NodeModel(webgpu._Runner):
@@ -237,5 +236,3 @@ def speed(steps: list[dict]) -> dict:
         tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] for r in rows)
         out[kind] = None if not seconds else round(tokens / seconds, 2)
     return out
-
-

@@ -192,7 +192,8 @@ class _Runner:
         if not reply.get("ok"):
             printed = "\n".join(self.noise)
             raise DawnError(
-                reply.get("error", "unknown error") + (f"\nit printed: {printed}" if printed else "")
+                reply.get("error", "unknown error")
+                + (f"\nit printed: {printed}" if printed else "")
             )
         self.noise.clear()
         return reply

@@ -11,9 +11,10 @@
 //   {"op": "forward", "func": "prefill" | "prefill_all_logits" | "decode",
 //    "seqs": [..], "lengths": [..], "offsets": [..] (int32, [b, n, 3]), "shape": [b, n],
 //    "tokens": [..] | "embeds": FILE (model dtype, [b * n, hidden]), "out": FILE}
-//        -> logits written to FILE (float32, little-endian), reply {shape, seconds}
-//   {"op": "embed", "tokens": [..], "out": FILE}         -> token embeddings (float32)
-//   {"op": "image", "pixels": FILE, "hw": [H, W], "out": FILE}  -> image embeddings (float32)
+//        -> logits written to FILE, reply {shape, dtype, seconds}
+//   {"op": "embed", "tokens": [..], "out": FILE}                 -> token embeddings
+//   {"op": "image", "pixels": FILE, "hw": [H, W], "out": FILE}  -> image embeddings
+// (files hold a tensor's raw little-endian bytes; the reply gives shape and dtype)
 //   {"op": "exit"}
 // Env: QWEN35_WEBGPU_MODULE (npm webgpu's index.js), QWEN35_TVMJS (tvmjs.bundle.js).
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -109,14 +110,13 @@ function seqOp(name, seq) {
   return {};
 }
 
-// A device tensor's values in a float32 file (the one device-to-host copy of a call).
+// A device tensor's bytes in a file (the one device-to-host copy of a call); the
+// reply carries its shape and dtype.
 async function toFile(tensor, out) {
   const host = tvm.empty(tensor.shape, tensor.dtype, tvm.cpu()).copyFrom(tensor);
   await device.sync();
-  const values = host.toArray();
-  const f32 = values instanceof Float32Array ? values : Float32Array.from(values);
-  writeFileSync(out, Buffer.from(f32.buffer, f32.byteOffset, f32.byteLength));
-  return [...tensor.shape];
+  writeFileSync(out, host.toRawBytes());
+  return { shape: [...tensor.shape], dtype: tensor.dtype };
 }
 
 function tokenEmbeddings(tokens) {  // [n, hidden] on the device
@@ -126,9 +126,9 @@ function tokenEmbeddings(tokens) {  // [n, hidden] on the device
 
 async function embed(req) {
   tvm.beginScope();
-  const shape = await toFile(tokenEmbeddings(req.tokens), req.out);
+  const meta = await toFile(tokenEmbeddings(req.tokens), req.out);
   tvm.endScope();
-  return { shape };
+  return meta;
 }
 
 async function image(req) {
@@ -138,9 +138,9 @@ async function image(req) {
   const [h, w] = req.hw;
   const bytes = new Uint8Array(readFileSync(req.pixels));
   const pixels = tvm.empty([h, w, 3], 'uint8', device).copyFromRawBytes(bytes);
-  const shape = await toFile(fn.image_embed(pixels, visionParams), req.out);
+  const meta = await toFile(fn.image_embed(pixels, visionParams), req.out);
   tvm.endScope();
-  return { shape, seconds: (performance.now() - t0) / 1000 };
+  return { ...meta, seconds: (performance.now() - t0) / 1000 };
 }
 
 async function forward(req) {
@@ -165,11 +165,10 @@ async function forward(req) {
   const logits = out.get(0);
   for (const cache of [kv, state]) builtins.end_forward(cache);
   // The only device-to-host copy of a step: the logits the caller samples from.
-  const shape = await toFile(logits, req.out);
+  const meta = await toFile(logits, req.out);
   const t1 = performance.now();
-  const outDtype = logits.dtype;
   tvm.endScope();
-  return { shape, dtype: outDtype, seconds: (t1 - t0) / 1000 };
+  return { ...meta, seconds: (t1 - t0) / 1000 };
 }
 
 const handlers = {

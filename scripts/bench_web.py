@@ -1,0 +1,119 @@
+"""WebGPU speed as a page gets it, beside our host CPU build in the same run (issue 12).
+
+Compiles one random checkpoint at a real Qwen3.5 shape for ``webgpu`` (model.wasm,
+needs ``scripts/setup_emulators.sh webgpu web-runtime``) and for ``host``, then times
+prefill (--prompt tokens, last-position logits as a page asks) and decode (--decode
+greedy tokens) of both: the web build through tvmjs in Node on Dawn over Mesa
+lavapipe (parity/emulators/web_model.py), the host build through the bindings.
+The first call of each kind compiles the shaders and is timed apart ("warm-up").
+Both software GPUs and the CPU share the same cores, so the figure to read is the
+ratio to the host build measured here, not the absolute tokens/s.
+
+Per decode step the only device-to-host copy is the logits row the host samples
+from (run_model.mjs: ``toFile(logits)`` after the step; the KV cache, the RNN state
+and every activation stay in GPU buffers); the table gives its bytes per step.
+
+    .venv/bin/python scripts/bench_web.py [--preset qwen3.5-0.8b] [--quant q4f32_1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def time_engine(engine, prompt: int, decode: int) -> dict:
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, 240000, prompt)]
+    seq = engine.add_sequence()
+    t = time.perf_counter()
+    engine.prefill(seq, ids[:8])  # warm-up: the shaders / kernels of prefill
+    tok = int(np.argmax(engine.decode([seq], [1])[0]))  # ... and of decode
+    warm = time.perf_counter() - t
+    engine.remove_sequence(seq)
+    seq = engine.add_sequence()
+    t = time.perf_counter()
+    logits = engine.prefill(seq, ids)
+    prefill = time.perf_counter() - t
+    tok = int(np.argmax(logits))
+    t = time.perf_counter()
+    for _ in range(decode):
+        tok = int(np.argmax(engine.decode([seq], [tok])[0]))
+    steps = time.perf_counter() - t
+    engine.remove_sequence(seq)
+    return {"prefill": prompt / prefill, "decode": decode / steps, "warm_up_s": warm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="qwen3.5-0.8b")
+    parser.add_argument(
+        "--quant", default="q4f32_1", help="lavapipe has shader-f16; SwiftShader not"
+    )
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("build/bench-web"))
+    args = parser.parse_args()
+
+    from bench_vs_llamacpp import cpu_description
+
+    from qwen35_mobile import Model
+    from qwen35_mobile.compile.compiler import compile_model
+    from qwen35_mobile.parity.checkpoint import ensure_checkpoint
+    from qwen35_mobile.parity.emulators import web_model
+
+    why = web_model.available()
+    if why:
+        raise SystemExit(f"cannot run the web build here: {why}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_description()
+    print(f"CPU: {cpu}", flush=True)
+    checkpoint = ensure_checkpoint(args.preset, args.out, dtype="bfloat16")
+    builds = {}
+    for target in ("webgpu", "host"):
+        out = args.out / f"{args.preset}-{target}-{args.quant}"
+        if not (out / "manifest.json").exists():
+            print(f"compiling {target} {args.quant}", flush=True)
+            compile_model(str(checkpoint), target, args.quant, out, force=True, vision=False)
+        builds[target] = out
+    web = web_model.WebEngine(builds["webgpu"])
+    adapter = (web.opened.get("adapter") or {}).get("description", "?")
+    print(f"web: model.wasm + weights loaded by tvmjs in {web.opened['seconds']:.1f} s", flush=True)
+    try:
+        got_web = time_engine(web, args.prompt, args.decode)
+    finally:
+        web.close()
+    got_host = time_engine(Model.load(builds["host"]).engine, args.prompt, args.decode)
+    manifest = json.loads((builds["webgpu"] / "manifest.json").read_text())
+    vocab = json.loads((builds["webgpu"] / "mlc-chat-config.json").read_text())["vocab_size"]
+    lines = [
+        f"{args.preset} {args.quant}, random weights; CPU: {cpu}; WebGPU: Dawn (npm webgpu) on "
+        f"{adapter}; prompt {args.prompt}, decode {args.decode}; model.wasm "
+        f"{manifest['wasm_bytes'] / 2**20:.1f} MiB",
+        "",
+        "| build | prefill tok/s | decode tok/s | vs host (prefill / decode) | warm-up s | host copy per decode step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, got in (("webgpu (tvmjs, Dawn/lavapipe)", got_web), ("host CPU", got_host)):
+        lines.append(
+            f"| {name} | {got['prefill']:.2f} | {got['decode']:.2f} | "
+            f"{got['prefill'] / got_host['prefill']:.2f}x / {got['decode'] / got_host['decode']:.2f}x | "
+            f"{got['warm_up_s']:.0f} | {vocab * 4 / 1024:.0f} KiB (the logits row) |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    (args.out / "table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
