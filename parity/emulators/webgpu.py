@@ -114,7 +114,8 @@ class _Runner:
     """One ``node run_wgsl.mjs`` process (or ``script``); requests are serialized.
     ``handshake``: the script says it is ready and answers ``info`` (run_wgsl.mjs)."""
 
-    def __init__(self, script: Path = RUNNER, extra_env: dict | None = None, handshake=True):
+    def __init__(self, script: Path | None = None, extra_env: dict | None = None, handshake=True):
+        script = script or RUNNER  # looked up now: tests swap RUNNER for a broken launcher
         env = dict(os.environ, QWEN35_WEBGPU_MODULE=str(WEBGPU_MODULE), **(extra_env or {}))
         icd = os.environ.get("QWEN35_VK_ICD") or lavapipe_icd()
         if icd:
