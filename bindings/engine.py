@@ -51,13 +51,7 @@ class Engine:
 
         self.artifact = Path(artifact)
         self.manifest = check_contract(self.artifact)
-        chat = self.chat = json.loads((self.artifact / "mlc-chat-config.json").read_text())
-        self.vocab_size = int(chat["vocab_size"])
-        self.hidden_size = int(chat["model_config"]["hidden_size"])
-        self.dtype = self.manifest["dtype"]
-        self.context_window = int(context_window or chat["context_window_size"])
-        self.prefill_chunk = min(int(chat["prefill_chunk_size"]), self.context_window)
-        self.max_batch_size = int(max_batch_size or chat.get("max_batch_size", 4))
+        self._read_config(context_window, max_batch_size)
 
         # "cpu", or "opencl" through the runtime add-on, which check_contract loaded
         self.device = tvm.device(self.manifest["device"], 0)
@@ -76,9 +70,6 @@ class Engine:
         self.params = [loaded[n] for n in entries["text"]["parameters"]]
         vision = entries.get("vision")
         self.vision_params = None if vision is None else [loaded[n] for n in vision["parameters"]]
-        self.image = chat.get("image")  # the vision tower's contract, or None
-        # the token an image's embeddings replace (None: no tower, image_pad is text)
-        self._image_pad = None if self.image is None else int(self.image["tokens"]["image_pad"])
         del loaded
 
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}") for name in _BUILTINS}
@@ -96,6 +87,20 @@ class Engine:
             self._shape([self.max_batch_size]), self._shape([1])
         )
         self._caches = (self.kv_cache, self.state)
+
+    def _read_config(self, context_window: int | None, max_batch_size: int | None) -> None:
+        """Sizes and the image contract from mlc-chat-config.json and the manifest, and
+        the empty sequence bookkeeping (whatever runs the model: this VM, or another)."""
+        chat = self.chat = json.loads((self.artifact / "mlc-chat-config.json").read_text())
+        self.vocab_size = int(chat["vocab_size"])
+        self.hidden_size = int(chat["model_config"]["hidden_size"])
+        self.dtype = self.manifest["dtype"]
+        self.context_window = int(context_window or chat["context_window_size"])
+        self.prefill_chunk = min(int(chat["prefill_chunk_size"]), self.context_window)
+        self.max_batch_size = int(max_batch_size or chat.get("max_batch_size", 4))
+        self.image = chat.get("image")  # the vision tower's contract, or None
+        # the token an image's embeddings replace (None: no tower, image_pad is text)
+        self._image_pad = None if self.image is None else int(self.image["tokens"]["image_pad"])
         self._lengths: dict[int, int] = {}
         self._positions: dict[int, int] = {}  # the next M-RoPE position of each sequence
         self._next_id = 0

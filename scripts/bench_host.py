@@ -37,13 +37,14 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def time_ours(artifact: Path, prompt: list[int], steps: int) -> tuple[float, float]:
-    from qwen35_mobile import Model
-
-    m = Model.load(artifact)
-    engine = m.engine
+def time_engine(engine, prompt: list[int], steps: int) -> dict:
+    """Prefill and greedy-decode tokens/s of an engine (the bindings' or another with its
+    interface); the first calls of each (allocations, shader compilation) are timed apart."""
     seq = engine.add_sequence()
-    engine.prefill(seq, prompt[:8])  # warm-up (first-call allocations)
+    t = time.perf_counter()
+    engine.prefill(seq, prompt[:8])  # warm-up: first-call allocations, shaders
+    engine.decode([seq], [1])
+    warm = time.perf_counter() - t
     engine.remove_sequence(seq)
     seq = engine.add_sequence()
     t = time.perf_counter()
@@ -55,7 +56,14 @@ def time_ours(artifact: Path, prompt: list[int], steps: int) -> tuple[float, flo
         token = int(np.argmax(engine.decode([seq], [token])[0]))
     decode = time.perf_counter() - t
     engine.remove_sequence(seq)
-    return len(prompt) / prefill, steps / decode
+    return {"prefill": len(prompt) / prefill, "decode": steps / decode, "warm_up_s": warm}
+
+
+def time_ours(artifact: Path, prompt: list[int], steps: int) -> tuple[float, float]:
+    from qwen35_mobile import Model
+
+    got = time_engine(Model.load(artifact).engine, prompt, steps)
+    return got["prefill"], got["decode"]
 
 
 def time_reference(checkpoint: Path, prompt: list[int], steps: int) -> tuple[float, float, int]:

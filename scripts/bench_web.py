@@ -22,34 +22,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def time_engine(engine, prompt: int, decode: int) -> dict:
-    ids = [int(t) for t in np.random.default_rng(0).integers(0, 240000, prompt)]
-    seq = engine.add_sequence()
-    t = time.perf_counter()
-    engine.prefill(seq, ids[:8])  # warm-up: the shaders / kernels of prefill
-    tok = int(np.argmax(engine.decode([seq], [1])[0]))  # ... and of decode
-    warm = time.perf_counter() - t
-    engine.remove_sequence(seq)
-    seq = engine.add_sequence()
-    t = time.perf_counter()
-    logits = engine.prefill(seq, ids)
-    prefill = time.perf_counter() - t
-    tok = int(np.argmax(logits))
-    t = time.perf_counter()
-    for _ in range(decode):
-        tok = int(np.argmax(engine.decode([seq], [tok])[0]))
-    steps = time.perf_counter() - t
-    engine.remove_sequence(seq)
-    return {"prefill": prompt / prefill, "decode": decode / steps, "warm_up_s": warm}
 
 
 def main() -> None:
@@ -65,6 +43,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("build/bench-web"))
     args = parser.parse_args()
 
+    from bench_host import time_engine
     from bench_vs_llamacpp import cpu_description
 
     from qwen35_mobile import Model
@@ -89,11 +68,12 @@ def main() -> None:
     web = web_model.WebEngine(builds["webgpu"])
     adapter = (web.opened.get("adapter") or {}).get("description", "?")
     print(f"web: model.wasm + weights loaded by tvmjs in {web.opened['seconds']:.1f} s", flush=True)
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, 240000, args.prompt)]
     try:
-        got_web = time_engine(web, args.prompt, args.decode)
+        got_web = time_engine(web, ids, args.decode)
     finally:
         web.close()
-    got_host = time_engine(Model.load(builds["host"]).engine, args.prompt, args.decode)
+    got_host = time_engine(Model.load(builds["host"]).engine, ids, args.decode)
     manifest = json.loads((builds["webgpu"] / "manifest.json").read_text())
     vocab = json.loads((builds["webgpu"] / "mlc-chat-config.json").read_text())["vocab_size"]
     lines = [

@@ -14,7 +14,6 @@ prompt's embeddings are merged on the host, as the Python engine does).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -57,15 +56,11 @@ class WebEngine(Engine):
         *,
         context_window: int | None = None,
         max_batch_size: int | None = None,
-        progress=None,
     ):
-        from ...bindings.artifact import content_problems, header_problems, read_manifest
-        from ...bindings.contract import _raise_first
+        from ...bindings.contract import check_contract
 
         self.artifact = Path(artifact)
-        manifest = self.manifest = read_manifest(self.artifact)
-        _raise_first(self.artifact, header_problems(self.artifact, manifest))
-        _raise_first(self.artifact, content_problems(self.artifact, manifest, full=False))
+        manifest = self.manifest = check_contract(self.artifact, runs_here=False)
         if manifest["target"] != "webgpu" or not manifest.get("wasm"):
             raise UserError(
                 f"{self.artifact}: not a webgpu artifact with a linked model.wasm "
@@ -75,19 +70,11 @@ class WebEngine(Engine):
         why = available()
         if why:
             raise UserError(f"cannot run {self.artifact} on WebGPU here: {why}")
-        chat = self.chat = json.loads((self.artifact / "mlc-chat-config.json").read_text())
-        self.vocab_size = int(chat["vocab_size"])
-        self.hidden_size = int(chat["model_config"]["hidden_size"])
-        self.dtype = manifest["dtype"]
-        self.context_window = int(context_window or chat["context_window_size"])
-        self.prefill_chunk = min(int(chat["prefill_chunk_size"]), self.context_window)
-        self.max_batch_size = int(max_batch_size or chat.get("max_batch_size", 4))
+        self._read_config(context_window, max_batch_size)
         entries = manifest.get("entry_points") or {}
         vision = entries.get("vision")
         # Engine's checks read vision_params only for None-ness: the names stand in.
         self.vision_params = None if vision is None else vision["parameters"]
-        self.image = chat.get("image")
-        self._image_pad = None if self.image is None else int(self.image["tokens"]["image_pad"])
         self._tmp = tempfile.TemporaryDirectory(prefix="qwen35-web-")
         self._files = 0
         self.steps: list[dict] = []  # per forward call: func, tokens, seconds (Node's clock)
@@ -115,9 +102,6 @@ class WebEngine(Engine):
         # many browsers): all-position logits are taken in chunks that fit.
         fits = int(self.opened["max_binding"]) // (self.vocab_size * 4)
         self.prefill_chunk = max(1, min(self.prefill_chunk, fits))
-        self._lengths: dict[int, int] = {}
-        self._positions: dict[int, int] = {}
-        self._next_id = 0
 
     # ---- the VM calls, in Node -------------------------------------------
     def _on_caches(self, builtin: str, seq_id: int) -> None:
