@@ -86,6 +86,38 @@ def image_contract(config: Qwen35Config, processor: ImageProcessorConfig) -> dic
     }
 
 
+def conv_template() -> dict:
+    """The chat format in MLC's ``conv_template`` schema (what WebLLM formats chat
+    requests with): Qwen's ``<|im_start|>role\n...<|im_end|>\n`` turns, no system
+    turn unless one is given, stopping at either end token."""
+    return {
+        "name": "qwen3_5",
+        "system_template": "<|im_start|>system\n{system_message}<|im_end|>\n",
+        "system_message": "",
+        "render_empty_system_message": False,
+        "add_role_after_system_message": True,
+        "roles": {
+            "user": "<|im_start|>user",
+            "assistant": "<|im_start|>assistant",
+            "tool": "<|im_start|>user",
+        },
+        "role_templates": {
+            "user": "{user_message}",
+            "assistant": "{assistant_message}",
+            "tool": "{tool_message}",
+        },
+        "messages": [],
+        "seps": ["<|im_end|>\n"],
+        "role_content_sep": "\n",
+        "role_empty_sep": "\n",
+        "stop_str": ["<|im_end|>", "<|endoftext|>"],
+        "stop_token_ids": list(STOP_TOKEN_IDS),
+        "system_prefix_token_ids": [],
+        "function_string": "",
+        "use_function_calling": False,
+    }
+
+
 def chat_config(config: Qwen35Config, quant: str, context_window: int, prefill_chunk: int) -> dict:
     """The ``mlc-chat-config.json`` fields that apply to this model."""
     return {
@@ -107,7 +139,7 @@ def chat_config(config: Qwen35Config, quant: str, context_window: int, prefill_c
         "repetition_penalty": 1.0,
         "presence_penalty": 1.5,
         "frequency_penalty": 0.0,
-        "conv_template": "qwen3_5",
+        "conv_template": conv_template(),
         "pad_token_id": STOP_TOKEN_IDS[1],
         "bos_token_id": None,
         "eos_token_id": list(STOP_TOKEN_IDS),
@@ -194,7 +226,9 @@ def compile_model(
         progress(
             f"[1/4] exporting the Relax model ({config.num_hidden_layers} layers{tower}, {dtype})"
         )
-        exported = pipeline.export(config, quant, preset, processor=processor)
+        exported = pipeline.export(
+            config, quant, preset, processor=processor, prefill_chunk=prefill_chunk
+        )
         artifact.check_space(Path(out), _bytes_to_write(exported, ckpt_dir))
         library = preset.output
         progress(f"[2/4] compiling for target '{preset.name}' ({preset.target['kind']})")

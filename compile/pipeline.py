@@ -13,6 +13,7 @@ from .quantization import Quantization, QuantizeMap
 
 TEXT = "text"  # the text decoder's entry point: embed, prefill, decode, the state constructors
 VISION = "vision"  # the vision tower's entry point: image_embed
+WEBLLM = "webllm"  # what WebLLM calls besides the decoder: _metadata and its sampler
 
 Param = tuple[str, tuple[int, ...], str]  # name, shape, dtype
 
@@ -156,10 +157,13 @@ def export(
     preset: TargetPreset,
     *,
     processor: ImageProcessorConfig | None = None,
+    prefill_chunk: int = 2048,
 ) -> Exported:
     """The Relax module of the text decoder, with its parameter list, and of
     the vision tower (``image_embed``) when ``processor`` is given (the config
-    must have a tower); each model is built once."""
+    must have a tower); each model is built once.  A preset with ``webllm``
+    adds WebLLM's functions (compile/model/webllm.py; ``prefill_chunk`` goes into
+    its metadata)."""
     q = quantization.get(quant)
     dtype = q.model_dtype
     target = preset.kernel_target(dtype)
@@ -168,7 +172,7 @@ def export(
 
     kernels = kernel_set_for(preset, dtype)
     model, qmap = _model(config, q, target, kernels)
-    spec = model.get_default_spec()
+    spec = model.get_default_spec(webllm=preset.webllm)
     mod, named = model.export_tvm(spec=spec)
     if preset.is_gpu:
         from .kernels.gpu_gated_delta_rule import max_threads_for_target
@@ -193,6 +197,12 @@ def export(
             lanes if config.head_dim % lanes == 0 else 1,
         )
     exported = Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
+    if preset.webllm:
+        from .model.webllm import FUNCTIONS, webllm_module
+
+        text = exported.entry_points[TEXT].params
+        wmod = webllm_module(config.vocab_size, text, prefill_chunk)
+        exported.add_entry_point(WEBLLM, EntryPoint(list(FUNCTIONS), []), wmod)
     if processor is not None:
         if config.vision is None:
             raise ValueError("a vision entry point needs a config with a vision tower")

@@ -38,6 +38,7 @@ class TargetPreset:
     wasm: str | None = (
         None  # web builds: the .wasm linked next to the library when TVM's web runtime is built
     )
+    webllm: bool = False  # also export what WebLLM calls (compile/model/webllm.py)
 
     @property
     def is_gpu(self) -> bool:
@@ -109,6 +110,7 @@ def _device(
     notes: tuple[str, ...] = (),
     per_block_attr: bool = True,
     wasm: str | None = None,
+    webllm: bool = False,
     **attrs: Any,
 ) -> TargetPreset:
     """A GPU preset: the device limits go into the TVM target dict (``max_num_threads``, which dlight and the hand-written
@@ -129,6 +131,7 @@ def _device(
         notes=notes,
         device=kind,
         wasm=wasm,
+        webllm=webllm,
     )
 
 
@@ -188,6 +191,7 @@ PRESETS.update(
             # functions unprefixed: one model per .wasm.
             system_lib_prefix="",
             wasm="model.wasm",
+            webllm=True,  # WebLLM's ABI and sampler next to ours, so that a WebLLM app loads the build
             description="browsers: WGSL kernels, wasm32 host code, .tar of wasm objects + linked model.wasm",
             notes=(
                 "model.tar holds wasm32 objects (lib0.o: host code, devc.o: WGSL source), no system-lib prefix; "

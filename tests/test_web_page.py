@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from conftest import need
+from conftest import host_greedy, need
 from PIL import Image
 
 from qwen35_mobile.bindings import web_page, web_runtime
@@ -37,19 +37,6 @@ def _browser_missing() -> str | None:
     if not PLAYWRIGHT.exists() or not web_page.tokenizers_js().exists():
         return f"playwright-core / @mlc-ai/web-tokenizers not in {web_page.BROWSER_MODULES}"
     return web_runtime.why_unavailable()
-
-
-def _host_tokens(artifact, ids: list[int]) -> list[int]:
-    from qwen35_mobile import Model
-
-    engine = Model.load(artifact).engine
-    seq = engine.add_sequence()
-    logits, tokens = engine.prefill(seq, ids), []
-    for step in range(NEW_TOKENS):
-        tokens.append(int(np.argmax(logits)))
-        if step + 1 < NEW_TOKENS:
-            logits = engine.decode([seq], [tokens[-1]])[0]
-    return tokens
 
 
 def test_chat_page_in_chromium_gives_the_host_tokens(artifact, tmp_path):
@@ -85,7 +72,7 @@ def test_chat_page_in_chromium_gives_the_host_tokens(artifact, tmp_path):
         .encode(chat_prompt(PROMPT), add_special_tokens=False)
         .ids
     )
-    host = _host_tokens(artifact("tiny", "q0f32"), ids)
+    host = host_greedy(artifact("tiny", "q0f32"), ids, NEW_TOKENS)
     for run in ("online", "offline"):
         got = out[run]
         assert "error" not in got, (run, got.get("error"), out["console"])

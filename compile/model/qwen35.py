@@ -158,16 +158,17 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
 
     def forward(
-        self, x: Tensor, offsets: Tensor, kv_cache: PagedKVCache, attn_layer_id: int
+        self, x: Tensor, offsets: Tensor | None, kv_cache: PagedKVCache, attn_layer_id: int
     ) -> Tensor:
+        """``offsets`` None: text only, the cache's RoPE alone (as all-zero offsets give)."""
         b, s, _ = x.shape
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         q_gate = op.reshape(self.q_proj(x), (b, s, hq, 2 * d))
         q, gate = op.split(q_gate, 2, axis=-1)  # [b, s, hq, d] each
-        q = mrope_shift(self.q_norm(q), offsets, self.config)
-        k = mrope_shift(
-            self.k_norm(op.reshape(self.k_proj(x), (b, s, hk, d))), offsets, self.config
-        )
+        q = self.q_norm(q)
+        k = self.k_norm(op.reshape(self.k_proj(x), (b, s, hk, d)))
+        if offsets is not None:
+            q, k = mrope_shift(q, offsets, self.config), mrope_shift(k, offsets, self.config)
         v = op.reshape(self.v_proj(x), (b, s, hk, d))
         qkv = op.concat([q, k, v], dim=2)  # [b, s, hq + 2 hk, d]
         attn = kv_cache.attention_with_fused_qkv(attn_layer_id, qkv, hq, sm_scale=d**-0.5)
@@ -320,7 +321,7 @@ class Qwen35LM(nn.Module):
             return op.matmul(x, op.permute_dims(self.embed_tokens.weight), out_dtype=F32)
         return self.lm_head(x)
 
-    def _decoder(self, x: Tensor, offsets: Tensor, kv_cache: PagedKVCache, state: RNNState):
+    def _decoder(self, x: Tensor, offsets: Tensor | None, kv_cache: PagedKVCache, state: RNNState):
         if x.dtype != F32:  # the residual stream is kept in fp32 whatever the model dtype
             x = x.astype(F32)
         for layer, mixer_id in zip(self.layers, self.mixer_ids):
@@ -354,6 +355,32 @@ class Qwen35LM(nn.Module):
         """b sequences, one new token each: [b, 1, h] -> logits [b, 1, V]."""
         x, state = self._decoder(input_embed, rope_offsets, kv_cache, state)
         return self._logits(x), kv_cache, state
+
+    # ---- WebLLM's names and arguments (compile/model/webllm.py), text only ----------
+    def batch_prefill(
+        self, input_embeds: Tensor, logit_positions: Tensor, kv_cache: PagedKVCache, state: RNNState
+    ):
+        """One sequence, s new text tokens: [1, s, h] -> logits at ``logit_positions`` [1, p, V]."""
+        x, state = self._decoder(input_embeds, None, kv_cache, state)
+        return self._logits(op.take(x, logit_positions, axis=1)), kv_cache, state
+
+    def batch_decode(self, input_embeds: Tensor, kv_cache: PagedKVCache, state: RNNState):
+        """b sequences, one new text token each: [b, 1, h] -> logits [b, 1, V]."""
+        x, state = self._decoder(input_embeds, None, kv_cache, state)
+        return self._logits(x), kv_cache, state
+
+    def create_tir_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """:meth:`create_paged_kv_cache` under WebLLM's name."""
+        return self.create_paged_kv_cache(
+            max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window
+        )
 
     def create_paged_kv_cache(
         self,
@@ -398,12 +425,22 @@ class Qwen35LM(nn.Module):
         shapes = self.layers[lin[0]].linear_attn.state_shapes()
         return RNNState.create(max_batch_size, max_history, len(lin), shapes)
 
-    def get_default_spec(self):
+    def get_default_spec(self, *, webllm: bool = False):
+        """The exported functions; ``webllm``: also WebLLM's (batch_prefill, batch_decode,
+        create_tir_paged_kv_cache)."""
         h = self.config.hidden_size
         common = {"$": {"param_mode": "packed", "effect_mode": "none"}}
         caches = {
             "kv_cache": nn.spec.Object(object_type=PagedKVCache),
             "state": nn.spec.Object(object_type=RNNState),
+        }
+        kv_cache_args = {
+            "max_batch_size": int,
+            "max_total_seq_len": int,
+            "prefill_chunk_size": int,
+            "page_size": int,
+            "support_sliding_window": int,
+            "$": {"param_mode": "none", "effect_mode": "none"},
         }
         spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **common},
@@ -425,18 +462,24 @@ class Qwen35LM(nn.Module):
                 **caches,
                 **common,
             },
-            "create_paged_kv_cache": {
-                "max_batch_size": int,
-                "max_total_seq_len": int,
-                "prefill_chunk_size": int,
-                "page_size": int,
-                "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
+            "create_paged_kv_cache": dict(kv_cache_args),
             "create_rnn_state": {
                 "max_batch_size": int,
                 "max_history": int,
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
+        if webllm:
+            spec["batch_prefill"] = {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                **caches,
+                **common,
+            }
+            spec["batch_decode"] = {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, h], self.dtype),
+                **caches,
+                **common,
+            }
+            spec["create_tir_paged_kv_cache"] = dict(kv_cache_args)  # from_raw pops "$"
         return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -161,16 +161,41 @@ class WebEngine(Engine):
         self.steps.append({"func": "image_embed", "tokens": 0, "seconds": reply["seconds"]})
         return _read(out, reply)
 
+    def call(self, func: str, *args: np.ndarray | int) -> list[np.ndarray] | str:
+        """Any other VM function that takes no parameters (WebLLM's ``_metadata`` and
+        sampler: compile/model/webllm.py) on arrays or ints: its tensors (dtypes kept),
+        or the string it returns."""
+        files, spec = [], []
+        for a in args:
+            if isinstance(a, int):
+                spec.append({"int": a})
+                continue
+            path = self._path("arg.bin")
+            np.ascontiguousarray(a).tofile(path)
+            files.append(path)
+            spec.append({"file": path, "dtype": str(a.dtype), "shape": list(a.shape)})
+        out = self._path(func)
+        try:
+            reply = self._proc.request({"op": "call", "func": func, "args": spec, "out": out})
+        finally:
+            for path in files:
+                os.unlink(path)
+        if "value" in reply:
+            return reply["value"]
+        return [_read(f"{out}.{i}", r, keep_dtype=True) for i, r in enumerate(reply["outputs"])]
+
     def close(self) -> None:
         self._proc.close()
         self._tmp.cleanup()
 
 
-def _read(path: str, reply: dict) -> np.ndarray:
-    """A tensor the runner wrote (raw bytes; shape and dtype in its reply), as float32."""
+def _read(path: str, reply: dict, *, keep_dtype: bool = False) -> np.ndarray:
+    """A tensor the runner wrote (raw bytes; shape and dtype in its reply), as float32
+    (``keep_dtype``: as written)."""
     data = np.fromfile(path, dtype=np.dtype(reply["dtype"]).newbyteorder("<"))
     os.unlink(path)
-    return data.reshape(reply["shape"]).astype(np.float32)
+    data = data.reshape(reply["shape"])
+    return data if keep_dtype else data.astype(np.float32)
 
 
 class _NodeModel(webgpu._Runner):

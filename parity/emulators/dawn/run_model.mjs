@@ -14,6 +14,10 @@
 //        -> logits written to FILE, reply {shape, dtype, seconds}
 //   {"op": "embed", "tokens": [..], "out": FILE}                 -> token embeddings
 //   {"op": "image", "pixels": FILE, "hw": [H, W], "out": FILE}  -> image embeddings
+//   {"op": "call", "func": NAME, "args": [{"file", "dtype", "shape"} | {"int": N}], "out": PREFIX}
+//        any other VM function without parameters (WebLLM's sampler, compile/model/webllm.py):
+//        its tensor results written to PREFIX.0, PREFIX.1, ..., reply {outputs: [{shape, dtype}]};
+//        a string result is replied as {value}
 // (files hold a tensor's raw little-endian bytes; the reply gives shape and dtype)
 //   {"op": "exit"}
 // Env: QWEN35_WEBGPU_MODULE (npm webgpu's index.js), QWEN35_TVMJS (tvmjs.bundle.js).
@@ -171,8 +175,30 @@ async function forward(req) {
   return { ...meta, seconds: (t1 - t0) / 1000 };
 }
 
+async function call(req) {
+  tvm.beginScope();
+  const f = vm.getFunction(req.func);
+  const args = req.args.map((a) => (a.file === undefined
+    ? tvm.scalar(a.int, 'int64')
+    : tvm.empty(a.shape, a.dtype, device).copyFromRawBytes(new Uint8Array(readFileSync(a.file)))));
+  const result = f(...args);
+  let reply;
+  if (typeof result === 'string' || result instanceof String) {
+    reply = { value: String(result) };
+  } else {
+    const items = result.size === undefined || result.shape !== undefined
+      ? [result] : Array.from({ length: result.size() }, (_, i) => result.get(i));
+    const outputs = [];
+    for (let i = 0; i < items.length; ++i) outputs.push(await toFile(items[i], `${req.out}.${i}`));
+    reply = { outputs };
+  }
+  tvm.endScope();
+  return reply;
+}
+
 const handlers = {
   open,
+  call,
   add: (req) => seqOp('add_sequence', req.seq),
   remove: (req) => seqOp('remove_sequence', req.seq),
   forward,
