@@ -14,4 +14,8 @@ if ! bash scripts/setup_emulators.sh; then
   echo "test: some emulators are not installed; their tests will skip, saying why"
 fi
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q -rs --durations=25 tests "$@"  # -rs: every skip says why; the 25 slowest tests listed
+# One worker per core (QWEN35_TEST_WORKERS overrides), each taking whole test files
+# (a file's module fixtures, e.g. a qemu run, are made once); the artifacts the
+# files share are compiled once per session (tests/conftest.py).
+workers=${QWEN35_TEST_WORKERS:-$(nproc)}
+exec .venv/bin/python -m pytest -q -rs --durations=25 -n "$workers" --dist loadfile tests "$@"  # -rs: every skip says why; the 25 slowest tests listed

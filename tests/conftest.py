@@ -19,6 +19,8 @@ always runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import os
 from pathlib import Path
@@ -26,6 +28,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# scripts/test.sh runs the suite in pytest-xdist workers (one per core): each
+# worker's TVM thread pool gets its share of the cores, as oversubscribed pools
+# spin against each other (bindings/engine.py would otherwise give each all of them).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 #: True under CI (``CI=true``): a missing tool fails the test instead of skipping it.
 CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
@@ -68,42 +77,88 @@ def need_module(name: str, what: str | None = None):
         )
 
 
+def _shared_root(tmp_path_factory, name: str) -> Path:
+    """A folder every worker of this test session sees (pytest-xdist: the parent of the
+    workers' temporary roots), so that a checkpoint or artifact is made once per session."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path`` (another worker making the same thing waits)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _key_name(label: str, *parts) -> str:
+    """``label`` and a digest of ``parts``: a folder name for one set of options."""
+    import hashlib
+
+    return f"{label}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:8]}"
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """checkpoint(preset, **write_checkpoint options) -> directory."""
+    """checkpoint(preset, **write_checkpoint options) -> directory (made once per session)."""
     from qwen35_mobile.compile.config import preset
     from qwen35_mobile.parity.checkpoint import write_checkpoint
 
-    root = tmp_path_factory.mktemp("checkpoints")
-    made: dict[tuple, Path] = {}
+    root = _shared_root(tmp_path_factory, "checkpoints")
 
     def make(name: str = "tiny", **options) -> Path:
-        key = (name, tuple(sorted(options.items())))
-        if key not in made:
-            out = root / f"{name}-{len(made)}"
-            write_checkpoint(preset(name), out, **options)
-            made[key] = out
-        return made[key]
+        out = root / _key_name(name, tuple(sorted(options.items())))
+        with _locked(out.with_suffix(".lock")):
+            done = out.with_suffix(".done")
+            if not done.exists():
+                if out.exists():  # a worker stopped half-way
+                    import shutil
+
+                    shutil.rmtree(out)
+                write_checkpoint(preset(name), out, **options)
+                done.touch()
+        return out
 
     return make
 
 
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory, checkpoint):
-    """artifact(preset, quant, target="host") -> compiled artifact of that preset's checkpoint."""
+    """artifact(preset, quant, target="host") -> compiled artifact of that preset's
+    checkpoint (compiled once per session; compile_model writes it atomically)."""
     from qwen35_mobile.compile.compiler import compile_model
 
-    root = tmp_path_factory.mktemp("artifacts")
-    made: dict[tuple, Path] = {}
+    root = _shared_root(tmp_path_factory, "artifacts")
 
     def make(name: str = "tiny", quant: str = "q0f32", target: str = "host", **options) -> Path:
-        key = (name, quant, target, tuple(sorted(options.items())))
-        if key not in made:
-            out = root / f"{name}-{quant}-{target}-{len(made)}"
-            compile_model(
-                str(checkpoint(name)), target, quant, out, progress=lambda _: None, **options
-            )
-            made[key] = out
-        return made[key]
+        out = root / _key_name(f"{name}-{quant}-{target}", tuple(sorted(options.items())))
+        with _locked(out.with_suffix(".lock")):
+            if not out.exists():
+                compile_model(
+                    str(checkpoint(name)), target, quant, out, progress=lambda _: None, **options
+                )
+        return out
 
     return make
+
+
+def host_greedy(artifact: Path, ids: list[int], new_tokens: int) -> list[int]:
+    """The host build's greedy tokens after the prompt ``ids`` (the browser tests' reference)."""
+    import numpy as np
+
+    from qwen35_mobile import Model
+
+    engine = Model.load(artifact).engine
+    seq = engine.add_sequence()
+    logits, tokens = engine.prefill(seq, ids), []
+    for step in range(new_tokens):
+        tokens.append(int(np.argmax(logits)))
+        if step + 1 < new_tokens:
+            logits = engine.decode([seq], [tokens[-1]])[0]
+    return tokens

@@ -22,7 +22,7 @@ from qwen35_mobile.parity.emulators import aarch64
 from qwen35_mobile.parity.report import CRITERIA
 
 NEW_TOKENS = 16
-LENGTHS = (10, 70, 150)  # the last one longer than the reference's 64-token DeltaNet chunk
+LENGTHS = (10, 150)  # the second longer than the reference's 64-token DeltaNet chunk
 
 
 @pytest.fixture(scope="module")

@@ -114,9 +114,10 @@ def test_opencl_whole_model_and_every_kernel_on_pocl(artifact, checkpoint, tmp_p
     _check_plot(report)
 
 
-@pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q0f16", 1e-2)])
+@pytest.mark.parametrize("quant,tolerance", [("q0f16", 1e-2)])
 def test_webgpu_every_wgsl_kernel_on_dawn(artifact, checkpoint, tmp_path, quant, tolerance):
-    # the whole model on WebGPU: tests/test_web_model.py
+    # The whole model on WebGPU: tests/test_web_model.py (q0f32 at 1e-4 and q4f16_1), which
+    # runs every q0f32 kernel in place; the replay here checks each fp16 kernel on its own.
     report, _ = _run("webgpu", artifact, checkpoint, tmp_path, quant=quant, whole_model=False)
     assert report["pass"] and "model" not in report
     _check_kernels(report, tolerance)
