@@ -164,6 +164,8 @@ def export(
     must have a tower); each model is built once.  A preset with ``webllm``
     adds WebLLM's functions (compile/model/webllm.py; ``prefill_chunk`` goes into
     its metadata)."""
+    from ..targets import get_target
+
     q = quantization.get(quant)
     dtype = q.model_dtype
     target = preset.kernel_target(dtype)
@@ -172,7 +174,10 @@ def export(
 
     kernels = kernel_set_for(preset, dtype)
     model, qmap = _model(config, q, target, kernels)
-    spec = model.get_default_spec(webllm=preset.webllm)
+    # WebLLM's decoder functions; a host twin exports them too, so that its kernels are
+    # named as its GPU preset's (the kernel replay pairs kernels by name)
+    twin_of = get_target(preset.graph_of) if preset.graph_of else None
+    spec = model.get_default_spec(webllm=preset.webllm or bool(twin_of and twin_of.webllm))
     mod, named = model.export_tvm(spec=spec)
     if preset.is_gpu:
         from .kernels.gpu_gated_delta_rule import max_threads_for_target
@@ -196,7 +201,13 @@ def export(
             dtype,
             lanes if config.head_dim % lanes == 0 else 1,
         )
-    exported = Exported(mod, {TEXT: EntryPoint(list(spec.method_names), _shapes(named))}, q, qmap)
+    functions = list(spec.method_names)
+    if "batch_prefill" in functions:  # WebLLM's names: its cache constructor is ours
+        from .model.webllm import alias
+
+        mod = alias(mod, "create_tir_paged_kv_cache", "create_paged_kv_cache")
+        functions.append("create_tir_paged_kv_cache")
+    exported = Exported(mod, {TEXT: EntryPoint(functions, _shapes(named))}, q, qmap)
     if preset.webllm:
         from .model.webllm import FUNCTIONS, webllm_module
 

@@ -9,11 +9,16 @@ The first call of each kind compiles the shaders and is timed apart ("warm-up").
 Both software GPUs and the CPU share the same cores, so the figure to read is the
 ratio to the host build measured here, not the absolute tokens/s.
 
+``--browser`` adds the chat page of ``qwen35-mobile serve`` in headless Chromium on
+SwiftShader (scripts/setup_emulators.sh browser; float32 builds only: SwiftShader has no
+shader-f16): the page's own prefill/decode tokens/s for a text prompt of about
+--prompt tokens, the second of two turns (the first compiles the shaders).
+
 Per decode step the only device-to-host copy is the logits row the host samples
 from (run_model.mjs: ``toFile(logits)`` after the step; the KV cache, the RNN state
 and every activation stay in GPU buffers); the table gives its bytes per step.
 
-    .venv/bin/python scripts/bench_web.py [--preset qwen3.5-0.8b] [--quant q4f32_1]
+    .venv/bin/python scripts/bench_web.py [--preset qwen3.5-0.8b] [--quant q4f32_1] [--browser]
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("build/bench-web"))
+    parser.add_argument(
+        "--browser", action="store_true", help="also the chat page in Chromium/SwiftShader"
+    )
     args = parser.parse_args()
 
     from bench_host import time_engine
@@ -73,6 +81,7 @@ def main() -> None:
         got_web = time_engine(web, ids, args.decode)
     finally:
         web.close()
+    got_page = page_speed(builds["webgpu"], args.prompt, args.decode) if args.browser else None
     got_host = time_engine(Model.load(builds["host"]).engine, ids, args.decode)
     manifest = json.loads((builds["webgpu"] / "manifest.json").read_text())
     vocab = json.loads((builds["webgpu"] / "mlc-chat-config.json").read_text())["vocab_size"]
@@ -85,10 +94,17 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     copy = f"{vocab * 4 / 1024:.0f} KiB (the logits row)"
-    for name, got, host_copy in (
-        ("webgpu (tvmjs, Dawn/lavapipe)", got_web, copy),
-        ("host CPU", got_host, "-"),
-    ):
+    rows = [("webgpu (tvmjs, Dawn/lavapipe)", got_web, copy)]
+    if got_page:
+        rows.append(
+            (
+                f"webgpu (chat page, Chromium/SwiftShader; prompt {got_page['prompt']})",
+                got_page,
+                copy,
+            )
+        )
+    rows.append(("host CPU", got_host, "-"))
+    for name, got, host_copy in rows:
         lines.append(
             f"| {name} | {got['prefill']:.2f} | {got['decode']:.2f} | "
             f"{got['prefill'] / got_host['prefill']:.2f}x / {got['decode'] / got_host['decode']:.2f}x | "
@@ -97,6 +113,55 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     (args.out / "table.md").write_text(table + "\n")
+
+
+def page_speed(artifact: Path, prompt_tokens: int, decode: int) -> dict:
+    """The chat page's tokens/s in headless Chromium (SwiftShader): two turns of a text
+    prompt of about ``prompt_tokens`` tokens, the second one's speeds."""
+    import subprocess
+    from urllib.parse import quote
+
+    from qwen35_mobile.bindings import web_page
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    if manifest["dtype"] != "float32":
+        raise SystemExit("--browser: SwiftShader has no shader-f16; use a float32 build")
+    driver = Path(__file__).resolve().parents[1] / "parity" / "emulators" / "browser"
+    playwright = web_page.BROWSER_MODULES / "playwright-core" / "index.js"
+    text = " ".join(["hello"] * max(1, prompt_tokens - 10))  # + the chat template's tokens
+    url, server = web_page.serve_in_background(artifact)
+    print("web: the chat page in Chromium/SwiftShader (two turns)", flush=True)
+    try:
+        proc = subprocess.run(
+            [
+                "node",
+                str(driver / "run_page.mjs"),
+                f"{url}?prompt={quote(text)}&max={decode + 1}&runs=2&nosw",
+                "--timeout",
+                "36000",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "QWEN35_PLAYWRIGHT": str(playwright)},
+        )
+    finally:
+        server.shutdown()
+    if proc.returncode != 0:
+        raise SystemExit(f"the page run failed: {proc.stderr[-2000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])["online"]
+    if "error" in got:
+        raise SystemExit(f"the page failed: {got['error']}")
+    first = got["first"]
+    # warm-up: what the first turn's compiles cost over the second turn, in seconds
+    n = len(got["prompt_ids"])
+    warm = n / first["prefill_tps"] - n / got["prefill_tps"]
+    warm += decode / first["decode_tps"] - decode / got["decode_tps"]
+    return {
+        "prefill": got["prefill_tps"],
+        "decode": got["decode_tps"],
+        "warm_up_s": max(0.0, warm),
+        "prompt": n,
+    }
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def _reference(checkpoint, artifact):
     return Reference(checkpoint("tiny"), round_to=dtypes, quant=manifest["quantization"])
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+# q0f16 (NEON + fullfp16 arithmetic): the q0f32 build's whole model runs under qemu
+# against transformers in tests/test_emulators.py (test_aarch64_whole_model_...).
+@pytest.mark.parametrize("quant", ["q0f16"])
 def test_emulated_logits_match_transformers(quant, emulated, aarch64_build, checkpoint, prompts):
     got, info = emulated(quant)
     assert (
@@ -125,7 +127,7 @@ def test_emulated_logits_match_transformers(quant, emulated, aarch64_build, chec
     assert np.mean(agree) >= criteria["min_top1"]
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q0f16"])
+@pytest.mark.parametrize("quant", ["q0f16"])
 def test_emulated_matches_host_build(quant, emulated, artifact, prompts):
     from qwen35_mobile.bindings.engine import Engine
     from qwen35_mobile.parity.report import collect_ours

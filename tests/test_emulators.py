@@ -29,14 +29,14 @@ def _need(name: str) -> None:
     need(available(name), f"the {name} emulator")
 
 
-def _run(name, artifact, checkpoint, tmp_path, quant="q0f32", **kw):
+def _run(name, artifact, checkpoint, tmp_path, quant="q0f32", new_tokens=8, **kw):
     _need(name)
     report_path = tmp_path / f"parity-{name}.json"
     report = run_emulator(
         name,
         artifact("tiny", quant),
         checkpoint("tiny"),
-        new_tokens=8,
+        new_tokens=new_tokens,
         report=report_path,
         progress=lambda _: None,
         **kw,
@@ -188,7 +188,13 @@ def test_a_broken_kernel_is_named_by_the_report(artifact, checkpoint, tmp_path, 
     # Kernels only: the whole-model run (PoCL, qemu) is the passing test's; skipping it
     # here saves its compile and run (minutes under qemu) and proves nothing less.
     report, _ = _run(
-        emulator, artifact, checkpoint, tmp_path, break_kernel=broken, whole_model=False
+        emulator,
+        artifact,
+        checkpoint,
+        tmp_path,
+        break_kernel=broken,
+        whole_model=False,
+        new_tokens=2,  # the broken kernel first fails in the continued prefill
     )
     assert "model" not in report
     k = report["kernels"]["summary"]

@@ -43,7 +43,11 @@ def web_artifact(artifact):
     return make
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q4f16_1"])
+# q0f32 at 1e-4 here; the other three quantizations pass too, measured with
+# `qwen35-mobile parity ART --emulator webgpu --whole-model-only` (docs/web.md: the table).
+# In the suite, fp16 on WebGPU is the per-kernel replay of the q0f16 build
+# (tests/test_emulators.py): the whole q4f16_1 model took 5 minutes of the CI's 45.
+@pytest.mark.parametrize("quant", ["q0f32"])
 def test_whole_model_through_tvmjs_on_dawn(web_artifact, checkpoint, tmp_path, quant):
     art = web_artifact(quant)
     manifest = json.loads((art / "manifest.json").read_text())

@@ -113,15 +113,18 @@ def _kernels(vocab: int, padded: int):
     return bitonic_init, bitonic_pass, bitonic_take
 
 
-def argsort_descending(bb: relax.BlockBuilder, probs: relax.Expr, vocab: int) -> relax.Expr:
+def argsort_descending(
+    bb: relax.BlockBuilder, probs: relax.Expr, vocab: int, prefix: str = ""
+) -> relax.Expr:
     """Emit, into ``bb``'s current function, the sort of ``probs`` [n, vocab]
     float32 rows: a tuple (sorted values [n, vocab] float32, their indices
-    [n, vocab] int32), each row descending."""
+    [n, vocab] int32), each row descending; its kernels are ``<prefix>bitonic_*``."""
     padded = max(2 * _THREADS, 1 << (vocab - 1).bit_length())
     init, step, take = (
         bb.add_func(f, name)
         for f, name in zip(
-            _kernels(vocab, padded), ("bitonic_init", "bitonic_pass", "bitonic_take")
+            _kernels(vocab, padded),
+            (f"{prefix}bitonic_init", f"{prefix}bitonic_pass", f"{prefix}bitonic_take"),
         )
     )
     n = probs.ty.shape[0]

@@ -369,19 +369,6 @@ class Qwen35LM(nn.Module):
         x, state = self._decoder(input_embeds, None, kv_cache, state)
         return self._logits(x), kv_cache, state
 
-    def create_tir_paged_kv_cache(
-        self,
-        max_batch_size: tirx.Var,
-        max_total_seq_len: tirx.Var,
-        prefill_chunk_size: tirx.Var,
-        page_size: tirx.Var,
-        support_sliding_window: tirx.Var,
-    ) -> PagedKVCache:
-        """:meth:`create_paged_kv_cache` under WebLLM's name."""
-        return self.create_paged_kv_cache(
-            max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window
-        )
-
     def create_paged_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -426,8 +413,8 @@ class Qwen35LM(nn.Module):
         return RNNState.create(max_batch_size, max_history, len(lin), shapes)
 
     def get_default_spec(self, *, webllm: bool = False):
-        """The exported functions; ``webllm``: also WebLLM's (batch_prefill, batch_decode,
-        create_tir_paged_kv_cache)."""
+        """The exported functions; ``webllm``: also WebLLM's batch_prefill and batch_decode
+        (its cache constructor is an alias: compile/model/webllm.py)."""
         h = self.config.hidden_size
         common = {"$": {"param_mode": "packed", "effect_mode": "none"}}
         caches = {
@@ -462,7 +449,7 @@ class Qwen35LM(nn.Module):
                 **caches,
                 **common,
             },
-            "create_paged_kv_cache": dict(kv_cache_args),
+            "create_paged_kv_cache": kv_cache_args,
             "create_rnn_state": {
                 "max_batch_size": int,
                 "max_history": int,
@@ -481,5 +468,4 @@ class Qwen35LM(nn.Module):
                 **caches,
                 **common,
             }
-            spec["create_tir_paged_kv_cache"] = dict(kv_cache_args)  # from_raw pops "$"
         return nn.spec.ModuleSpec.from_raw(spec, self)

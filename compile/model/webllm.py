@@ -18,8 +18,8 @@ WebLLM's ``LLMChatPipeline`` opens a model library through its VM and:
 
 This module builds ``_metadata`` and those six as a Relax module of their own
 (no parameters).  The processors are small hand-scheduled kernels (one thread
-per listed token, or per vocabulary entry for the bitmask); softmax is Relax
-(dlight schedules it); the sort is ours (:mod:`..kernels.gpu_argsort`: TVM's GPU
+per listed token, or per vocabulary entry for the bitmask); softmax is TE
+(topi's, scheduled by dlight); the sort is ours (:mod:`..kernels.gpu_argsort`: TVM's GPU
 sort launches over ``blockIdx.z``, which WGSL lacks), and so is the top-p
 sampler: TVM's GPU scan (``gpu_2d_continuous_cumsum``) assumes CUDA's lock-step
 warps (no barrier between its in-warp steps) and returned wrong prefix sums on
@@ -32,10 +32,8 @@ from __future__ import annotations
 import json
 
 import tvm
-from tvm import relax, tirx
-from tvm.script import ir as I  # noqa: N812 (TVMScript's names)
-from tvm.script import relax as R  # noqa: N812
-from tvm.script import tirx as T  # noqa: N812
+from tvm import relax, te, tirx, topi
+from tvm.script import tirx as T  # noqa: N812 (TVMScript's name)
 
 from ..kernels.gpu_argsort import argsort_descending
 
@@ -50,6 +48,10 @@ FUNCTIONS = (
     "apply_bitmask_inplace",
 )
 
+# Every kernel of the module is named webllm_<name>: joined with the decoder's module, it
+# must not renumber the decoder's kernels (the host twin, which has no sampler, names them
+# as the device build does, and the kernel replay pairs them by name).
+PREFIX = "webllm_"
 _THREADS = 256  # threads per workgroup of the processors (every GPU preset allows 256)
 
 
@@ -235,21 +237,7 @@ def webllm_module(
     """The IRModule of :data:`FUNCTIONS` for a vocabulary of ``vocab`` tokens."""
     logit_bias, penalty, bitmask, top_p_sample = _kernels(vocab)
 
-    @I.ir_module
-    class WebLLM:
-        @R.function
-        def softmax_with_temperature(
-            logits: R.Tensor(("b", 1, vocab), "float32"), temperature: R.Tensor(("b",), "float32")
-        ) -> R.Tensor(("b", 1, vocab), "float32"):
-            b = T.int64()
-            with R.dataflow():  # (dataflow blocks: what FuseOps fuses)
-                t = R.reshape(temperature, R.shape([b, 1, 1]))
-                probs = R.nn.softmax(R.divide(logits, t), axis=-1)
-                R.output(probs)
-            return probs
-
-    mod = WebLLM
-    bb = relax.BlockBuilder(mod)
+    bb = relax.BlockBuilder()
     i32, f32 = "int32", "float32"
     logits = relax.TensorType([tirx.Var("b", "int64"), vocab], f32)
     ns, t = tirx.Var("ns", "int64"), tirx.Var("t", "int64")
@@ -285,11 +273,29 @@ def webllm_module(
         ),
     ]
     n, m = tirx.Var("n", "int64"), tirx.Var("m", "int64")
+    b = logits.shape[0]
+    args = [
+        relax.Var("logits", relax.TensorType([b, 1, vocab], f32)),
+        relax.Var("temperature", relax.TensorType([b], f32)),
+    ]
+    with bb.function("softmax_with_temperature", params=args):
+        with bb.dataflow():  # (FuseOps fuses within dataflow blocks)
+            scaled = bb.emit(
+                bb.call_te(
+                    lambda x, t: te.compute(x.shape, lambda i, j, v: x[i, j, v] / t[i]),
+                    *args,
+                    primfunc_name_hint=f"{PREFIX}scale",
+                )
+            )
+            probs = bb.emit_output(
+                bb.call_te(topi.nn.softmax, scaled, axis=-1, primfunc_name_hint=f"{PREFIX}softmax")
+            )
+        bb.emit_func_output(probs)
     probs = relax.Var("probs", relax.TensorType([n, vocab], f32))
     with bb.function("argsort_probs", params=[probs]):
         # each row in descending order of probability, and the token of each entry
-        bb.emit_func_output(argsort_descending(bb, probs, vocab))
-    sampler = bb.add_func(top_p_sample, "top_p_sample")
+        bb.emit_func_output(argsort_descending(bb, probs, vocab, PREFIX))
+    sampler = bb.add_func(top_p_sample, f"{PREFIX}top_p_sample")
     args = [
         relax.Var("sorted_probs", relax.TensorType([n, vocab], f32)),
         relax.Var("sorted_ids", relax.TensorType([n, vocab], i32)),
@@ -301,7 +307,7 @@ def webllm_module(
         out = bb.emit(relax.call_tir(sampler, args, relax.TensorType([m], i32)))
         bb.emit_func_output(out)
     for name, kernel, kernel_name, rest in processors:
-        gv = bb.add_func(kernel, kernel_name)
+        gv = bb.add_func(kernel, f"{PREFIX}{kernel_name}")
         args = [relax.Var("logits", logits)] + [relax.Var(n, sinfo) for n, sinfo in rest]
         with bb.function(name, params=args):
             # the logits are updated in place (WebLLM passes a view of its logits and reads it back)
@@ -309,4 +315,22 @@ def webllm_module(
             bb.emit_func_output(out)
     with bb.function("_metadata", params=[]):
         bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata(params, prefill_chunk_size))))
+    return bb.get()
+
+
+def alias(mod, name: str, of: str):
+    """``mod`` with a Relax function ``name`` that calls ``of`` with its arguments
+    (WebLLM's ``create_tir_paged_kv_cache`` is our ``create_paged_kv_cache``: a second
+    export of the constructor would add the cache's kernels twice, under the same names)."""
+    func = mod[of]
+    params = []
+    for p in func.params:
+        if not isinstance(p.ty, relax.ShapeType):
+            raise ValueError(f"alias: {of} takes {p.name}: {p.ty}, not a shape")
+        params.append(
+            relax.Var(p.name, relax.ShapeType([tirx.Var(p.name, "int64") for _ in p.ty.values]))
+        )
+    bb = relax.BlockBuilder(mod)
+    with bb.function(name, params=params, attrs={"num_input": len(params)}):
+        bb.emit_func_output(bb.emit(relax.Call(mod.get_global_var(of), params)))
     return bb.get()

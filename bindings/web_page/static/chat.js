@@ -4,8 +4,9 @@
 // and generates greedily on WebGPU, streaming tokens and showing tokens/s.
 // Per decode step only the logits row comes back to the page (argmax here).
 //
-// URL parameters (the tests use them): ?prompt=TEXT&max=N runs one turn on load;
-// the outcome lands in window.qwen35Result {prompt_ids, tokens, text, prefill_tps, decode_tps}.
+// URL parameters (the tests and scripts/bench_web.py use them): ?prompt=TEXT&max=N runs one
+// turn on load (&runs=K: K times); the outcome lands in window.qwen35Result
+// {prompt_ids, tokens, text, prefill_tps, decode_tps, first, runs}; &nosw: no service worker.
 /* global tvmjs, tokenizers */
 'use strict';
 
@@ -173,7 +174,16 @@ async function main() {
     try { await turn(user, Number(query.get('max') || 128)); } finally { $('send').disabled = false; }
   });
   if (query.has('prompt')) {
-    window.qwen35Result = await turn(query.get('prompt'), Number(query.get('max') || 16));
+    // ?runs=N: the same turn N times (each a new sequence); the result is the last one's,
+    // with the first's speeds (which include compiling the shaders) as `first`
+    const runs = Math.max(1, Number(query.get('runs') || 1));
+    let first;
+    let result;
+    for (let i = 0; i < runs; ++i) {
+      result = await turn(query.get('prompt'), Number(query.get('max') || 16));
+      first = first || { prefill_tps: result.prefill_tps, decode_tps: result.decode_tps };
+    }
+    window.qwen35Result = { ...result, first, runs };
   }
 }
 
