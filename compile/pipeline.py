@@ -177,7 +177,8 @@ def export(
     # WebLLM's decoder functions; a host twin exports them too, so that its kernels are
     # named as its GPU preset's (the kernel replay pairs kernels by name)
     twin_of = get_target(preset.graph_of) if preset.graph_of else None
-    spec = model.get_default_spec(webllm=preset.webllm or bool(twin_of and twin_of.webllm))
+    webllm = preset.webllm or bool(twin_of and twin_of.webllm)
+    spec = model.get_default_spec(webllm=webllm)
     mod, named = model.export_tvm(spec=spec)
     if preset.is_gpu:
         from .kernels.gpu_gated_delta_rule import max_threads_for_target
@@ -202,7 +203,7 @@ def export(
             lanes if config.head_dim % lanes == 0 else 1,
         )
     functions = list(spec.method_names)
-    if "batch_prefill" in functions:  # WebLLM's names: its cache constructor is ours
+    if webllm:  # WebLLM's name for the cache constructor: ours
         from .model.webllm import alias
 
         mod = alias(mod, "create_tir_paged_kv_cache", "create_paged_kv_cache")

@@ -148,6 +148,17 @@ def artifact(tmp_path_factory, checkpoint):
     return make
 
 
+def chromium_missing(*modules: Path) -> str | None:
+    """Why the headless-Chromium tests cannot run here (None: they can): Debian's chromium,
+    or one of the npm ``modules`` they load (scripts/setup_emulators.sh browser)."""
+    import shutil
+
+    if shutil.which(os.environ.get("QWEN35_CHROMIUM", "chromium")) is None:
+        return "chromium is not installed (scripts/setup_emulators.sh browser)"
+    missing = [str(m) for m in modules if not m.exists()]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
 def host_greedy(artifact: Path, ids: list[int], new_tokens: int) -> list[int]:
     """The host build's greedy tokens after the prompt ``ids`` (the browser tests' reference)."""
     import numpy as np

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pytest
-from conftest import host_greedy, need
+from conftest import chromium_missing, host_greedy, need
 from PIL import Image
 
 from qwen35_mobile.bindings import web_page, web_runtime
@@ -32,11 +31,7 @@ NEW_TOKENS = 16
 
 
 def _browser_missing() -> str | None:
-    if shutil.which(os.environ.get("QWEN35_CHROMIUM", "chromium")) is None:
-        return "chromium is not installed (scripts/setup_emulators.sh browser)"
-    if not PLAYWRIGHT.exists() or not web_page.tokenizers_js().exists():
-        return f"playwright-core / @mlc-ai/web-tokenizers not in {web_page.BROWSER_MODULES}"
-    return web_runtime.why_unavailable()
+    return chromium_missing(PLAYWRIGHT, web_page.tokenizers_js()) or web_runtime.why_unavailable()
 
 
 def test_chat_page_in_chromium_gives_the_host_tokens(artifact, tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import host_greedy, need
+from conftest import chromium_missing, host_greedy, need
 
 from qwen35_mobile.bindings import web_page
 from qwen35_mobile.parity.emulators import web_model
@@ -154,13 +154,7 @@ def test_softmax_and_logit_processors_match_numpy(engine):
 
 
 def _browser_missing() -> str | None:
-    import shutil
-
-    if shutil.which(os.environ.get("QWEN35_CHROMIUM", "chromium")) is None:
-        return "chromium is not installed (scripts/setup_emulators.sh browser)"
-    if not PLAYWRIGHT.exists() or not WEBLLM.exists():
-        return f"playwright-core / @mlc-ai/web-llm not in {web_page.BROWSER_MODULES}"
-    return web_model.available()
+    return chromium_missing(PLAYWRIGHT, WEBLLM) or web_model.available()
 
 
 def test_webllm_in_chromium_gives_the_host_tokens(artifact, tmp_path):

@@ -421,14 +421,6 @@ class Qwen35LM(nn.Module):
             "kv_cache": nn.spec.Object(object_type=PagedKVCache),
             "state": nn.spec.Object(object_type=RNNState),
         }
-        kv_cache_args = {
-            "max_batch_size": int,
-            "max_total_seq_len": int,
-            "prefill_chunk_size": int,
-            "page_size": int,
-            "support_sliding_window": int,
-            "$": {"param_mode": "none", "effect_mode": "none"},
-        }
         spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **common},
             "prefill": {
@@ -449,7 +441,14 @@ class Qwen35LM(nn.Module):
                 **caches,
                 **common,
             },
-            "create_paged_kv_cache": kv_cache_args,
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
             "create_rnn_state": {
                 "max_batch_size": int,
                 "max_history": int,

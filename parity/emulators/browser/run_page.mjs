@@ -5,6 +5,8 @@
 // Env: QWEN35_CHROMIUM (default /usr/bin/chromium), NODE_PATH finds playwright-core.
 import { createRequire } from 'node:module';
 
+import { launchChromium } from './chromium.mjs';
+
 const require = createRequire(import.meta.url);
 const { chromium } = require(process.env.QWEN35_PLAYWRIGHT || 'playwright-core');
 const args = process.argv.slice(2);
@@ -12,15 +14,7 @@ const url = args[0];
 const opt = (name) => { const i = args.indexOf(name); return i >= 0 ? args[i + 1] : undefined; };
 const timeout = Number(opt('--timeout') || 900) * 1000;
 
-const browser = await chromium.launch({
-  executablePath: process.env.QWEN35_CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  // WebGPU on SwiftShader; the background-networking flags keep Chromium off the
-  // closed network (otherwise it retries Google's hosts the whole time).
-  args: ['--no-sandbox', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader',
-         '--enable-features=Vulkan', '--disable-background-networking', '--disable-component-update',
-         '--disable-sync', '--no-first-run', '--disable-quic', '--disable-default-apps'],
-});
+const browser = await launchChromium(chromium);
 const out = {};
 try {
   const context = await browser.newContext({ viewport: { width: 900, height: 640 } });

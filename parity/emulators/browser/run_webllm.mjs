@@ -15,6 +15,8 @@ import { createServer } from 'node:http';
 import { createRequire } from 'node:module';
 import { join, normalize } from 'node:path';
 
+import { launchChromium } from './chromium.mjs';
+
 const require = createRequire(import.meta.url);
 const { chromium } = require(process.env.QWEN35_PLAYWRIGHT || 'playwright-core');
 const args = process.argv.slice(2);
@@ -56,13 +58,7 @@ const server = createServer((req, res) => {
 await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
 const origin = `http://127.0.0.1:${server.address().port}`;
 
-const browser = await chromium.launch({
-  executablePath: process.env.QWEN35_CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader',
-         '--enable-features=Vulkan', '--disable-background-networking', '--disable-component-update',
-         '--disable-sync', '--no-first-run', '--disable-quic', '--disable-default-apps'],
-});
+const browser = await launchChromium(chromium);
 const out = {};
 const console_ = [];
 try {
