@@ -91,18 +91,19 @@ def _shapes(named) -> list[tuple[str, tuple[int, ...], str]]:
     return [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named]
 
 
-def _model(config: Qwen35Config, quant: Quantization, target, kernels):
+def _model(config: Qwen35Config, quant: Quantization, target, kernels, *, compute: bool = True):
     """The text decoder's ``nn.Module`` (KV cache for ``target``, DeltaNet
     ``kernels``), built once and quantized as the registry
     says; returns ``(model, quantize map or None)``.  Its parameters must be
     what the registry stores for the unquantized model's (names, shapes, dtypes,
     order), so that conversion, sizes and the parity reference, which read the
-    registry, agree with the library."""
+    registry, agree with the library.  ``compute=False``: for the parameter list
+    alone (the kernels a quantization needs are not asked for)."""
     from .model.qwen35 import Qwen35LM
 
     model = Qwen35LM(config, quant.model_dtype, target, kernels=kernels)
     originals = _shapes(model.named_parameters())
-    model, qmap = quant.quantize(model)
+    model, qmap = quant.quantize(model, kernels=kernels if compute else None)
     want = [stored for name, shape, _ in originals for stored in quant.stored(name, shape)]
     got = _shapes(model.named_parameters())
     if got != want:
@@ -143,7 +144,7 @@ def parameters(config: Qwen35Config, quant: str, *, vision: bool = True) -> Expo
 
     q = quantization.get(quant)
     host = get_target("host")
-    model, qmap = _model(config, q, host.tvm_target(), kernel_set_for(host))
+    model, qmap = _model(config, q, host.tvm_target(), kernel_set_for(host), compute=False)
     exported = Exported(None, {TEXT: EntryPoint([], _shapes(model.named_parameters()))}, q, qmap)
     if vision and config.vision is not None:
         tower = _vision_model(config, q, ImageProcessorConfig(), kernel_set_for(host))
@@ -189,19 +190,16 @@ def export(
             mod, config.num_attention_heads, config.head_dim, dtype, max_threads_for_target(target)
         )
     elif not preset.graph_of:  # a CPU build (a host twin keeps TVM's kernels, as its GPU)
-        from .kernels.cpu_prefill_attention import replace_ragged_prefill
+        from .kernels.cpu_prefill_attention import replace_paged_decode, replace_ragged_prefill
         from .schedule_cpu import cpu_target, vector_bits
 
-        # TVM's CPU ragged prefill attention is serial and scalar (kernels/cpu_prefill_attention.py).
+        # TVM's CPU ragged prefill and paged decode attention are serial and scalar
+        # (kernels/cpu_prefill_attention.py).
         lanes = min(vector_bits(cpu_target(target)) // 32, config.head_dim)
-        mod = replace_ragged_prefill(
-            mod,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            dtype,
-            lanes if config.head_dim % lanes == 0 else 1,
-        )
+        heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, dtype)
+        lanes = lanes if config.head_dim % lanes == 0 else 1
+        mod = replace_ragged_prefill(mod, *heads, lanes)
+        mod = replace_paged_decode(mod, *heads, lanes)
     functions = list(spec.method_names)
     if webllm:  # WebLLM's name for the cache constructor: ours
         from .model.webllm import alias

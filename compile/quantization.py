@@ -35,7 +35,8 @@ The Relax side (``nn`` modules that dequantize inside their matmul, and
 this module imports no TVM, so that the command line can read the registry.
 
 :data:`QUANTIZATIONS` is the one registry of ``--quant`` values
-(:class:`Quantization`: ``q0f32``, ``q0f16``, ``q4f16_1``, ``q4f32_1``): the
+(:class:`Quantization`: ``q0f32``, ``q0f16``, ``q4f16_1``, ``q4f32_1``, and
+``q4f16_i8``: ``q4f16_1``'s weights with int8 activations in the CPU decode GEMVs): the
 model dtype, which parameters stay unquantized (:meth:`~Quantization.keeps`),
 every parameter's stored dtype and shape, the conversion of a checkpoint
 tensor, the values the parity reference runs with, and the model rewrite
@@ -103,6 +104,9 @@ class Quantization:
     model_dtype: str  # float32 / float16: activations, unquantized weights, the scales
     quantized: bool = False  # MLC's 4-bit group quantization (the layout above), or none (q0*)
     description: str = ""  # one line for the command line's help
+    # Decode GEMVs round their activations to int8 per group of 32 and use integer dot
+    # products (compile/kernels/q8_gemv.py): a CPU-only variant with q4f16_1's weights.
+    int8_activations: bool = False
 
     @property
     def scale_dtype(self) -> str:
@@ -161,16 +165,17 @@ class Quantization:
             return array.astype(np.float16).astype(np.float32)
         return array
 
-    def quantize(self, model, name_prefix: str = ""):
+    def quantize(self, model, name_prefix: str = "", kernels=None):
         """``(model, map)``: ``model`` (built in :attr:`model_dtype`) with every
         linear layer and embedding that :meth:`keeps` does not keep replaced by
         its quantized module, in place, and its :class:`QuantizeMap`; ``(model,
-        None)`` without quantization."""
+        None)`` without quantization.  ``kernels`` (a ``KernelSet``): where the
+        int8-activation GEMV of :attr:`int8_activations` comes from."""
         if not self.quantized:
             return model, None
         from .model.quantized import quantize_model
 
-        model = quantize_model(model, self, name_prefix)
+        model = quantize_model(model, self, name_prefix, kernels=kernels)
         return model, model.quantize_map
 
 
@@ -182,6 +187,13 @@ QUANTIZATIONS: dict[str, Quantization] = {
         Quantization("q0f16", "float16", description="float16, no quantization"),
         Quantization("q4f16_1", "float16", True, "float16; linear weights and embedding: " + _Q4),
         Quantization("q4f32_1", "float32", True, "float32; linear weights and embedding: " + _Q4),
+        Quantization(
+            "q4f16_i8",
+            "float16",
+            True,
+            "q4f16_1's weights; CPU decode with int8 activations per 32 (x86 AVX2)",
+            int8_activations=True,
+        ),
     )
 }
 

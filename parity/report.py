@@ -46,6 +46,22 @@ CRITERIA = {
     "float32": {"max_rel": 1e-4, "min_top1": 1.0, "greedy_identical": True},
     "float16": {"max_rel": 5e-2, "min_top1": 0.9, "greedy_identical": False},
 }
+# Per quantization, where its arithmetic is coarser than its dtype's.
+# q4f16_i8: the decode GEMVs round their inputs to int8 per group of 32 (unit roundoff 1/254
+#   of the group's largest value, against fp16's 4.9e-4 of each value); one 0.8B-shaped GEMV
+#   then differs from q4f16_1's by ~0.5% of its largest output (tests/test_q8_gemv.py), and
+#   over a model of random weights the decode logits by up to 0.154 (tiny; top-1 0.80-0.97
+#   per case) and <QWEN08> at the 0.8B shape.  Prefill is q4f16_1's arithmetic (fp16 criteria
+#   hold there).  docs/cpu-speed.md has the measurements; `qwen35-mobile parity` reproduces them.
+QUANT_CRITERIA = {
+    "q4f16_i8": {"max_rel": 0.3, "min_top1": 0.75, "greedy_identical": False},
+}
+
+
+def criteria_for(manifest: dict) -> dict:
+    """The pass criteria of an artifact: its quantization's, else its dtype's."""
+    quant, dtype = manifest.get("quantization"), manifest["dtype"]
+    return dict(QUANT_CRITERIA.get(quant) or CRITERIA[dtype])
 
 DEFAULT_PROMPTS = [
     chat_prompt("What is the capital of France?"),
@@ -306,7 +322,7 @@ def run_parity(
     quant = manifest["quantization"]
     ref = Reference(reference, round_to=dtypes, quant=quant)
     dtype = manifest["dtype"]
-    criteria = dict(CRITERIA[dtype])
+    criteria = criteria_for(manifest)
     if tolerance is not None:
         criteria["max_rel"] = tolerance
     prompts = prompts or DEFAULT_PROMPTS

@@ -35,7 +35,8 @@ from qwen35_mobile.compile.quantization import (
 )
 from qwen35_mobile.compile.schedule_cpu import cpu_pipeline, cpu_target
 
-FMTS = [name for name, q in QUANTIZATIONS.items() if q.quantized]
+# The weight formats (q4f16_i8 stores q4f16_1's weights: tests/test_q8_gemv.py has its kernel).
+FMTS = [name for name, q in QUANTIZATIONS.items() if q.quantized and not q.int8_activations]
 
 
 def _model_dtype(fmt):
@@ -479,6 +480,7 @@ def test_registry_entries_and_unknown_name():
         "q0f16": ("float16", False),
         "q4f16_1": ("float16", True),
         "q4f32_1": ("float32", True),
+        "q4f16_i8": ("float16", True),
     }
     assert all(q.name == n and q.description for n, q in QUANTIZATIONS.items())
     assert (
@@ -486,7 +488,8 @@ def test_registry_entries_and_unknown_name():
         and get(QUANTIZATIONS["q0f16"]) is QUANTIZATIONS["q0f16"]
     )
     with pytest.raises(
-        UserError, match=r"unknown quantization 'q3f7'; known: q0f32, q0f16, q4f16_1, q4f32_1"
+        UserError,
+        match=r"unknown quantization 'q3f7'; known: q0f32, q0f16, q4f16_1, q4f32_1, q4f16_i8",
     ):
         get("q3f7")
     with pytest.raises(ValueError, match="not a group quantization"):

@@ -25,6 +25,7 @@ from . import causal_conv as _cpu_conv
 from . import gated_delta_rule as _cpu_gdn
 from . import gpu_causal_conv as _gpu_conv
 from . import gpu_gated_delta_rule as _gpu_gdn
+from . import q8_gemv as _q8
 from . import vision_attention as _vision
 from .causal_conv import causal_conv1d, causal_conv1d_func
 from .gated_delta_rule import block_cols_for_target, gated_delta_rule, gated_delta_rule_func
@@ -74,6 +75,12 @@ class CausalConv1d(Protocol):
         -> (silu(conv(x)) [B, T, C], new state)."""
 
 
+class Q4Q8Gemv(Protocol):
+    def __call__(self, x: Tensor, weight: Tensor, scale: Tensor, n: int, k: int) -> Tensor | None:
+        """x [m, 1, k] @ dequant(W [n, k])^T with int8 activations -> [m, 1, n] fp32, or None
+        where the kernel does not apply to this shape (the caller keeps the fp32 GEMV)."""
+
+
 @dataclass(frozen=True)
 class KernelSet:
     """The hand-written kernels a model is exported with, one function per
@@ -84,6 +91,8 @@ class KernelSet:
     gated_delta_rule: GatedDeltaRule
     causal_conv1d: CausalConv1d
     vision_attention: VisionAttention
+    # The decode GEMV with int8 activations (q4f16_i8), on CPUs that have one, else None.
+    q4_q8_gemv: Q4Q8Gemv | None = None
 
     def __repr__(self) -> str:
         return f"KernelSet({self.backend}, {self.target})"
@@ -97,6 +106,7 @@ def cpu_kernels(target: Target) -> KernelSet:
         gated_delta_rule=functools.partial(_cpu_gdn.gated_delta_rule, target=target),
         causal_conv1d=_cpu_conv.causal_conv1d,
         vision_attention=_vision.attention,
+        q4_q8_gemv=functools.partial(_q8.gemv, target=target) if _q8.isa_of(target) else None,
     )
 
 

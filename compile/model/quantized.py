@@ -19,6 +19,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from ...errors import UserError
 from ..quantization import (
     BITS,
     ELEMS_PER_WORD,
@@ -96,13 +97,19 @@ class _Quantized(nn.Module):
         self.scale = nn.Parameter(scale_shape(n, k), fmt.scale_dtype)
 
     def _matmul(self, x, n: int, k: int):
-        """``x @ dequant(W)^T`` in fp32 as ONE TE function (dequantization fused).
+        """``x @ dequant(W)^T`` in fp32: the int8-activation decode GEMV where the format
+        has one and it applies (``compile/kernels/q8_gemv.py``), else ONE TE function
+        (dequantization fused).
 
         Expressed as a single TE compute rather than ``op.matmul`` of a
         dequantized tensor: Relax ``FuseOps`` does not fuse an injective producer
         into a matmul (MLC needs its own ``FuseDequantizeMatmulEwise`` pass for
         that), so the fusion is made here, for every target and pipeline.
         """
+        gemv = getattr(self, "q4_q8_gemv", None)
+        y = gemv(x, self.weight, self.scale, n, k) if gemv is not None else None
+        if y is not None:
+            return y
         dtype = self.fmt.model_dtype
         return op.tensor_expr_op(
             lambda a, w, s: dequantize_matmul_te(a, w, s, n, k, dtype),
@@ -180,7 +187,7 @@ class QuantizedEmbedding(_Quantized):
         return self._matmul(x, self.num, self.dim)
 
 
-def quantize_model(model, fmt: str | Quantization, name_prefix: str = ""):
+def quantize_model(model, fmt: str | Quantization, name_prefix: str = "", kernels=None):
     """Replace every ``nn.Linear`` and ``nn.Embedding`` of ``model`` whose weight
     the quantization does not keep (:meth:`Quantization.keeps`; with q4*: all)
     in place by :class:`QuantizedLinear` / :class:`QuantizedEmbedding`; returns
@@ -195,9 +202,23 @@ def quantize_model(model, fmt: str | Quantization, name_prefix: str = ""):
     would not keep (a 2-D ``.weight`` outside a linear layer or embedding) is a
     ValueError.  The name map is stored as ``model.quantize_map``
     (:class:`QuantizeMap`).
+
+    A format with ``int8_activations`` (q4f16_i8) takes its decode GEMV from
+    ``kernels`` (a ``KernelSet``); kernels without one (a GPU's, a CPU without AVX2) are
+    a UserError.  Without ``kernels`` (the parameter list alone) the layers keep the
+    fp32 GEMV.
     """
     f = grouped(fmt)
     qmap = QuantizeMap(f)
+    gemv = None
+    if f.int8_activations and kernels is not None:
+        gemv = kernels.q4_q8_gemv
+        if gemv is None:
+            where = f"the {kernels.backend} kernels of {kernels.target}"
+            raise UserError(
+                f"{f.name} needs the int8 decode GEMV, which exists for x86 CPUs with AVX2 only "
+                f"({where} have none); use q4f16_1, the same weights with fp32 activations"
+            )
 
     def check_dtype(name: str, param) -> None:
         if param.dtype != f.model_dtype:
@@ -222,14 +243,18 @@ def quantize_model(model, fmt: str | Quantization, name_prefix: str = ""):
                 check_dtype(name, node.weight)
                 out = getattr(node, "out", None) or node.out_dtype or node.weight.dtype
                 record(name, shape)
-                return QuantizedLinear(node.in_features, node.out_features, f, out)
+                layer = QuantizedLinear(node.in_features, node.out_features, f, out)
+                layer.q4_q8_gemv = gemv
+                return layer
             if isinstance(node, nn.Embedding):
                 num, dim = (int(d) for d in node.weight.shape)
                 if f.keeps(f"{name}.weight", (num, dim)):
                     return node
                 check_dtype(name, node.weight)
                 record(name, (num, dim))
-                return QuantizedEmbedding(num, dim, f)
+                table = QuantizedEmbedding(num, dim, f)
+                table.q4_q8_gemv = gemv
+                return table
             return self.visit(name, node)
 
     model = _Mutator().visit(name_prefix, model)

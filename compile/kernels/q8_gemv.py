@@ -1,0 +1,225 @@
+"""The decode GEMV of ``q4f16_i8``: 4-bit weights times 8-bit activations, integer dot products.
+
+The weights are ``q4f16_1``'s, byte for byte (MLC's layout, ``compile/quantization.py``):
+nibble ``q[n, k]`` in ``[0, 14]``, one fp16 scale ``s[n, g]`` per group ``g`` of 32 inputs,
+``W[n, k] = (q[n, k] - 7) s[n, g]``.  The activations ``x [K]`` of a decode step are rounded
+to int8 per group of 32 (what llama.cpp's ``Q8_0`` does)::
+
+    d[g] = max_{k in g} |x[k]| / 127        a[k] = rint(x[k] / d[g])  (in [-127, 127])
+
+so that the dot product of a group is one integer sum, scaled once::
+
+    y[n] = sum_g s[n, g] d[g] (sum_{k in g} q[n, k] a[k] - 7 c[g]),   c[g] = sum_{k in g} a[k]
+
+One hand-written TIR function, :func:`gemv_func` (``q4_q8_gemv``), per weight shape:
+
+* first ``x`` -> ``a`` (int8, in the pair order below), ``d`` and ``7 c`` (fp32), per decode
+  row (a few microseconds; a GEMV's input is quantized by each GEMV that reads it);
+* then the GEMV, parallel over blocks of 8 output columns; per column it
+  streams the packed row once.  x86 AVX2: a 32-byte load holds two groups (MLC packs ``k`` =
+  2b and 2b + 1 into the low and high nibble of byte ``b``), so ``w & 15`` is the even inputs
+  and ``w >> 4 & 15`` the odd inputs of both; ``vpmaddubsw`` (unsigned nibble x signed int8,
+  adjacent pairs summed to int16: at most 2 x 15 x 127, no saturation) against the activations
+  stored as ``[even(g), even(g + 1), odd(g), odd(g + 1)]`` per pair of groups, the two products
+  added (int16), ``vpmaddwd`` by ones to int32 (lanes 0-3: group ``g``, 4-7: ``g + 1``), to fp32,
+  and one FMA with ``[s d]`` of the two groups.  The ``7 c`` correction is one more FMA per 8
+  groups.  About 6 instructions per 32 weights (``q4f16_1``'s fp32 GEMV: 43 on AVX2,
+  docs/cpu-speed.md), so the kernel is bound by memory, not by arithmetic; the row two blocks
+  ahead is prefetched (without it the 0.8B LM head streamed at 6 GB/s per core instead of 8.4).
+
+The integer part is exact; the fp32 sums are in a fixed order, so the output does not depend on
+the thread count.  Against ``q4f16_1`` it differs by the rounding of the activations (about
+0.5% of the largest output of one GEMV; docs/cpu-speed.md has the model-level figures).
+
+Where the kernel does not apply (``K`` not a multiple of 64, a CPU without AVX2) the layer keeps
+the fp32 GEMV of ``q4f16_1`` (:func:`applies`).  Prefill (several rows) always does: the int8
+path is a decode-step kernel.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.script import tirx as T
+from tvm.target import Target, codegen
+
+__all__ = ["ISA", "applies", "gemv", "gemv_func", "isa_of"]
+
+GROUP = 32  # inputs per scale, weights and activations alike
+ZERO = 7  # the weights' zero point (MLC's q4: q - 7)
+_COLUMNS = 8  # output columns per parallel task
+_PREFETCH_ROWS = 4  # the row this many columns ahead is prefetched while one is computed
+
+ISA = ("avx2",)  # the instruction sets with a kernel here
+
+
+def isa_of(target: Target) -> str | None:
+    """The kernel variant for the llvm ``target`` (its features, not the build machine's),
+    or None where there is none."""
+    if target.kind.name != "llvm":
+        return None
+    if codegen.llvm_cpu_has_features("avx2", target):
+        return "avx2"
+    return None
+
+
+def applies(target: Target, k: int) -> bool:
+    """Whether a decode GEMV with ``k`` inputs runs on this kernel for ``target``."""
+    return isa_of(target) is not None and k % (2 * GROUP) == 0
+
+
+def _chunk(groups: int) -> int:
+    """Groups whose scales are loaded as one vector: 8, or 4 / 2 for small K."""
+    return next(u for u in (8, 4, 2) if groups % u == 0)
+
+
+def gemv_func(n: int, k: int, x_dtype: str, scale_dtype: str, target: Target):
+    """``q4_q8_gemv(x [m, 1, k], W [n, k/8] uint32, s [n, k/32]) -> y [m, 1, n] fp32`` for
+    ``target`` (``m``: the decode batch, symbolic; a task's weight block stays in cache over
+    the ``m`` rows).  One function: the activations are quantized first (scratch ``a``, ``d``,
+    ``7c``), then the parallel GEMV.  (Two functions would be cleaner, but a call with one
+    tensor input is taken for a reshape by Relax's RewriteDataflowReshape, which then asserts
+    a block structure hand-written TIR does not have.)"""
+    if isa_of(target) != "avx2" or k % (2 * GROUP):
+        raise ValueError(f"no int8 GEMV for K={k} on {target}")
+    groups = k // GROUP
+    u = _chunk(groups)  # groups per scale vector
+    # At least two tasks where there are two columns (a parallel loop of one iteration is
+    # removed in lowering, and the CPU check would rightly call the kernel serial).
+    cols = next(c for c in (_COLUMNS, 4, 2, 1) if n % c == 0 and (n >= 2 * c or c == 1))
+    words = groups * 4  # uint32 per row
+    f32, f32u = "float32", f"float32x{u}"
+    pd = _PREFETCH_ROWS
+    pairs = u // 2
+
+    def lanes(p):  # the scale vector's lanes of pair p: [2p] x 4, [2p + 1] x 4
+        # (a Shuffle has no more lanes than its inputs: sd is repeated 8 / u times)
+        return [2 * p] * 4 + [2 * p + 1] * 4
+
+    @T.prim_func(private=True)
+    def q4_q8_gemv(
+        x_h: T.handle,
+        w: T.Buffer((n, words), "uint32"),
+        s: T.Buffer((n, groups), scale_dtype),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, 1, k), x_dtype)
+        y = T.match_buffer(y_h, (m, 1, n), f32)
+        # Scratch in scope "global" (stack or workspace; "local" would be a workspace call per
+        # use, gated_delta_rule.py): the quantized activations, then per-row temporaries.
+        a = T.alloc_buffer((m, k), "int8", scope="global")  # pair order, see the module doc
+        d = T.alloc_buffer((m, groups), f32, scope="global")
+        c7 = T.alloc_buffer((m, groups), f32, scope="global")
+        peak = T.alloc_buffer((m, 8), f32, scope="global")
+        top = T.alloc_buffer((m,), f32, scope="global")
+        total = T.alloc_buffer((m, 16), "int32", scope="global")
+        count = T.alloc_buffer((m,), "int32", scope="global")
+        for r in T.parallel(m):  # 1. quantize each row's activations (decode: one row)
+            for g in range(groups):
+                for i in T.vectorized(8):
+                    peak[r, i] = T.float32(0)
+                for j in range(GROUP // 8):
+                    for i in T.vectorized(8):
+                        # (no `v = ...` binding here: a let in a vectorized loop kept one lane)
+                        peak[r, i] = T.max(
+                            peak[r, i], T.abs(T.Cast(f32, x[r, 0, g * GROUP + j * 8 + i]))
+                        )
+                top[r] = peak[r, 0]
+                for i in range(1, 8):
+                    top[r] = T.max(top[r], peak[r, i])
+                d[r, g] = top[r] / T.float32(127)
+                inv = T.if_then_else(top[r] > T.float32(0), T.float32(127) / top[r], T.float32(0))
+                base = g // 2 * 64 + g % 2 * 16  # [even(g), even(g+1), odd(g), odd(g+1)]
+                for i in T.vectorized(16):
+                    a[r, base + i] = T.Cast(
+                        "int8", T.nearbyint(T.Cast(f32, x[r, 0, g * GROUP + 2 * i]) * inv)
+                    )
+                    a[r, base + 32 + i] = T.Cast(
+                        "int8", T.nearbyint(T.Cast(f32, x[r, 0, g * GROUP + 2 * i + 1]) * inv)
+                    )
+                for i in T.vectorized(16):
+                    total[r, i] = T.Cast("int32", a[r, base + i]) + T.Cast(
+                        "int32", a[r, base + 32 + i]
+                    )
+                count[r] = 0
+                for i in range(16):
+                    count[r] = count[r] + total[r, i]
+                c7[r, g] = T.Cast(f32, count[r] * ZERO)
+        for block in T.parallel(n // cols):  # 2. the GEMV, blocks of output columns
+            for r, col in T.grid(m, cols):
+                row = block * cols + col
+                # acc[0:32]: one fp32x8 per pair slot (independent FMA chains); acc[32:40]:
+                # the 7c correction.  sd: s * d of the chunk's groups.
+                acc = T.alloc_buffer((40,), f32, scope="global")
+                sd = T.alloc_buffer((u,), f32, scope="global")
+                for i in T.unroll(5):
+                    acc[T.Ramp(i * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                for chunk in range(groups // u):
+                    sd[T.Ramp(0, 1, u)] = (
+                        T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)])
+                        * d[r, T.Ramp(chunk * u, 1, u)]
+                    )
+                    acc[T.Ramp(32, 1, u)] = (
+                        acc[T.Ramp(32, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
+                    )
+                    for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
+                        T.evaluate(
+                            T.call_llvm_intrin(
+                                "void",
+                                "llvm.prefetch.p0",
+                                T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
+                                T.int32(0),  # read
+                                T.int32(3),  # keep in all cache levels
+                                T.int32(1),  # data
+                            )
+                        )
+                    for p in T.unroll(pairs):
+                        packed = T.reinterpret(
+                            "uint8x32", w[row, T.Ramp(chunk * u * 4 + p * 8, 1, 8)]
+                        )
+                        low = T.bitwise_and(packed, T.Broadcast(T.uint8(15), 32))
+                        high = T.bitwise_and(
+                            T.shift_right(packed, T.Broadcast(T.uint8(4), 32)),
+                            T.Broadcast(T.uint8(15), 32),
+                        )
+                        at = chunk * u * GROUP + p * 64
+                        sums = T.call_llvm_pure_intrin(
+                            "int16x16", "llvm.x86.avx2.pmadd.ub.sw", low, a[r, T.Ramp(at, 1, 32)]
+                        ) + T.call_llvm_pure_intrin(
+                            "int16x16",
+                            "llvm.x86.avx2.pmadd.ub.sw",
+                            high,
+                            a[r, T.Ramp(at + 32, 1, 32)],
+                        )
+                        dots = T.call_llvm_pure_intrin(
+                            "int32x8", "llvm.x86.avx2.pmadd.wd", sums, T.Broadcast(T.int16(1), 16)
+                        )
+                        slot = p % 4 * 8
+                        acc[T.Ramp(slot, 1, 8)] = acc[T.Ramp(slot, 1, 8)] + T.Cast(
+                            "float32x8", dots
+                        ) * T.Shuffle([sd[T.Ramp(0, 1, u)]] * (8 // u), lanes(p))
+                total8 = T.alloc_buffer((8,), f32, scope="global")
+                total8[T.Ramp(0, 1, 8)] = (
+                    (acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)])
+                    + (acc[T.Ramp(16, 1, 8)] + acc[T.Ramp(24, 1, 8)])
+                ) - acc[T.Ramp(32, 1, 8)]
+                y[r, 0, row] = ((total8[0] + total8[4]) + (total8[2] + total8[6])) + (
+                    (total8[1] + total8[5]) + (total8[3] + total8[7])
+                )
+
+    return q4_q8_gemv
+
+
+def gemv(x: Tensor, weight: Tensor, scale: Tensor, n: int, k: int, target: Target) -> Tensor | None:
+    """``x [m, 1, k] @ dequant(W)^T`` with int8 activations: ``[m, 1, n]`` fp32; None where
+    the kernel does not apply (:func:`applies`, or ``x`` not one token per row)."""
+    if x.ndim != 3 or not isinstance(x.shape[1], int) or x.shape[1] != 1 or not applies(target, k):
+        return None
+    m = x.shape[0]
+    return op.tensor_ir_op(
+        gemv_func(n, k, x.dtype, scale.dtype, target),
+        "q4_q8_gemv",
+        [x, weight, scale],
+        Tensor.placeholder((m, 1, n), "float32"),
+    )
