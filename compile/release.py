@@ -432,7 +432,14 @@ def plan(
         if t not in shipping:
             raise UserError(f"unknown target '{t}'; release targets: {', '.join(shipping)}")
     for q in quants:
-        get_quantization(q)  # an unknown one: UserError naming the known ones
+        quant = get_quantization(q)  # an unknown one: UserError naming the known ones
+        if quant.int8_activations:  # CPU-only (compile/kernels/q8_gemv.py): refused up front
+            gpu = [t for t in targets if TARGETS[t].is_gpu]
+            if gpu:
+                raise UserError(
+                    f"{q} runs on x86 CPUs with AVX2 only, not on {', '.join(gpu)}: "
+                    "build those targets with q4f16_1 (the same weights)"
+                )
     checkpoints: dict[str, Path] = {}
     if weights_dir is not None:
         root = Path(weights_dir)

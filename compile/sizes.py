@@ -34,7 +34,8 @@ def size_table(presets: list[str] | None = None) -> str:
     """A Markdown table per preset and quantization: the text decoder's GB and
     bytes per parameter, and the vision tower's GB (kept in the model dtype)."""
     presets = presets or [name for name in PRESETS if name.startswith("qwen3.5-")]
-    quants = list(QUANTIZATIONS)
+    # Weight formats only: q4f16_i8 stores q4f16_1's bytes.
+    quants = [n for n, q in QUANTIZATIONS.items() if not q.int8_activations]
     lines = ["| model | params | " + " | ".join(quants) + " |", "|---|---|" + "---|" * len(quants)]
     for name in presets:
         cells = []

@@ -37,7 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LLAMA_CPP_PYTHON = "0.3.36"
-OURS = ["q4f16_1", "q4f32_1", "q0f16"]
+OURS = ["q4f16_i8", "q4f16_1", "q4f32_1", "q0f16"]
 LLAMA = ["Q4_0", "Q8_0"]
 
 
@@ -342,8 +342,43 @@ def gemv_instruction_mix(quant: str = "q4f16_1", k: int = 1024, n: int = 3584) -
     return "\n".join(lines)
 
 
-def _hot_loop(asm: str) -> list[str]:
-    """The instructions of the innermost loop (a label branched back to) holding FMAs."""
+def q8_instruction_mix(k: int = 1024, n: int = 3584) -> str:
+    """The same count for q4f16_i8's int8 GEMV (compile/kernels/q8_gemv.py): per 32 weights
+    in the innermost loop holding its ``vpmaddubsw`` (one per 32 weights)."""
+    import collections
+
+    import tvm
+    from tvm.target import Target
+
+    from qwen35_mobile.compile.kernels import q8_gemv
+
+    lines = [
+        f"decode GEMV (q4f16_i8, 1 x {k} @ {n} x {k}): instructions per 32 weights in its hot loop",
+        "",
+        "| target | per 32 weights | vpmaddubsw | of which: top mnemonics |",
+        "|---|---|---|---|",
+    ]
+    for label, spec_target in MIX_TARGETS.items():
+        target = Target(spec_target)
+        if q8_gemv.isa_of(target) is None:
+            lines.append(f"| {label} | - | - | no int8 kernel for this target (q4f16_i8 refused) |")
+            continue
+        func = q8_gemv.gemv_func(n, k, "float16", "float16", target)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+        body = _hot_loop(lib.mod.inspect_source("asm"), r"vpmaddubsw")
+        mnemonics = collections.Counter(
+            line.split()[0] for line in body if line and not line.startswith((".", "#", "//"))
+        )
+        dots = mnemonics["vpmaddubsw"]
+        per32 = sum(mnemonics.values()) / dots if dots else float("nan")
+        top = ", ".join(f"{m} {c / dots:.2g}" for m, c in mnemonics.most_common(6))
+        lines.append(f"| {label} | {per32:.1f} | {dots} | {top} |")
+    return "\n".join(lines)
+
+
+def _hot_loop(asm: str, marker: str = r"v?fma|vfmadd|fmla") -> list[str]:
+    """The instructions of the innermost loop (a label branched back to) holding an
+    instruction matching ``marker`` (FMAs by default)."""
     import re
 
     lines = [ln.strip() for ln in asm.splitlines()]
@@ -358,7 +393,7 @@ def _hot_loop(asm: str) -> list[str]:
         if start is None or start >= i:
             continue
         body = [x for x in lines[start + 1 : i + 1] if x and not x.endswith(":")]
-        if any(re.match(r"v?fma|vfmadd|fmla", x.split()[0]) for x in body) and (
+        if any(re.match(marker, x.split()[0]) for x in body) and (
             best is None or len(body) < len(best)
         ):
             best = body
@@ -429,6 +464,7 @@ def main() -> None:
         for artifact in ours.values():
             print("\n" + profile_ours(artifact, args.prompt, args.decode, args.threads), flush=True)
         print("\n" + gemv_instruction_mix(), flush=True)
+        print("\n" + q8_instruction_mix(), flush=True)
         return
     bandwidth = read_bandwidth(args.threads)
     print(f"read bandwidth ({args.threads} threads): {bandwidth:.1f} GB/s", flush=True)

@@ -150,3 +150,13 @@ def test_tiny_model_parity(artifact, checkpoint):
     # The rounding shows in decode (q4f16_1's decode measures < 2e-2 here): a build that
     # silently kept the fp32 GEMV would not reach this.
     assert max(c["max_rel"] for c in decode) > 2e-2
+
+
+def test_release_refuses_it_for_gpu_targets_up_front():
+    from qwen35_mobile.compile.release import plan
+    from qwen35_mobile.errors import UserError
+
+    builds, _ = plan(["tiny"], ["host"], ["q4f16_i8", "q4f16_1"], None)
+    assert [(b.target, b.quant) for b in builds] == [("host", "q4f16_i8"), ("host", "q4f16_1")]
+    with pytest.raises(UserError, match=r"q4f16_i8 runs on x86 CPUs with AVX2 only, not on ios"):
+        plan(["tiny"], ["host", "ios"], ["q4f16_i8"], None)
