@@ -454,7 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-tokens", type=int, default=32, help="greedy tokens to generate and compare"
     )
     p.add_argument(
-        "--tolerance", type=float, default=None, help="max relative logit error (default: the quantization's criteria, else the dtype's; parity/report.py)"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max relative logit error (default: the quantization's criteria, else the dtype's; parity/report.py)",
     )
     p.add_argument(
         "--report",
