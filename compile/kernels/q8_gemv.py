@@ -42,14 +42,12 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
-__all__ = ["ISA", "applies", "gemv", "gemv_func", "isa_of"]
+__all__ = ["applies", "gemv", "gemv_func", "isa_of"]
 
 GROUP = 32  # inputs per scale, weights and activations alike
 ZERO = 7  # the weights' zero point (MLC's q4: q - 7)
 _COLUMNS = 8  # output columns per parallel task
 _PREFETCH_ROWS = 4  # the row this many columns ahead is prefetched while one is computed
-
-ISA = ("avx2",)  # the instruction sets with a kernel here
 
 
 def isa_of(target: Target) -> str | None:

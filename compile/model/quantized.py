@@ -91,8 +91,10 @@ def dequantize_matmul_te(x, weight, scale, n: int, k: int, dtype: str):
 class _Quantized(nn.Module):
     """``weight`` (packed uint32) and ``scale`` parameters of an ``[n, k]`` tensor."""
 
-    def _make_params(self, n: int, k: int, fmt: Quantization) -> None:
+    def _make_params(self, n: int, k: int, fmt: Quantization, gemv=None) -> None:
+        """``gemv``: the int8-activation decode GEMV (``KernelSet.q4_q8_gemv``), or None."""
         self.fmt = fmt
+        self.gemv = gemv
         self.weight = nn.Parameter(packed_shape(n, k), STORAGE_DTYPE)
         self.scale = nn.Parameter(scale_shape(n, k), fmt.scale_dtype)
 
@@ -106,8 +108,7 @@ class _Quantized(nn.Module):
         into a matmul (MLC needs its own ``FuseDequantizeMatmulEwise`` pass for
         that), so the fusion is made here, for every target and pipeline.
         """
-        gemv = getattr(self, "q4_q8_gemv", None)
-        y = gemv(x, self.weight, self.scale, n, k) if gemv is not None else None
+        y = self.gemv(x, self.weight, self.scale, n, k) if self.gemv is not None else None
         if y is not None:
             return y
         dtype = self.fmt.model_dtype
@@ -132,11 +133,13 @@ class QuantizedLinear(_Quantized):
         out_features: int,
         fmt: str | Quantization,
         out_dtype: str | None = None,
+        *,
+        gemv=None,
     ):
         f = grouped(fmt)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.out_dtype = out_dtype or f.model_dtype
-        self._make_params(self.out_features, self.in_features, f)
+        self._make_params(self.out_features, self.in_features, f, gemv)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
@@ -156,10 +159,10 @@ class QuantizedEmbedding(_Quantized):
     dequantization fused into the matmul.
     """
 
-    def __init__(self, num: int, dim: int, fmt: str | Quantization):
+    def __init__(self, num: int, dim: int, fmt: str | Quantization, *, gemv=None):
         f = grouped(fmt)
         self.num, self.dim = int(num), int(dim)
-        self._make_params(self.num, self.dim, f)
+        self._make_params(self.num, self.dim, f, gemv)
 
     def forward(self, ids):
         dtype, dim, last = self.fmt.model_dtype, self.dim, self.num - 1
@@ -243,18 +246,14 @@ def quantize_model(model, fmt: str | Quantization, name_prefix: str = "", kernel
                 check_dtype(name, node.weight)
                 out = getattr(node, "out", None) or node.out_dtype or node.weight.dtype
                 record(name, shape)
-                layer = QuantizedLinear(node.in_features, node.out_features, f, out)
-                layer.q4_q8_gemv = gemv
-                return layer
+                return QuantizedLinear(node.in_features, node.out_features, f, out, gemv=gemv)
             if isinstance(node, nn.Embedding):
                 num, dim = (int(d) for d in node.weight.shape)
                 if f.keeps(f"{name}.weight", (num, dim)):
                     return node
                 check_dtype(name, node.weight)
                 record(name, (num, dim))
-                table = QuantizedEmbedding(num, dim, f)
-                table.q4_q8_gemv = gemv
-                return table
+                return QuantizedEmbedding(num, dim, f, gemv=gemv)
             return self.visit(name, node)
 
     model = _Mutator().visit(name_prefix, model)
