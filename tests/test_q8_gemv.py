@@ -96,6 +96,58 @@ def test_negative_control_corrupted_scale():
     assert rel > 1e-3, rel
 
 
+def _build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_epilogues_against_numpy(corrupt):
+    """The residual and SwiGLU epilogues and the fp16 output, against the plain kernel's
+    numpy reference (the residual added in fp32, SwiGLU's silu in fp32, one rounding to
+    fp16).  ``corrupt``: the negative control, a wrong scale in the up projection and a
+    wrong residual entry must show."""
+    n, k, m = 24, 128, 2
+    rng = np.random.default_rng(2)
+    weights = [
+        quantize_weight((rng.standard_normal((n, k)) * 0.05).astype(np.float32), "q4f16_1")
+        for _ in range(2)
+    ]
+    x = rng.standard_normal((m, 1, k)).astype(np.float16)
+    res = rng.standard_normal((m, 1, n)).astype(np.float32)
+    gate, up = (_reference(x, p, s) for p, s in weights)
+    (pg, sg), (pu, su) = weights
+    given = res
+    if corrupt:  # the kernels get these; the references keep the right ones
+        su, given = su.copy(), res.copy()
+        su[5, 1] *= 2
+        given[1, 0, 7] += 1
+    args = [tvm.runtime.tensor(a) for a in (x, pg, sg)]
+
+    def run(epilogue, extra, out_dtype):
+        func = q8_gemv.gemv_func(
+            n, k, "float16", "float16", HOST, out_dtype=out_dtype, epilogue=epilogue
+        )
+        y = tvm.runtime.tensor(np.zeros((m, 1, n), out_dtype))
+        _build(func)["main"](*args, *(tvm.runtime.tensor(a) for a in extra), y)
+        return y.numpy().reshape(m, n).astype(np.float32)
+
+    checks = {
+        "fp16 out": (run(q8_gemv.PLAIN, [], "float16"), gate.astype(np.float16)),
+        "residual": (run(q8_gemv.RESIDUAL, [given], "float32"), gate + res.reshape(m, n)),
+        "swiglu": (
+            run(q8_gemv.SWIGLU, [pu, su], "float16"),
+            (gate / (1 + np.exp(-gate)) * up).astype(np.float16),
+        ),
+    }
+    for name, (got, want) in checks.items():
+        want = want.astype(np.float32)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        if corrupt and name != "fp16 out":
+            assert rel > 1e-3, (name, rel)
+        else:  # fp16 outputs: at most one fp16 rounding apart (2^-11 of the value)
+            assert rel < (1e-3 if "fp16" in name or name == "swiglu" else 1e-6), (name, rel)
+
+
 def test_chosen_from_the_target_features():
     """The kernel exists where the target (not the build machine) has AVX2; elsewhere the
     format is refused by name."""

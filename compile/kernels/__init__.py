@@ -76,9 +76,22 @@ class CausalConv1d(Protocol):
 
 
 class Q4Q8Gemv(Protocol):
-    def __call__(self, x: Tensor, weight: Tensor, scale: Tensor, n: int, k: int) -> Tensor | None:
-        """x [m, 1, k] @ dequant(W [n, k])^T with int8 activations -> [m, 1, n] fp32, or None
-        where the kernel does not apply to this shape (the caller keeps the fp32 GEMV)."""
+    def __call__(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        scale: Tensor,
+        n: int,
+        k: int,
+        *,
+        out_dtype: str = "float32",
+        residual: Tensor | None = None,
+        up: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor | None:
+        """x [m, 1, k] @ dequant(W [n, k])^T with int8 activations -> [m, 1, n] in
+        ``out_dtype``; ``residual + ...`` (fp32) or SwiGLU with the ``up`` projection's
+        (weight, scale); None where the kernel does not apply to this shape (the caller
+        keeps the fp32 GEMV)."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
-__all__ = ["applies", "gemv", "gemv_func", "isa_of"]
+__all__ = ["PLAIN", "RESIDUAL", "SWIGLU", "applies", "gemv", "gemv_func", "isa_of"]
 
 GROUP = 32  # inputs per scale, weights and activations alike
 ZERO = 7  # the weights' zero point (MLC's q4: q - 7)
@@ -70,15 +70,41 @@ def _chunk(groups: int) -> int:
     return next(u for u in (8, 4, 2) if groups % u == 0)
 
 
-def gemv_func(n: int, k: int, x_dtype: str, scale_dtype: str, target: Target):
-    """``q4_q8_gemv(x [m, 1, k], W [n, k/8] uint32, s [n, k/32]) -> y [m, 1, n] fp32`` for
+#: What a GEMV does with its dot products (``epilogue`` of :func:`gemv_func`).
+PLAIN, RESIDUAL, SWIGLU = "plain", "residual", "swiglu"
+
+
+def gemv_func(
+    n: int,
+    k: int,
+    x_dtype: str,
+    scale_dtype: str,
+    target: Target,
+    *,
+    out_dtype: str = "float32",
+    epilogue: str = PLAIN,
+):
+    """``q4_q8_gemv(x [m, 1, k], W [n, k/8] uint32, s [n, k/32], ...) -> y [m, 1, n]`` for
     ``target`` (``m``: the decode batch, symbolic; a task's weight block stays in cache over
     the ``m`` rows).  One function: the activations are quantized first (scratch ``a``, ``d``,
-    ``7c``), then the parallel GEMV.  (Two functions would be cleaner, but a call with one
-    tensor input is taken for a reshape by Relax's RewriteDataflowReshape, which then asserts
-    a block structure hand-written TIR does not have.)"""
+    ``7c``), then the parallel GEMV, whose dot products ``t`` (fp32) end as ``epilogue`` says:
+
+    * :data:`PLAIN`: ``y = t`` in ``out_dtype`` (rounded once, no cast kernel after it);
+    * :data:`RESIDUAL`: ``q4_q8_gemv_residual(x, W, s, r [m, 1, n] fp32) -> y = r + t`` fp32
+      (a projection into the residual stream, the add done in the store);
+    * :data:`SWIGLU`: ``q4_q8_gemv_swiglu(x, W_gate, s_gate, W_up, s_up) -> y = silu(t_gate) *
+      t_up`` in ``out_dtype`` (an MLP's gate and up projections: one quantization of ``x``,
+      one launch, no ``[m, 1, n]`` intermediates), both rows of an output streamed together.
+
+    (Quantization and GEMV are one function: a call with one tensor input is taken for a
+    reshape by Relax's RewriteDataflowReshape, which then asserts a block structure
+    hand-written TIR does not have.)"""
     if isa_of(target) != "avx2" or k % (2 * GROUP):
         raise ValueError(f"no int8 GEMV for K={k} on {target}")
+    if epilogue not in (PLAIN, RESIDUAL, SWIGLU):
+        raise ValueError(f"unknown GEMV epilogue {epilogue!r}")
+    if epilogue == RESIDUAL and out_dtype != "float32":
+        raise ValueError("the residual stream is fp32")
     groups = k // GROUP
     u = _chunk(groups)  # groups per scale vector
     # At least two tasks where there are two columns (a parallel loop of one iteration is
@@ -93,27 +119,16 @@ def gemv_func(n: int, k: int, x_dtype: str, scale_dtype: str, target: Target):
         # (a Shuffle has no more lanes than its inputs: sd is repeated 8 / u times)
         return [2 * p] * 4 + [2 * p + 1] * 4
 
-    @T.prim_func(private=True)
-    def q4_q8_gemv(
-        x_h: T.handle,
-        w: T.Buffer((n, words), "uint32"),
-        s: T.Buffer((n, groups), scale_dtype),
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, 1, k), x_dtype)
-        y = T.match_buffer(y_h, (m, 1, n), f32)
+    @T.macro
+    def quantize(x, a, d, c7, m):
+        """x [m, 1, k] -> a [m, k] int8 (pair order), d and 7c [m, groups] fp32."""
         # Scratch in scope "global" (stack or workspace; "local" would be a workspace call per
-        # use, gated_delta_rule.py): the quantized activations, then per-row temporaries.
-        a = T.alloc_buffer((m, k), "int8", scope="global")  # pair order, see the module doc
-        d = T.alloc_buffer((m, groups), f32, scope="global")
-        c7 = T.alloc_buffer((m, groups), f32, scope="global")
+        # use, gated_delta_rule.py).
         peak = T.alloc_buffer((m, 8), f32, scope="global")
         top = T.alloc_buffer((m,), f32, scope="global")
         total = T.alloc_buffer((m, 16), "int32", scope="global")
         count = T.alloc_buffer((m,), "int32", scope="global")
-        for r in T.parallel(m):  # 1. quantize each row's activations (decode: one row)
+        for r in T.parallel(m):  # decode: one row
             for g in range(groups):
                 for i in T.vectorized(8):
                     peak[r, i] = T.float32(0)
@@ -127,8 +142,10 @@ def gemv_func(n: int, k: int, x_dtype: str, scale_dtype: str, target: Target):
                 for i in range(1, 8):
                     top[r] = T.max(top[r], peak[r, i])
                 d[r, g] = top[r] / T.float32(127)
-                inv = T.if_then_else(top[r] > T.float32(0), T.float32(127) / top[r], T.float32(0))
-                base = g // 2 * 64 + g % 2 * 16  # [even(g), even(g+1), odd(g), odd(g+1)]
+                inv: T.let = T.if_then_else(
+                    top[r] > T.float32(0), T.float32(127) / top[r], T.float32(0)
+                )
+                base: T.let = g // 2 * 64 + g % 2 * 16  # [even(g), even(g+1), odd(g), odd(g+1)]
                 for i in T.vectorized(16):
                     a[r, base + i] = T.Cast(
                         "int8", T.nearbyint(T.Cast(f32, x[r, 0, g * GROUP + 2 * i]) * inv)
@@ -144,80 +161,182 @@ def gemv_func(n: int, k: int, x_dtype: str, scale_dtype: str, target: Target):
                 for i in range(16):
                     count[r] = count[r] + total[r, i]
                 c7[r, g] = T.Cast(f32, count[r] * ZERO)
-        for block in T.parallel(n // cols):  # 2. the GEMV, blocks of output columns
-            for r, col in T.grid(m, cols):
-                row = block * cols + col
-                # acc[0:32]: one fp32x8 per pair slot (independent FMA chains); acc[32:40]:
-                # the 7c correction.  sd: s * d of the chunk's groups.
-                acc = T.alloc_buffer((40,), f32, scope="global")
-                sd = T.alloc_buffer((u,), f32, scope="global")
-                for i in T.unroll(5):
-                    acc[T.Ramp(i * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
-                for chunk in range(groups // u):
-                    sd[T.Ramp(0, 1, u)] = (
-                        T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)])
-                        * d[r, T.Ramp(chunk * u, 1, u)]
+
+    def low_nibbles(w, row, word):  # the even inputs of 2 groups: bytes & 15
+        packed = T.reinterpret("uint8x32", w[row, T.Ramp(word, 1, 8)])
+        return T.bitwise_and(packed, T.Broadcast(T.uint8(15), 32))
+
+    def high_nibbles(w, row, word):  # the odd inputs: bytes >> 4 & 15
+        packed = T.reinterpret("uint8x32", w[row, T.Ramp(word, 1, 8)])
+        return T.bitwise_and(
+            T.shift_right(packed, T.Broadcast(T.uint8(4), 32)), T.Broadcast(T.uint8(15), 32)
+        )
+
+    @T.macro
+    def dot(w, s, row, r, a, d, c7, out, slot):
+        """out[slot] = the dot product of row ``row`` of (W, s) with activation row ``r``."""
+        # acc[0:32]: one fp32x8 per pair slot (independent FMA chains); acc[32:40]: the 7c
+        # correction.  sd: s * d of the chunk's groups.
+        acc = T.alloc_buffer((40,), f32, scope="global")
+        sd = T.alloc_buffer((u,), f32, scope="global")
+        for i in T.unroll(5):
+            acc[T.Ramp(i * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
+        for chunk in range(groups // u):
+            sd[T.Ramp(0, 1, u)] = (
+                T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)]) * d[r, T.Ramp(chunk * u, 1, u)]
+            )
+            acc[T.Ramp(32, 1, u)] = (
+                acc[T.Ramp(32, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
+            )
+            for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void",
+                        "llvm.prefetch.p0",
+                        T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
+                        T.int32(0),  # read
+                        T.int32(3),  # keep in all cache levels
+                        T.int32(1),  # data
                     )
-                    acc[T.Ramp(32, 1, u)] = (
-                        acc[T.Ramp(32, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
-                    )
-                    for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
-                        T.evaluate(
-                            T.call_llvm_intrin(
-                                "void",
-                                "llvm.prefetch.p0",
-                                T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
-                                T.int32(0),  # read
-                                T.int32(3),  # keep in all cache levels
-                                T.int32(1),  # data
-                            )
-                        )
-                    for p in T.unroll(pairs):
-                        packed = T.reinterpret(
-                            "uint8x32", w[row, T.Ramp(chunk * u * 4 + p * 8, 1, 8)]
-                        )
-                        low = T.bitwise_and(packed, T.Broadcast(T.uint8(15), 32))
-                        high = T.bitwise_and(
-                            T.shift_right(packed, T.Broadcast(T.uint8(4), 32)),
-                            T.Broadcast(T.uint8(15), 32),
-                        )
-                        at = chunk * u * GROUP + p * 64
-                        sums = T.call_llvm_pure_intrin(
-                            "int16x16", "llvm.x86.avx2.pmadd.ub.sw", low, a[r, T.Ramp(at, 1, 32)]
-                        ) + T.call_llvm_pure_intrin(
+                )
+            for p in T.unroll(pairs):
+                # One expression, no `v = ...` bindings: in TVM 0.27 a binding inside a loop
+                # becomes a workspace buffer, stored to on every use (docs/surprises.md).
+                acc[T.Ramp(p % 4 * 8, 1, 8)] = acc[T.Ramp(p % 4 * 8, 1, 8)] + T.Cast(
+                    "float32x8",
+                    T.call_llvm_pure_intrin(
+                        "int32x8",
+                        "llvm.x86.avx2.pmadd.wd",
+                        T.call_llvm_pure_intrin(
                             "int16x16",
                             "llvm.x86.avx2.pmadd.ub.sw",
-                            high,
-                            a[r, T.Ramp(at + 32, 1, 32)],
+                            low_nibbles(w, row, chunk * u * 4 + p * 8),
+                            a[r, T.Ramp(chunk * u * GROUP + p * 64, 1, 32)],
                         )
-                        dots = T.call_llvm_pure_intrin(
-                            "int32x8", "llvm.x86.avx2.pmadd.wd", sums, T.Broadcast(T.int16(1), 16)
-                        )
-                        slot = p % 4 * 8
-                        acc[T.Ramp(slot, 1, 8)] = acc[T.Ramp(slot, 1, 8)] + T.Cast(
-                            "float32x8", dots
-                        ) * T.Shuffle([sd[T.Ramp(0, 1, u)]] * (8 // u), lanes(p))
-                total8 = T.alloc_buffer((8,), f32, scope="global")
-                total8[T.Ramp(0, 1, 8)] = (
-                    (acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)])
-                    + (acc[T.Ramp(16, 1, 8)] + acc[T.Ramp(24, 1, 8)])
-                ) - acc[T.Ramp(32, 1, 8)]
-                y[r, 0, row] = ((total8[0] + total8[4]) + (total8[2] + total8[6])) + (
-                    (total8[1] + total8[5]) + (total8[3] + total8[7])
+                        + T.call_llvm_pure_intrin(
+                            "int16x16",
+                            "llvm.x86.avx2.pmadd.ub.sw",
+                            high_nibbles(w, row, chunk * u * 4 + p * 8),
+                            a[r, T.Ramp(chunk * u * GROUP + p * 64 + 32, 1, 32)],
+                        ),
+                        T.Broadcast(T.int16(1), 16),
+                    ),
+                ) * T.Shuffle([sd[T.Ramp(0, 1, u)]] * (8 // u), lanes(p))
+        total8 = T.alloc_buffer((8,), f32, scope="global")
+        total8[T.Ramp(0, 1, 8)] = (
+            (acc[T.Ramp(0, 1, 8)] + acc[T.Ramp(8, 1, 8)])
+            + (acc[T.Ramp(16, 1, 8)] + acc[T.Ramp(24, 1, 8)])
+        ) - acc[T.Ramp(32, 1, 8)]
+        out[slot] = ((total8[0] + total8[4]) + (total8[2] + total8[6])) + (
+            (total8[1] + total8[5]) + (total8[3] + total8[7])
+        )
+
+    if epilogue == PLAIN:
+
+        @T.prim_func(private=True)
+        def q4_q8_gemv(
+            x_h: T.handle,
+            w: T.Buffer((n, words), "uint32"),
+            s: T.Buffer((n, groups), scale_dtype),
+            y_h: T.handle,
+        ):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, 1, k), x_dtype)
+            y = T.match_buffer(y_h, (m, 1, n), out_dtype)
+            a = T.alloc_buffer((m, k), "int8", scope="global")
+            d = T.alloc_buffer((m, groups), f32, scope="global")
+            c7 = T.alloc_buffer((m, groups), f32, scope="global")
+            quantize(x, a, d, c7, m)
+            for block in T.parallel(n // cols):
+                for r, col in T.grid(m, cols):
+                    t = T.alloc_buffer((1,), f32, scope="global")
+                    dot(w, s, block * cols + col, r, a, d, c7, t, 0)
+                    y[r, 0, block * cols + col] = T.Cast(out_dtype, t[0])
+
+        return q4_q8_gemv
+
+    if epilogue == RESIDUAL:
+
+        @T.prim_func(private=True)
+        def q4_q8_gemv_residual(
+            x_h: T.handle,
+            w: T.Buffer((n, words), "uint32"),
+            s: T.Buffer((n, groups), scale_dtype),
+            res_h: T.handle,
+            y_h: T.handle,
+        ):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, 1, k), x_dtype)
+            res = T.match_buffer(res_h, (m, 1, n), f32)
+            y = T.match_buffer(y_h, (m, 1, n), f32)
+            a = T.alloc_buffer((m, k), "int8", scope="global")
+            d = T.alloc_buffer((m, groups), f32, scope="global")
+            c7 = T.alloc_buffer((m, groups), f32, scope="global")
+            quantize(x, a, d, c7, m)
+            for block in T.parallel(n // cols):
+                for r, col in T.grid(m, cols):
+                    t = T.alloc_buffer((1,), f32, scope="global")
+                    dot(w, s, block * cols + col, r, a, d, c7, t, 0)
+                    y[r, 0, block * cols + col] = res[r, 0, block * cols + col] + t[0]
+
+        return q4_q8_gemv_residual
+
+    @T.prim_func(private=True)
+    def q4_q8_gemv_swiglu(
+        x_h: T.handle,
+        wg: T.Buffer((n, words), "uint32"),
+        sg: T.Buffer((n, groups), scale_dtype),
+        wu: T.Buffer((n, words), "uint32"),
+        su: T.Buffer((n, groups), scale_dtype),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, 1, k), x_dtype)
+        y = T.match_buffer(y_h, (m, 1, n), out_dtype)
+        a = T.alloc_buffer((m, k), "int8", scope="global")
+        d = T.alloc_buffer((m, groups), f32, scope="global")
+        c7 = T.alloc_buffer((m, groups), f32, scope="global")
+        quantize(x, a, d, c7, m)
+        for block in T.parallel(n // cols):
+            for r, col in T.grid(m, cols):
+                t = T.alloc_buffer((2,), f32, scope="global")
+                dot(wg, sg, block * cols + col, r, a, d, c7, t, 0)
+                dot(wu, su, block * cols + col, r, a, d, c7, t, 1)
+                y[r, 0, block * cols + col] = T.Cast(
+                    out_dtype, t[0] / (T.float32(1) + T.exp(-t[0])) * t[1]
                 )
 
-    return q4_q8_gemv
+    return q4_q8_gemv_swiglu
 
 
-def gemv(x: Tensor, weight: Tensor, scale: Tensor, n: int, k: int, target: Target) -> Tensor | None:
-    """``x [m, 1, k] @ dequant(W)^T`` with int8 activations: ``[m, 1, n]`` fp32; None where
-    the kernel does not apply (:func:`applies`, or ``x`` not one token per row)."""
+def gemv(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    n: int,
+    k: int,
+    target: Target,
+    *,
+    out_dtype: str = "float32",
+    residual: Tensor | None = None,
+    up: tuple[Tensor, Tensor] | None = None,
+) -> Tensor | None:
+    """``x [m, 1, k] @ dequant(W)^T`` with int8 activations: ``[m, 1, n]`` in ``out_dtype``;
+    with ``residual`` ([m, 1, n] fp32) ``residual + x W^T`` (fp32); with ``up`` (the up
+    projection's weight and scale, same shape) SwiGLU's ``silu(x W^T) * (x W_up^T)``.
+    None where the kernel does not apply (:func:`applies`, or ``x`` not one token per row)."""
     if x.ndim != 3 or not isinstance(x.shape[1], int) or x.shape[1] != 1 or not applies(target, k):
         return None
     m = x.shape[0]
-    return op.tensor_ir_op(
-        gemv_func(n, k, x.dtype, scale.dtype, target),
-        "q4_q8_gemv",
-        [x, weight, scale],
-        Tensor.placeholder((m, 1, n), "float32"),
-    )
+    out = Tensor.placeholder((m, 1, n), out_dtype)
+    if residual is not None:
+        func = gemv_func(n, k, x.dtype, scale.dtype, target, epilogue=RESIDUAL)
+        return op.tensor_ir_op(func, "q4_q8_gemv_residual", [x, weight, scale, residual], out)
+    if up is not None:
+        func = gemv_func(n, k, x.dtype, scale.dtype, target, out_dtype=out_dtype, epilogue=SWIGLU)
+        return op.tensor_ir_op(func, "q4_q8_gemv_swiglu", [x, weight, scale, *up], out)
+    func = gemv_func(n, k, x.dtype, scale.dtype, target, out_dtype=out_dtype)
+    return op.tensor_ir_op(func, "q4_q8_gemv", [x, weight, scale], out)

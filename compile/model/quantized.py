@@ -111,6 +111,10 @@ class _Quantized(nn.Module):
         y = self.gemv(x, self.weight, self.scale, n, k) if self.gemv is not None else None
         if y is not None:
             return y
+        return self._fp32_matmul(x, n, k)
+
+    def _fp32_matmul(self, x, n: int, k: int):
+        """``x @ dequant(W)^T`` in fp32, dequantization fused (see :meth:`_matmul`)."""
         dtype = self.fmt.model_dtype
         return op.tensor_expr_op(
             lambda a, w, s: dequantize_matmul_te(a, w, s, n, k, dtype),
@@ -141,13 +145,35 @@ class QuantizedLinear(_Quantized):
         self.out_dtype = out_dtype or f.model_dtype
         self._make_params(self.out_features, self.in_features, f, gemv)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """``y`` in ``out_dtype``; with ``residual`` (fp32, an fp32 output) ``residual + y``:
+        the int8 GEMV adds it as it stores (no kernel of its own)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}"
             )
-        y = self._matmul(x, self.out_features, self.in_features)
-        return y if self.out_dtype == "float32" else y.astype(self.out_dtype)
+        n, k = self.out_features, self.in_features
+        if self.gemv is not None:
+            y = self.gemv(
+                x, self.weight, self.scale, n, k, out_dtype=self.out_dtype, residual=residual
+            )
+            if y is not None:
+                return y
+        y = self._fp32_matmul(x, n, k)
+        y = y if self.out_dtype == "float32" else y.astype(self.out_dtype)
+        return y if residual is None else residual + y
+
+    def swiglu(self, up: QuantizedLinear, x):
+        """SwiGLU's ``silu(self(x)) * up(x)``: with the int8 GEMV one kernel that streams
+        both weights (``q4_q8_gemv_swiglu``), else the two GEMVs and an elementwise kernel."""
+        if self.gemv is not None and up.out_features == self.out_features:
+            n, k = self.out_features, self.in_features
+            y = self.gemv(
+                x, self.weight, self.scale, n, k, out_dtype=self.out_dtype, up=(up.weight, up.scale)
+            )
+            if y is not None:
+                return y
+        return op.silu(self(x)) * up(x)
 
 
 class QuantizedEmbedding(_Quantized):

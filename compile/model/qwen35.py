@@ -39,9 +39,16 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, dtype=dtype, out_dtype=F32)
         self.out = F32 if residual else dtype
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``residual`` (fp32): ``residual + y``, the add into the residual stream (an int8
+        GEMV of q4f16_i8 does it as it stores)."""
         y = super().forward(x)
-        return y if self.out == F32 else y.astype(self.out)
+        y = y if self.out == F32 else y.astype(self.out)
+        return y if residual is None else residual + y
+
+    def swiglu(self, up: Linear, x: Tensor) -> Tensor:
+        """``silu(self(x)) * up(x)`` (q4f16_i8: one kernel for both projections)."""
+        return op.silu(self(x)) * up(x)
 
 
 class Embedding(nn.Embedding):
@@ -50,6 +57,29 @@ class Embedding(nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         return nn.wrap_nested(rx.op.take(self.weight._expr, ids._expr, axis=0, mode="clip"), "take")
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float) -> Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (offset + w) over the last axis, in fp32 (TVM's rms_norm
+    arithmetic), as ONE kernel: the weight's cast and offset are computed where it is read
+    (as Relax ops of their own they were a kernel on every call)."""
+
+    def compute(x: te.Tensor, w: te.Tensor):
+        d = x.shape[-1]
+        r = te.reduce_axis((tirx.IntImm("int64", 0), d), name="k")
+        square_sum = te.compute(
+            x.shape[:-1],
+            lambda *i: te.sum(x[(*i, r)].astype(F32) * x[(*i, r)].astype(F32), axis=r),
+            name="square_sum",
+        )
+
+        def norm(*i):
+            inv = tirx.rsqrt(square_sum[i[:-1]] / tirx.const(float(int(d)), F32) + eps)
+            return inv * x[i].astype(F32) * (w[i[-1]].astype(F32) + tirx.const(offset, F32))
+
+        return te.compute(x.shape, norm, name="rms_norm")
+
+    return op.tensor_expr_op(compute, "rms_norm", [x, weight])
 
 
 class RMSNorm(nn.Module):
@@ -61,8 +91,7 @@ class RMSNorm(nn.Module):
         self.eps, self.dtype = eps, dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight.astype(F32) + 1.0
-        y = op.rms_norm(x if x.dtype == F32 else x.astype(F32), scale, axes=[-1], epsilon=self.eps)
+        y = _rms_norm(x, self.weight, self.eps, offset=1.0)
         return y if self.dtype == F32 else y.astype(self.dtype)
 
 
@@ -74,20 +103,20 @@ class RMSNormGated(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        normed = op.rms_norm(x.astype(F32), self.weight.astype(F32), axes=[-1], epsilon=self.eps)
-        return normed * op.silu(z.astype(F32))
+        return _rms_norm(x, self.weight, self.eps, offset=0.0) * op.silu(z.astype(F32))
 
 
 class MLP(nn.Module):
-    """SwiGLU:  down(silu(gate(x)) * up(x))."""
+    """SwiGLU:  down(silu(gate(x)) * up(x)), added to the residual stream."""
 
     def __init__(self, c: Qwen35Config, dtype: str):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, dtype)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, dtype)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, dtype, residual=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + down(...)``: the layer's residual add, done by the down projection."""
+        return self.down_proj(self.gate_proj.swiglu(self.up_proj, x), residual)
 
 
 def mrope_shift_compute(c: Qwen35Config):
@@ -158,9 +187,15 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, dtype)
 
     def forward(
-        self, x: Tensor, offsets: Tensor | None, kv_cache: PagedKVCache, attn_layer_id: int
+        self,
+        x: Tensor,
+        offsets: Tensor | None,
+        kv_cache: PagedKVCache,
+        attn_layer_id: int,
+        residual: Tensor,
     ) -> Tensor:
-        """``offsets`` None: text only, the cache's RoPE alone (as all-zero offsets give)."""
+        """``residual + attention(x)``; ``offsets`` None: text only, the cache's RoPE alone
+        (as all-zero offsets give)."""
         b, s, _ = x.shape
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         q_gate = op.reshape(self.q_proj(x), (b, s, hq, 2 * d))
@@ -173,7 +208,7 @@ class GatedAttention(nn.Module):
         qkv = op.concat([q, k, v], dim=2)  # [b, s, hq + 2 hk, d]
         attn = kv_cache.attention_with_fused_qkv(attn_layer_id, qkv, hq, sm_scale=d**-0.5)
         attn = op.reshape(attn, (b, s, hq * d)) * op.sigmoid(op.reshape(gate, (b, s, hq * d)))
-        return self.o_proj(attn)
+        return self.o_proj(attn, residual)
 
 
 class CausalConv1d(nn.Module):
@@ -193,9 +228,11 @@ class CausalConv1d(nn.Module):
 
 def _l2norm(x: Tensor, scale: float = 1.0) -> Tensor:
     """x * rsqrt(sum(x^2) + 1e-6) * scale over the last axis, in fp32."""
-    x = x.astype(F32)
-    norm = op.sqrt(op.sum(op.square(x), axis=-1, keepdims=True) + 1e-6)
-    return op.divide(x, norm) * scale if scale != 1.0 else op.divide(x, norm)
+    # x.astype twice: one cast fuses into the sum's kernel, the other into the division's
+    # (one shared cast was a kernel of its own)
+    norm = op.sqrt(op.sum(op.square(x.astype(F32)), axis=-1, keepdims=True) + 1e-6)
+    y = op.divide(x.astype(F32), norm)
+    return y * scale if scale != 1.0 else y
 
 
 class GatedDeltaNet(nn.Module):
@@ -224,7 +261,10 @@ class GatedDeltaNet(nn.Module):
         """(flat size, dtype) of the two states, for RNNState.create."""
         return [(self.conv_dim * (self.kernel - 1), self.dtype), (self.hv * self.dk * self.dv, F32)]
 
-    def forward(self, x: Tensor, state: RNNState, lin_layer_id: int) -> tuple[Tensor, RNNState]:
+    def forward(
+        self, x: Tensor, state: RNNState, lin_layer_id: int, residual: Tensor
+    ) -> tuple[Tensor, RNNState]:
+        """``residual + DeltaNet(x)`` and the new state."""
         b, s, _ = x.shape
         (conv_size, _), (rec_size, _) = self.state_shapes()
         conv_state = op.reshape(
@@ -252,7 +292,7 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z).astype(self.dtype)
         state = state.set(lin_layer_id, 0, op.reshape(conv_state, (b, conv_size)))
         state = state.set(lin_layer_id, 1, op.reshape(rec_state, (b, rec_size)))
-        return self.out_proj(op.reshape(o, (b, s, self.hv * self.dv))), state
+        return self.out_proj(op.reshape(o, (b, s, self.hv * self.dv)), residual), state
 
 
 class DecoderLayer(nn.Module):
@@ -270,11 +310,10 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, offsets: Tensor, kv_cache: PagedKVCache, state: RNNState, mixer_id: int
     ):
         if self.is_full:
-            h = x + self.self_attn(self.input_layernorm(x), offsets, kv_cache, mixer_id)
+            h = self.self_attn(self.input_layernorm(x), offsets, kv_cache, mixer_id, x)
         else:
-            mixed, state = self.linear_attn(self.input_layernorm(x), state, mixer_id)
-            h = x + mixed
-        return h + self.mlp(self.post_attention_layernorm(h)), state
+            h, state = self.linear_attn(self.input_layernorm(x), state, mixer_id, x)
+        return self.mlp(self.post_attention_layernorm(h), h), state
 
 
 def _last_token(x: Tensor) -> Tensor:
