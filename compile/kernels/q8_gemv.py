@@ -24,8 +24,13 @@ One hand-written TIR function, :func:`gemv_func` (``q4_q8_gemv``), per weight sh
   added (int16), ``vpmaddwd`` by ones to int32 (lanes 0-3: group ``g``, 4-7: ``g + 1``), to fp32,
   and one FMA with ``[s d]`` of the two groups.  The ``7 c`` correction is one more FMA per 8
   groups.  About 6 instructions per 32 weights (``q4f16_1``'s fp32 GEMV: 43 on AVX2,
-  docs/cpu-speed.md), so the kernel is bound by memory, not by arithmetic; the row two blocks
-  ahead is prefetched (without it the 0.8B LM head streamed at 6 GB/s per core instead of 8.4).
+  docs/cpu-speed.md), so the kernel is bound by memory, not by arithmetic; the row 4 columns
+  ahead is prefetched (without it the 0.8B LM head streamed at 6 GB/s per core instead of 8.4),
+  non-temporally: a step reads each weight once, and on a victim L3 (AMD Zen) the streamed
+  weights would otherwise push out the DeltaNet states the step reads and writes (their
+  copies took 4.1 instead of 4.9 ms of a 0.8B step, session 10).
+* the dot products end as the epilogue says: stored in the output dtype, added to a residual,
+  or SwiGLU of two weight matrices (:func:`gemv_func`).
 
 The integer part is exact; the fp32 sums are in a fixed order, so the output does not depend on
 the thread count.  Against ``q4f16_1`` it differs by the rounding of the activations (about
@@ -195,7 +200,7 @@ def gemv_func(
                         "llvm.prefetch.p0",
                         T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
                         T.int32(0),  # read
-                        T.int32(3),  # keep in all cache levels
+                        T.int32(0),  # non-temporal: the weights are read once per step
                         T.int32(1),  # data
                     )
                 )
