@@ -191,7 +191,7 @@ QUANTIZATIONS: dict[str, Quantization] = {
             "q4f16_i8",
             "float16",
             True,
-            "q4f16_1's weights; CPU decode with int8 activations per 32 (x86 AVX2)",
+            "q4f16_1's weights; CPU decode with int8 activations per 32 (x86 AVX2, aarch64 dotprod)",
             int8_activations=True,
         ),
     )

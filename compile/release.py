@@ -437,7 +437,7 @@ def plan(
             gpu = [t for t in targets if TARGETS[t].is_gpu]
             if gpu:
                 raise UserError(
-                    f"{q} runs on x86 CPUs with AVX2 only, not on {', '.join(gpu)}: "
+                    f"{q} runs on CPUs only (x86 with AVX2, aarch64 with dotprod), not on {', '.join(gpu)}: "
                     "build those targets with q4f16_1 (the same weights)"
                 )
     checkpoints: dict[str, Path] = {}

@@ -277,10 +277,10 @@ MIX_TARGETS = {
         "mtriple": "x86_64-linux-gnu",
         "mcpu": "skylake-avx512",
     },
-    "aarch64 NEON + fullfp16": {
+    "aarch64 NEON + fullfp16 + dotprod": {
         "kind": "llvm",
         "mtriple": "aarch64-linux-android",
-        "mattr": ["+neon", "+fullfp16"],
+        "mattr": ["+neon", "+fullfp16", "+dotprod"],
     },
 }
 
@@ -344,7 +344,8 @@ def gemv_instruction_mix(quant: str = "q4f16_1", k: int = 1024, n: int = 3584) -
 
 def q8_instruction_mix(k: int = 1024, n: int = 3584) -> str:
     """The same count for q4f16_i8's int8 GEMV (compile/kernels/q8_gemv.py): per 32 weights
-    in the innermost loop holding its ``vpmaddubsw`` (one per 32 weights)."""
+    in the innermost loop holding its integer dot products (x86: one ``vpmaddubsw`` per 32
+    weights; aarch64: two ``sdot``)."""
     import collections
 
     import tvm
@@ -355,7 +356,7 @@ def q8_instruction_mix(k: int = 1024, n: int = 3584) -> str:
     lines = [
         f"decode GEMV (q4f16_i8, 1 x {k} @ {n} x {k}): instructions per 32 weights in its hot loop",
         "",
-        "| target | per 32 weights | vpmaddubsw | of which: top mnemonics |",
+        "| target | per 32 weights | dot products | of which: top mnemonics |",
         "|---|---|---|---|",
     ]
     for label, spec_target in MIX_TARGETS.items():
@@ -365,14 +366,17 @@ def q8_instruction_mix(k: int = 1024, n: int = 3584) -> str:
             continue
         func = q8_gemv.gemv_func(n, k, "float16", "float16", target)
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-        body = _hot_loop(lib.mod.inspect_source("asm"), r"vpmaddubsw")
+        dot, per_group = (
+            ("sdot", 2) if q8_gemv.isa_of(target) == q8_gemv.NEON_DOTPROD else ("vpmaddubsw", 1)
+        )
+        body = _hot_loop(lib.mod.inspect_source("asm"), dot)
         mnemonics = collections.Counter(
             line.split()[0] for line in body if line and not line.startswith((".", "#", "//"))
         )
-        dots = mnemonics["vpmaddubsw"]
-        per32 = sum(mnemonics.values()) / dots if dots else float("nan")
-        top = ", ".join(f"{m} {c / dots:.2g}" for m, c in mnemonics.most_common(6))
-        lines.append(f"| {label} | {per32:.1f} | {dots} | {top} |")
+        groups = mnemonics[dot] / per_group  # groups of 32 weights in the loop
+        per32 = sum(mnemonics.values()) / groups if groups else float("nan")
+        top = ", ".join(f"{m} {c / groups:.2g}" for m, c in mnemonics.most_common(6))
+        lines.append(f"| {label} | {per32:.1f} | {mnemonics[dot]} {dot} | {top} |")
     return "\n".join(lines)
 
 

@@ -241,11 +241,12 @@ PRESETS.update(
         "aarch64": TargetPreset(
             name="aarch64",
             # The Android/iOS CPU code path: NEON always, half-precision
-            # arithmetic (ARMv8.2 fullfp16, every phone SoC since 2018) in fp16 builds.
+            # arithmetic and int8 dot products (ARMv8.2 fullfp16 + dotprod, every phone SoC
+            # since 2018: Cortex-A55/A75 and later, Apple A11 and later) in fp16 builds.
             target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
             host_triple="aarch64-linux-gnu",
             output="model.so",
-            fp16_mattr=("+fullfp16",),
+            fp16_mattr=("+fullfp16", "+dotprod"),
             linker="aarch64-linux-gnu-g++",  # Debian's g++-aarch64-linux-gnu
             emulation=True,
             description="emulation: the model on an aarch64 CPU (NEON), Linux shared library, run under qemu-user",

@@ -19,7 +19,7 @@ from conftest import need
 
 from qwen35_mobile.errors import UserError
 from qwen35_mobile.parity.emulators import aarch64
-from qwen35_mobile.parity.report import CRITERIA
+from qwen35_mobile.parity.report import CRITERIA, QUANT_CRITERIA
 
 NEW_TOKENS = 16
 LENGTHS = (10, 150)  # the second longer than the reference's 64-token DeltaNet chunk
@@ -91,15 +91,16 @@ def _reference(checkpoint, artifact):
     return Reference(checkpoint("tiny"), round_to=dtypes, quant=manifest["quantization"])
 
 
-# q0f16 (NEON + fullfp16 arithmetic): the q0f32 build's whole model runs under qemu
-# against transformers in tests/test_emulators.py (test_aarch64_whole_model_...).
-@pytest.mark.parametrize("quant", ["q0f16"])
+# q0f16 (NEON + fullfp16 arithmetic) and q4f16_i8 (the int8 decode GEMV on sdot, with its
+# own criteria): the q0f32 build's whole model runs under qemu against transformers in
+# tests/test_emulators.py (test_aarch64_whole_model_...).
+@pytest.mark.parametrize("quant", ["q0f16", "q4f16_i8"])
 def test_emulated_logits_match_transformers(quant, emulated, aarch64_build, checkpoint, prompts):
     got, info = emulated(quant)
     assert (
         info["machine"] == "aarch64"
     )  # the worker ran on the emulated CPU (the contract accepted the library)
-    criteria = CRITERIA["float16"]
+    criteria = QUANT_CRITERIA.get(quant, CRITERIA["float16"])
     ref = _reference(checkpoint, aarch64_build(quant))
     worst, agree = 0.0, []
     for i, ids in enumerate(prompts):
@@ -171,6 +172,30 @@ def test_fp16_build_uses_half_precision_arithmetic(aarch64_build):
     half = _fp16_arith(f16 / "model.so")
     assert len(half) >= 8, half  # FP16 adds/multiplies (ARMv8.2 fullfp16), not only conversions
     assert _fp16_arith(f32 / "model.so") == []
+
+
+def _objdump(library) -> str:
+    need(
+        shutil.which("aarch64-linux-gnu-objdump") is None
+        and "no aarch64-linux-gnu-objdump (Debian: binutils-aarch64-linux-gnu)",
+        "the aarch64 cross binutils",
+    )
+    return subprocess.run(
+        ["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn", str(library)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_int8_build_uses_sdot(aarch64_build):
+    """q4f16_i8's decode GEMVs are NEON dot products (+dotprod in the preset's fp16 features):
+    sdot in its library, none in the q0f16 one (the negative control of the count)."""
+    import re
+
+    sdot = re.compile(r"\ssdot\s+v\d+\.4s")
+    assert len(sdot.findall(_objdump(aarch64_build("q4f16_i8") / "model.so"))) >= 16
+    assert sdot.findall(_objdump(aarch64_build("q0f16") / "model.so")) == []
 
 
 def test_host_refuses_the_aarch64_library(aarch64_build):

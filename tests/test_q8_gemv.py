@@ -149,13 +149,17 @@ def test_epilogues_against_numpy(corrupt):
 
 
 def test_chosen_from_the_target_features():
-    """The kernel exists where the target (not the build machine) has AVX2; elsewhere the
-    format is refused by name."""
+    """The kernel exists where the target (not the build machine) has AVX2, or is aarch64
+    with the dot-product extension; elsewhere the format is refused by name."""
     assert q8_gemv.isa_of(Target({"kind": "llvm", "mcpu": "haswell"})) == "avx2"
     assert q8_gemv.isa_of(Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == "avx2"
     assert q8_gemv.isa_of(Target({"kind": "llvm", "mcpu": "x86-64"})) is None
     arm = Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
-    assert q8_gemv.isa_of(arm) is None
+    assert q8_gemv.isa_of(arm) is None  # no dot-product extension
+    dotprod = Target(
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+    )
+    assert q8_gemv.isa_of(dotprod) == q8_gemv.NEON_DOTPROD
     assert q8_gemv.applies(HOST, 1024) and not q8_gemv.applies(HOST, 32 * 3)
     assert llvm_cpu_has_features("avx2", HOST)
 
@@ -175,7 +179,7 @@ def test_stores_q4f16_1s_weights():
 
 @pytest.mark.parametrize("target", ["android", "webgpu"])
 def test_refused_where_there_is_no_kernel(target, checkpoint, tmp_path):
-    """GPU builds and the aarch64 host code have no int8 GEMV: a clear error, nothing written."""
+    """GPU builds have no int8 GEMV: a clear error, nothing written."""
     from qwen35_mobile.compile.compiler import compile_model
     from qwen35_mobile.errors import UserError
 
@@ -210,7 +214,9 @@ def test_release_refuses_it_for_gpu_targets_up_front():
 
     builds, _ = plan(["tiny"], ["host"], ["q4f16_i8", "q4f16_1"], None)
     assert [(b.target, b.quant) for b in builds] == [("host", "q4f16_i8"), ("host", "q4f16_1")]
-    with pytest.raises(UserError, match=r"q4f16_i8 runs on x86 CPUs with AVX2 only, not on ios"):
+    with pytest.raises(
+        UserError, match=r"q4f16_i8 runs on CPUs only \(x86 with AVX2, .*\), not on ios"
+    ):
         plan(["tiny"], ["host", "ios"], ["q4f16_i8"], None)
 
 

@@ -29,6 +29,11 @@ One hand-written TIR function, :func:`gemv_func` (``q4_q8_gemv``), per weight sh
   non-temporally: a step reads each weight once, and on a victim L3 (AMD Zen) the streamed
   weights would otherwise push out the DeltaNet states the step reads and writes (their
   copies took 4.1 instead of 4.9 ms of a 0.8B step, session 10).
+* aarch64 with the dot-product extension (``+dotprod``, the ``aarch64`` preset's fp16
+  features): per group one 16-byte load, ``w & 15`` and ``w >> 4`` (nibbles 0-14 are
+  non-negative int8s), two ``sdot`` against the group's even and odd activations (stored
+  ``[even(g), odd(g)]``), to fp32, one FMA by the lane of ``s d`` (11 instructions per 32
+  weights).
 * the dot products end as the epilogue says: stored in the output dtype, added to a residual,
   or SwiGLU of two weight matrices (:func:`gemv_func`).
 
@@ -36,8 +41,9 @@ The integer part is exact; the fp32 sums are in a fixed order, so the output doe
 the thread count.  Against ``q4f16_1`` it differs by the rounding of the activations (about
 0.5% of the largest output of one GEMV; docs/cpu-speed.md has the model-level figures).
 
-Where the kernel does not apply (``K`` not a multiple of 64, a CPU without AVX2) the layer keeps
-the fp32 GEMV of ``q4f16_1`` (:func:`applies`).  Prefill (several rows) always does: the int8
+Where the kernel does not apply (``K`` not a multiple of 64) the layer keeps the fp32 GEMV of
+``q4f16_1`` (:func:`applies`); a target without either ISA has no kernel, and ``q4f16_i8`` is
+refused for it.  Prefill (several rows) always does: the int8
 path is a decode-step kernel.
 """
 
@@ -55,13 +61,22 @@ _COLUMNS = 8  # output columns per parallel task
 _PREFETCH_ROWS = 4  # the row this many columns ahead is prefetched while one is computed
 
 
+#: The kernel variants (:func:`isa_of`).
+AVX2 = "avx2"  # x86-64: vpmaddubsw + vpmaddwd on 256-bit registers (AVX-512 machines too)
+NEON_DOTPROD = "neon-dotprod"  # aarch64 with the dot-product extension (ARMv8.2+): sdot
+
+
 def isa_of(target: Target) -> str | None:
     """The kernel variant for the llvm ``target`` (its features, not the build machine's),
     or None where there is none."""
     if target.kind.name != "llvm":
         return None
     if codegen.llvm_cpu_has_features("avx2", target):
-        return "avx2"
+        return AVX2
+    if "aarch64" in str(target.attrs.get("mtriple", "")) and codegen.llvm_cpu_has_features(
+        "dotprod", target
+    ):
+        return NEON_DOTPROD
     return None
 
 
@@ -104,7 +119,8 @@ def gemv_func(
     (Quantization and GEMV are one function: a call with one tensor input is taken for a
     reshape by Relax's RewriteDataflowReshape, which then asserts a block structure
     hand-written TIR does not have.)"""
-    if isa_of(target) != "avx2" or k % (2 * GROUP):
+    isa = isa_of(target)
+    if isa is None or k % (2 * GROUP):
         raise ValueError(f"no int8 GEMV for K={k} on {target}")
     if epilogue not in (PLAIN, RESIDUAL, SWIGLU):
         raise ValueError(f"unknown GEMV epilogue {epilogue!r}")
@@ -119,6 +135,7 @@ def gemv_func(
     f32, f32u = "float32", f"float32x{u}"
     pd = _PREFETCH_ROWS
     pairs = u // 2
+    odd = 32 if isa == AVX2 else 16  # where a group's odd inputs start after its even ones
 
     def lanes(p):  # the scale vector's lanes of pair p: [2p] x 4, [2p + 1] x 4
         # (a Shuffle has no more lanes than its inputs: sd is repeated 8 / u times)
@@ -150,17 +167,18 @@ def gemv_func(
                 inv: T.let = T.if_then_else(
                     top[r] > T.float32(0), T.float32(127) / top[r], T.float32(0)
                 )
-                base: T.let = g // 2 * 64 + g % 2 * 16  # [even(g), even(g+1), odd(g), odd(g+1)]
+                # AVX2: [even(g), even(g+1), odd(g), odd(g+1)] per pair; NEON: [even(g), odd(g)]
+                base: T.let = g // 2 * 64 + g % 2 * 16 if isa == AVX2 else g * GROUP
                 for i in T.vectorized(16):
                     a[r, base + i] = T.Cast(
                         "int8", T.nearbyint(T.Cast(f32, x[r, 0, g * GROUP + 2 * i]) * inv)
                     )
-                    a[r, base + 32 + i] = T.Cast(
+                    a[r, base + odd + i] = T.Cast(
                         "int8", T.nearbyint(T.Cast(f32, x[r, 0, g * GROUP + 2 * i + 1]) * inv)
                     )
                 for i in T.vectorized(16):
                     total[r, i] = T.Cast("int32", a[r, base + i]) + T.Cast(
-                        "int32", a[r, base + 32 + i]
+                        "int32", a[r, base + odd + i]
                     )
                 count[r] = 0
                 for i in range(16):
@@ -178,7 +196,7 @@ def gemv_func(
         )
 
     @T.macro
-    def dot(w, s, row, r, a, d, c7, out, slot):
+    def dot_avx2(w, s, row, r, a, d, c7, out, slot):
         """out[slot] = the dot product of row ``row`` of (W, s) with activation row ``r``."""
         # acc[0:32]: one fp32x8 per pair slot (independent FMA chains); acc[32:40]: the 7c
         # correction.  sd: s * d of the chunk's groups.
@@ -235,6 +253,80 @@ def gemv_func(
         out[slot] = ((total8[0] + total8[4]) + (total8[2] + total8[6])) + (
             (total8[1] + total8[5]) + (total8[3] + total8[7])
         )
+
+    @T.macro
+    def dot_neon(w, s, row, r, a, d, c7, out, slot):
+        """aarch64 + dotprod: per group one 16-byte load, ``w & 15`` / ``w >> 4`` (the nibbles,
+        0-14, are non-negative int8s) and two ``sdot`` against the group's even and odd
+        activations (int32x4: four partial sums of the group), to fp32, one FMA with the
+        group's ``s d`` broadcast; the ``7 c`` correction as on x86."""
+        acc = T.alloc_buffer((16 + u,), f32, scope="global")  # 4 x fp32x4 slots, then 7c
+        sd = T.alloc_buffer((u,), f32, scope="global")
+        for i in T.unroll(4):
+            acc[T.Ramp(i * 4, 1, 4)] = T.Broadcast(T.float32(0), 4)
+        acc[T.Ramp(16, 1, u)] = T.Broadcast(T.float32(0), u)
+        for chunk in range(groups // u):
+            sd[T.Ramp(0, 1, u)] = (
+                T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)]) * d[r, T.Ramp(chunk * u, 1, u)]
+            )
+            acc[T.Ramp(16, 1, u)] = (
+                acc[T.Ramp(16, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
+            )
+            for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void",
+                        "llvm.prefetch.p0",
+                        T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
+                        T.int32(0),  # read
+                        T.int32(0),  # non-temporal
+                        T.int32(1),  # data
+                    )
+                )
+            for gi in T.unroll(u):
+                acc[T.Ramp(gi % 4 * 4, 1, 4)] = acc[T.Ramp(gi % 4 * 4, 1, 4)] + T.Cast(
+                    "float32x4",
+                    T.call_llvm_pure_intrin(
+                        "int32x4",
+                        "llvm.aarch64.neon.sdot.v4i32.v16i8",
+                        T.call_llvm_pure_intrin(
+                            "int32x4",
+                            "llvm.aarch64.neon.sdot.v4i32.v16i8",
+                            T.Broadcast(T.int32(0), 4),
+                            T.reinterpret(
+                                "int8x16",
+                                T.bitwise_and(
+                                    T.reinterpret(
+                                        "uint8x16", w[row, T.Ramp((chunk * u + gi) * 4, 1, 4)]
+                                    ),
+                                    T.Broadcast(T.uint8(15), 16),
+                                ),
+                            ),
+                            a[r, T.Ramp((chunk * u + gi) * GROUP, 1, 16)],
+                        ),
+                        T.reinterpret(
+                            "int8x16",
+                            T.shift_right(
+                                T.reinterpret(
+                                    "uint8x16", w[row, T.Ramp((chunk * u + gi) * 4, 1, 4)]
+                                ),
+                                T.Broadcast(T.uint8(4), 16),
+                            ),
+                        ),
+                        a[r, T.Ramp((chunk * u + gi) * GROUP + 16, 1, 16)],
+                    ),
+                ) * T.Broadcast(sd[gi], 4)
+        total4 = T.alloc_buffer((4,), f32, scope="global")
+        total4[T.Ramp(0, 1, 4)] = (acc[T.Ramp(0, 1, 4)] + acc[T.Ramp(4, 1, 4)]) + (
+            acc[T.Ramp(8, 1, 4)] + acc[T.Ramp(12, 1, 4)]
+        )
+        correction = T.alloc_buffer((1,), f32, scope="global")
+        correction[0] = T.float32(0)
+        for i in range(u):
+            correction[0] = correction[0] + acc[16 + i]
+        out[slot] = ((total4[0] + total4[2]) + (total4[1] + total4[3])) - correction[0]
+
+    dot = dot_avx2 if isa == AVX2 else dot_neon
 
     if epilogue == PLAIN:
 

@@ -233,7 +233,8 @@ def quantize_model(model, fmt: str | Quantization, name_prefix: str = "", kernel
     (:class:`QuantizeMap`).
 
     A format with ``int8_activations`` (q4f16_i8) takes its decode GEMV from
-    ``kernels`` (a ``KernelSet``); kernels without one (a GPU's, a CPU without AVX2) are
+    ``kernels`` (a ``KernelSet``); kernels without one (a GPU's, a CPU without AVX2 or
+    dotprod) are
     a UserError.  Without ``kernels`` (the parameter list alone) the layers keep the
     fp32 GEMV.
     """
@@ -245,7 +246,8 @@ def quantize_model(model, fmt: str | Quantization, name_prefix: str = "", kernel
         if gemv is None:
             where = f"the {kernels.backend} kernels of {kernels.target}"
             raise UserError(
-                f"{f.name} needs the int8 decode GEMV, which exists for x86 CPUs with AVX2 only "
+                f"{f.name} needs the int8 decode GEMV, which exists for x86 CPUs with AVX2 and "
+                "aarch64 CPUs with the dot-product extension only "
                 f"({where} have none); use q4f16_1, the same weights with fp32 activations"
             )
 
