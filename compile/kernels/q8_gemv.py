@@ -196,6 +196,29 @@ def gemv_func(
         )
 
     @T.macro
+    def chunk_start(w, s, row, r, d, c7, sd, acc, at, chunk):
+        """Per chunk of u groups, both ISAs: sd = s * d of its groups, the 7c correction
+        accumulated at acc[at:at + u], and the row pd columns ahead prefetched, non-temporally
+        (the weights are read once per step)."""
+        sd[T.Ramp(0, 1, u)] = (
+            T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)]) * d[r, T.Ramp(chunk * u, 1, u)]
+        )
+        acc[T.Ramp(at, 1, u)] = (
+            acc[T.Ramp(at, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
+        )
+        for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void",
+                    "llvm.prefetch.p0",
+                    T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
+                    T.int32(0),  # read
+                    T.int32(0),  # non-temporal
+                    T.int32(1),  # data
+                )
+            )
+
+    @T.macro
     def dot_avx2(w, s, row, r, a, d, c7, out, slot):
         """out[slot] = the dot product of row ``row`` of (W, s) with activation row ``r``."""
         # acc[0:32]: one fp32x8 per pair slot (independent FMA chains); acc[32:40]: the 7c
@@ -205,23 +228,7 @@ def gemv_func(
         for i in T.unroll(5):
             acc[T.Ramp(i * 8, 1, 8)] = T.Broadcast(T.float32(0), 8)
         for chunk in range(groups // u):
-            sd[T.Ramp(0, 1, u)] = (
-                T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)]) * d[r, T.Ramp(chunk * u, 1, u)]
-            )
-            acc[T.Ramp(32, 1, u)] = (
-                acc[T.Ramp(32, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
-            )
-            for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
-                T.evaluate(
-                    T.call_llvm_intrin(
-                        "void",
-                        "llvm.prefetch.p0",
-                        T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
-                        T.int32(0),  # read
-                        T.int32(0),  # non-temporal: the weights are read once per step
-                        T.int32(1),  # data
-                    )
-                )
+            chunk_start(w, s, row, r, d, c7, sd, acc, 32, chunk)
             for p in T.unroll(pairs):
                 # One expression, no `v = ...` bindings: in TVM 0.27 a binding inside a loop
                 # becomes a workspace buffer, stored to on every use (docs/surprises.md).
@@ -266,23 +273,7 @@ def gemv_func(
             acc[T.Ramp(i * 4, 1, 4)] = T.Broadcast(T.float32(0), 4)
         acc[T.Ramp(16, 1, u)] = T.Broadcast(T.float32(0), u)
         for chunk in range(groups // u):
-            sd[T.Ramp(0, 1, u)] = (
-                T.Cast(f32u, s[row, T.Ramp(chunk * u, 1, u)]) * d[r, T.Ramp(chunk * u, 1, u)]
-            )
-            acc[T.Ramp(16, 1, u)] = (
-                acc[T.Ramp(16, 1, u)] + sd[T.Ramp(0, 1, u)] * c7[r, T.Ramp(chunk * u, 1, u)]
-            )
-            for line in T.unroll(max(1, u // 4)):  # 64-byte lines of this chunk
-                T.evaluate(
-                    T.call_llvm_intrin(
-                        "void",
-                        "llvm.prefetch.p0",
-                        T.address_of(w[T.min(row + pd, n - 1), chunk * u * 4 + line * 16]),
-                        T.int32(0),  # read
-                        T.int32(0),  # non-temporal
-                        T.int32(1),  # data
-                    )
-                )
+            chunk_start(w, s, row, r, d, c7, sd, acc, 16, chunk)
             for gi in T.unroll(u):
                 acc[T.Ramp(gi % 4 * 4, 1, 4)] = acc[T.Ramp(gi % 4 * 4, 1, 4)] + T.Cast(
                     "float32x4",

@@ -108,10 +108,15 @@ class _Quantized(nn.Module):
         into a matmul (MLC needs its own ``FuseDequantizeMatmulEwise`` pass for
         that), so the fusion is made here, for every target and pipeline.
         """
-        y = self.gemv(x, self.weight, self.scale, n, k) if self.gemv is not None else None
-        if y is not None:
-            return y
-        return self._fp32_matmul(x, n, k)
+        y = self._int8_gemv(x, n, k)
+        return y if y is not None else self._fp32_matmul(x, n, k)
+
+    def _int8_gemv(self, x, n: int, k: int, **epilogue):
+        """The int8-activation GEMV (``KernelSet.q4_q8_gemv``, ``epilogue``: its keyword
+        arguments), or None where this format has none or it does not apply."""
+        return (
+            None if self.gemv is None else self.gemv(x, self.weight, self.scale, n, k, **epilogue)
+        )
 
     def _fp32_matmul(self, x, n: int, k: int):
         """``x @ dequant(W)^T`` in fp32, dequantization fused (see :meth:`_matmul`)."""
@@ -153,12 +158,9 @@ class QuantizedLinear(_Quantized):
                 f"QuantizedLinear: input has {x.shape[-1]} features, expected {self.in_features}"
             )
         n, k = self.out_features, self.in_features
-        if self.gemv is not None:
-            y = self.gemv(
-                x, self.weight, self.scale, n, k, out_dtype=self.out_dtype, residual=residual
-            )
-            if y is not None:
-                return y
+        y = self._int8_gemv(x, n, k, out_dtype=self.out_dtype, residual=residual)
+        if y is not None:
+            return y
         y = self._fp32_matmul(x, n, k)
         y = y if self.out_dtype == "float32" else y.astype(self.out_dtype)
         return y if residual is None else residual + y
@@ -166,11 +168,9 @@ class QuantizedLinear(_Quantized):
     def swiglu(self, up: QuantizedLinear, x):
         """SwiGLU's ``silu(self(x)) * up(x)``: with the int8 GEMV one kernel that streams
         both weights (``q4_q8_gemv_swiglu``), else the two GEMVs and an elementwise kernel."""
-        if self.gemv is not None and up.out_features == self.out_features:
+        if up.out_features == self.out_features:
             n, k = self.out_features, self.in_features
-            y = self.gemv(
-                x, self.weight, self.scale, n, k, out_dtype=self.out_dtype, up=(up.weight, up.scale)
-            )
+            y = self._int8_gemv(x, n, k, out_dtype=self.out_dtype, up=(up.weight, up.scale))
             if y is not None:
                 return y
         return op.silu(self(x)) * up(x)
